@@ -1,0 +1,1288 @@
+"""
+train.py -- the tiny GPT and the trainer that every technique in this repository shares.
+
+    python train.py --arch gpt                        # train on TinyStories (downloads a prefix once)
+    python train.py --arch gpt --device cpu           # a tiny CPU configuration, well under a minute
+    python train.py --sample "Once upon a time"       # sample from out/gpt/ckpt.pt
+    python train.py --bench                           # tokens/s vs a plain nanoGPT-style model
+    torchrun --nproc_per_node 2 train.py --arch gpt   # the same run on two GPUs (same global batch)
+
+Read it top to bottom: the arch registry, the model (with its two plug-in points), the TinyStories
+pipeline, the trainer, checkpoints, the benchmark, and the command line.
+
+Notation (shape comments use these letters)
+    B   batch size (sequences)             T   sequence length (tokens)
+    C   model width, n_embd                H   attention heads,  D = C / H  head width
+    L   number of blocks                   V   vocabulary size padded to a multiple of 64 (50304)
+
+The model is a pre-norm GPT: token embedding (tied with the LM head), L blocks of
+[token mixer, MLP], a final RMSNorm and the head. Each sub-layer reads the residual state, normalises
+it, computes, and writes back. Two things vary between the architectures of this repository, and they
+are the two plug-in points:
+    1. the token mixer: what reads across positions (causal attention here; Hyena and TPA elsewhere);
+    2. the residual stream: how a sub-layer reads from and writes to the residual state (the plain
+       x + f(x) here; Hyper-Connections and mHC widen it to n streams).
+An arch name picks one of each (ARCHS below), so combinations cost nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import lzma
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# The arch registry: arch name -> (token mixer, residual-stream policy). Technique files add entries.
+
+ARCHS = {
+    "gpt": ("attention", "plain"),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input or data: printed as one clear message, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    arch: str = field(default="gpt", metadata={"help": "architecture: a token mixer and a residual stream"})
+    vocab_size: int = field(default=50257, metadata={"help": "tokenizer vocabulary (GPT-2 BPE)"})
+    block_size: int = field(default=512, metadata={"help": "longest context the model supports"})
+    n_layer: int = field(default=6, metadata={"help": "number of blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads (head width 64 at the default)"})
+    n_embd: int = field(default=384, metadata={"help": "model width"})
+    mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width / model width, as in GPT-2"})
+    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base; 1e4 as in RoFormer"})
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # 50257 -> 50304: a multiple of 64 keeps the LM-head matmul on fast tensor-core tiles.
+        return (self.vocab_size + 63) // 64 * 64
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight  (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al. 2021): rotate each pair (x_i, x_{i+D/2}) of a head by angle t * base^(-2i/D).
+
+    The dot product of two rotated vectors depends only on their distance, so attention sees relative
+    positions. We use the half-split pairing (GPT-NeoX / Llama style), a convention choice.
+    """
+
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start_pos: int = 0):
+        # x: (B, H, T, D); positions start_pos .. start_pos+T-1
+        T = x.size(-2)
+        cos = self.cos[start_pos:start_pos + T].to(x.dtype)  # (T, D/2)
+        sin = self.sin[start_pos:start_pos + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+        # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Token mixer 'attention': multi-head causal self-attention with RoPE, through SDPA.
+
+    A token mixer maps (B, T, C) -> (B, T, C) causally. For generation it also has an incremental
+    form: init_cache() makes its state, and forward(x, start_pos, cache) processes the tokens at
+    positions start_pos.. and appends what later tokens need (here: the rotated keys and the values).
+    """
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_base)
+
+    def init_weights(self):
+        # Zero-init the output projection (modded-nanogpt, T6): every block starts as the identity.
+        nn.init.zeros_(self.proj.weight)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, self.n_head, max_len, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        # Attention scores and the weighted sum, forward + backward, not counted in 6N: 12 * C * T
+        # per layer (PaLM appendix B; the causal mask's saving is not subtracted, by convention).
+        return 12 * self.n_head * self.head_dim * seq_len
+
+    def forward(self, x, start_pos: int = 0, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:
+            end = start_pos + T
+            cache["k"][:, :, start_pos:end] = k
+            cache["v"][:, :, start_pos:end] = v
+            k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]  # (B, H, end, D)
+            if T == 1:  # one new token sees every cached one
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """x -> W2 gelu(W1 x), hidden width mlp_ratio * C (GPT-2)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def init_weights(self):
+        nn.init.zeros_(self.proj.weight)  # as in attention: the block starts as the identity
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class PlainStream(nn.Module):
+    """Residual-stream policy 'plain': one residual vector per token.
+
+    A residual-stream policy has three parts:
+      expand(x)    (B, T, C) embedding -> the residual state h, once, before the first block
+      collapse(h)  the residual state -> (B, T, C), once, before the final norm (and for hidden states)
+      connection   one module per sub-layer; connection(h, f) reads f's input from h and writes f's
+                   output back, returning the new h. f is the normalised sub-layer (norm then compute).
+    Here h = x and the connection is the textbook pre-norm residual h + f(h).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+
+    def expand(self, x):
+        return x
+
+    def collapse(self, h):
+        return h
+
+    class Connection(nn.Module):
+        def __init__(self, cfg: GPTConfig, index: int):
+            super().__init__()
+
+        def forward(self, h, f):
+            return h + f(h)
+
+
+MIXERS = {"attention": CausalSelfAttention}  # name -> class(cfg, layer)
+STREAMS = {"plain": PlainStream}  # name -> class(cfg) with .expand, .collapse and .Connection(cfg, index)
+
+
+class Block(nn.Module):
+    """One block: token mixing, then the MLP, each wrapped by the residual-stream connection."""
+
+    def __init__(self, cfg: GPTConfig, layer: int, mixer_cls, stream_cls):
+        super().__init__()
+        self.mix_norm = RMSNorm(cfg.n_embd)
+        self.mixer = mixer_cls(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+        self.mix_connection = stream_cls.Connection(cfg, 2 * layer)  # sub-layer index 2l
+        self.mlp_connection = stream_cls.Connection(cfg, 2 * layer + 1)  # sub-layer index 2l+1
+
+    def forward(self, h, start_pos: int = 0, cache=None):
+        h = self.mix_connection(h, lambda x: self.mixer(self.mix_norm(x), start_pos, cache))
+        h = self.mlp_connection(h, lambda x: self.mlp(self.mlp_norm(x)))
+        return h
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            raise UserError(f"unknown arch {cfg.arch!r}; choose from {', '.join(ARCHS)}")
+        mixer_name, stream_name = ARCHS[cfg.arch]
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.stream = STREAMS[stream_name](cfg)
+        self.blocks = nn.ModuleList(
+            Block(cfg, layer, MIXERS[mixer_name], STREAMS[stream_name]) for layer in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # Generic init first (GPT-2: N(0, 0.02) for every matrix), then every module that defines
+        # init_weights() applies its own (zero output projections here; HC/mHC coefficients elsewhere).
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 N for the weights (forward 2N, backward 4N) plus the mixers' own.
+
+        N counts the tied embedding once, as the LM head's matmul (the lookup itself is free)."""
+        mixer_flops = sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
+        return 6 * self.num_params() + mixer_flops
+
+    def forward(self, idx, targets=None, start_pos: int = 0, caches=None, return_hidden: bool = False):
+        """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None), plus, with return_hidden,
+        the list of L+1 hidden states (B, T, C): the embedding and the output of every block."""
+        h = self.stream.expand(self.wte(idx))  # (B, T, C), or wider for multi-stream policies
+        hidden = [self.stream.collapse(h)] if return_hidden else None
+        for i, block in enumerate(self.blocks):
+            h = block(h, start_pos, None if caches is None else caches[i])
+            if return_hidden:
+                hidden.append(self.stream.collapse(h))
+        logits = self.lm_head(self.norm_f(self.stream.collapse(h)))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            # autocast runs cross_entropy in fp32; -1 marks positions that carry no target
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
+
+    def init_caches(self, batch_size: int, device, dtype):
+        return [b.mixer.init_cache(batch_size, self.cfg.block_size, device, dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, stop_token: int | None = None):
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 means greedy.
+
+        With the cache, the prompt is processed once (prefill) and each new token costs one position.
+        Once the context reaches block_size, each step re-reads the last block_size tokens, exactly
+        what cropping the context would do without a cache. stop_token ends generation early
+        once every row has produced it."""
+        was_training = self.training
+        self.eval()
+        caches, cached_len = None, 0
+        dtype = self.wte.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        for _ in range(max_new_tokens):
+            if use_cache and caches is not None and cached_len < self.cfg.block_size:
+                logits, _ = self(idx[:, -1:], start_pos=cached_len, caches=caches)  # one new position
+                cached_len += 1
+            else:
+                context = idx[:, -self.cfg.block_size:]  # (B, <= block_size)
+                if use_cache:
+                    caches = self.init_caches(idx.size(0), idx.device, dtype)
+                logits, _ = self(context, caches=caches)
+                cached_len = context.size(1)
+            logits = logits[:, -1, :self.cfg.vocab_size].float()  # (B, vocab): padding never sampled
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+            if stop_token is not None and (idx[:, -1] == stop_token).all():
+                break
+        self.train(was_training)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: TinyStories (Eldan & Li 2023) as GPT-2 tokens, one uint16 .bin per split, memmapped.
+#
+# Where the text comes from, in this order:
+#   1. --data PATH: a folder with a train and a validation file, or a single file (its last ~1% of
+#      stories is then held out for validation); .txt or .txt.xz;
+#   2. the folder in the environment variable TINYSTORIES_DIR;
+#   3. out/data, where earlier downloads were kept;
+#   4. a download from the Hugging Face dataset: the whole validation file and a story-aligned prefix
+#      of the 2.2 GB train file (--download-mb).
+# Text is tokenized once; the tokens are cached under --cache-dir, keyed by the text's content.
+
+HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+HF_TRAIN_FILE = "TinyStoriesV2-GPT4-train.txt"
+HF_VAL_FILE = "TinyStoriesV2-GPT4-valid.txt"
+EOT_TEXT = "<|endoftext|>"
+EOT = 50256  # GPT-2's <|endoftext|>; we put it before every story, so it also marks "a story starts"
+TOKEN_FORMAT = 1  # bump when the tokenization below changes, so old caches are not reused
+READ_CHUNK = 1 << 24  # characters of text read at a time while streaming stories
+
+
+def get_tokenizer():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline and no cached BPE files
+        raise UserError(
+            f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}: {e}). Without internet, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files (e.g. ../shared/tiktoken_cache)")
+
+
+def open_text(path: str):
+    if path.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def story_separator(sample: str) -> str | None:
+    """How stories are delimited in a file, judged from its first chunk of text.
+
+    'eot'   : a line <|endoftext|> between stories (the official files)
+    'line'  : one story per line, "\\n\\n" between paragraphs (the lowercased train sample in shared/)
+    None    : unknown (e.g. "\\n\\n" between both paragraphs and stories): the file is one text
+    A single newline separates stories only if there are many of them compared with paragraph breaks.
+    """
+    if EOT_TEXT in sample:
+        return "eot"
+    single = len(re.findall(r"(?<!\n)\n(?!\n)", sample.rstrip("\n")))
+    double = sample.count("\n\n")
+    if single > 0 and single >= 0.1 * double:
+        return "line"
+    return None
+
+
+def iter_stories(path: str, chunk_chars: int = READ_CHUNK):
+    """Yield (separator, story) for each story of a text file, streaming it chunk by chunk."""
+    with open_text(path) as f:
+        buf = f.read(chunk_chars)
+        sep = story_separator(buf)
+        if sep is None:  # boundaries unknown: the whole file is one document (kept whole, not split)
+            text = (buf + f.read()).strip()
+            if text:
+                yield sep, text
+            return
+        pattern = re.escape(EOT_TEXT) if sep == "eot" else r"(?<!\n)\n(?!\n)"
+        while True:
+            more = f.read(chunk_chars)
+            # A story may continue in the next chunk, and trailing newlines may be half of a "\n\n":
+            # split only the part up to the last non-newline character, and carry the last piece.
+            cut = len(buf) if not more else len(buf.rstrip("\n"))
+            pieces = re.split(pattern, buf[:cut])
+            carry = pieces.pop() + buf[cut:]
+            for story in pieces:
+                story = story.strip()
+                if story:
+                    yield sep, story
+            if not more:
+                if carry.strip():
+                    yield sep, carry.strip()
+                return
+            buf = carry + more
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenize_file(path: str, out_path: str, lowercase: bool, enc, log=print) -> dict:
+    """Tokenize the stories of one text file into uint16 tokens: EOT story EOT story ..."""
+    n_tokens, n_stories, n_chars, has_upper, sep_seen = 0, 0, 0, False, None
+    t0, last_report = time.time(), time.time()
+    threads = max(1, min(8, os.cpu_count() or 1))
+
+    def flush(batch, f):
+        nonlocal n_tokens
+        for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
+            arr = np.array([EOT] + ids, dtype=np.uint16)
+            arr.tofile(f)
+            n_tokens += arr.size
+
+    with open(out_path, "wb") as f:
+        batch = []
+        for sep, story in iter_stories(path):
+            sep_seen = sep
+            has_upper = has_upper or story != story.lower()
+            batch.append(story.lower() if lowercase else story)
+            n_stories += 1
+            n_chars += len(story)
+            if len(batch) >= 2048:
+                flush(batch, f)
+                batch = []
+                if time.time() - last_report > 5:
+                    last_report = time.time()
+                    log(f"  tokenizing {os.path.basename(path)}: {n_chars / 1e6:.0f}M characters, "
+                        f"{n_tokens / 1e6:.1f}M tokens, {time.time() - t0:.0f}s")
+        if batch:
+            flush(batch, f)
+    if n_stories == 0:
+        raise UserError(f"no text found in {path}: the file is empty")
+    return {"tokens": n_tokens, "stories": n_stories, "separator": sep_seen, "has_upper": has_upper}
+
+
+def find_text_files(folder: str) -> tuple[str, str]:
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".txt", ".txt.xz")))
+
+    def pick(kind, words):
+        found = [n for n in names if any(w in n.lower() for w in words)]
+        if len(found) != 1:
+            what = "no" if not found else f"{len(found)} ({', '.join(found)})"
+            raise UserError(
+                f"found {what} {kind} text files in {folder} (looked for .txt/.txt.xz names containing "
+                f"{' or '.join(repr(w) for w in words)}; the folder holds: {', '.join(names) or 'nothing'}). "
+                "Pass a single file with --data, or a folder with exactly one train and one validation file")
+        return os.path.join(folder, found[0])
+
+    return pick("train", ["train"]), pick("validation", ["valid", "val"])
+
+
+def download(url: str, dest: str, max_bytes: int | None = None, log=print):
+    """Download url (its first max_bytes bytes) to dest. Bytes arrive in dest + '.part'; an interrupted
+    download resumes from there on the next run (HTTP Range), or restarts if the server cannot resume.
+    Only a complete download is renamed to dest, so a partial file is never taken for a complete one."""
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    if max_bytes is not None and have > max_bytes:
+        have = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "tinygpt-educational/1.0"})
+    if have or max_bytes is not None:
+        end = "" if max_bytes is None else str(max_bytes - 1)
+        request.add_header("Range", f"bytes={have}-{end}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        resumed = response.status == 206 and have > 0
+        if not resumed:
+            have = 0  # the server sent the file from its start
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        if max_bytes is not None and total is not None:
+            total = min(total, max_bytes)
+        log(f"downloading {url} -> {dest}" + (f" ({total / 2**20:.0f} MiB" if total else " (")
+            + (f", resuming at {have / 2**20:.0f} MiB)" if resumed else ")"))
+        t0, last = time.time(), 0.0
+        with open(part, "ab" if resumed else "wb") as f:
+            while max_bytes is None or have < max_bytes:
+                want = 1 << 20 if max_bytes is None else min(1 << 20, max_bytes - have)
+                block = response.read(want)
+                if not block:
+                    break
+                f.write(block)
+                have += len(block)
+                if time.time() - last > 2:
+                    last = time.time()
+                    rate = have / 2**20 / max(time.time() - t0, 1e-9)
+                    log(f"  {have / 2**20:.0f}" + (f"/{total / 2**20:.0f}" if total else "")
+                        + f" MiB, {rate:.1f} MiB/s")
+    if total is not None and have < total:
+        raise UserError(f"download of {url} stopped at {have} of {total} bytes; rerun to resume")
+    os.replace(part, dest)
+
+
+def download_tinystories(data_dir: str, train_mb: int, base_url: str, log=print) -> tuple[str, str]:
+    """The validation file, and the first train_mb MiB of the train file cut at a story boundary."""
+    os.makedirs(data_dir, exist_ok=True)
+    val = os.path.join(data_dir, HF_VAL_FILE)
+    train = os.path.join(data_dir, f"TinyStoriesV2-GPT4-train-{train_mb}MB.txt")
+    try:
+        if not os.path.exists(val):
+            download(base_url + HF_VAL_FILE, val, log=log)
+        if not os.path.exists(train):
+            raw = train + ".raw"
+            if not os.path.exists(raw):
+                download(base_url + HF_TRAIN_FILE, raw, max_bytes=train_mb * 2**20, log=log)
+            with open(raw, "rb") as f:
+                data = f.read()
+            end = data.rfind(EOT_TEXT.encode())  # keep whole stories only
+            if end <= 0:
+                raise UserError(f"{raw} holds no complete story; delete it and rerun")
+            with open(train + ".tmp", "wb") as f:
+                f.write(data[:end] + EOT_TEXT.encode() + b"\n")
+            os.replace(train + ".tmp", train)
+            os.remove(raw)
+    except urllib.error.HTTPError as e:  # the server answered, but not with the file
+        raise UserError(f"downloading TinyStories failed: {e}") from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # no network, no server
+        raise UserError(
+            f"no TinyStories text found and the download failed ({e}). Either connect to the internet "
+            f"and rerun (it downloads to {data_dir}), or point --data or TINYSTORIES_DIR at a folder "
+            "holding TinyStories train and validation files (.txt or .txt.xz), e.g. ../shared/tinystories"
+        ) from e
+    return train, val
+
+
+def resolve_text(data: str | None, data_dir: str, download_mb: int, log=print) -> tuple[str, str | None]:
+    """(train file, validation file or None for 'hold out the tail of the train file')."""
+    if data:
+        if not os.path.exists(data):
+            raise UserError(f"--data {data}: no such file or folder")
+        if os.path.isdir(data):
+            return find_text_files(data)
+        return data, None
+    env = os.environ.get("TINYSTORIES_DIR")
+    if env:
+        if not os.path.isdir(env):
+            raise UserError(f"TINYSTORIES_DIR={env} is not a folder")
+        return find_text_files(env)
+    train = os.path.join(data_dir, f"TinyStoriesV2-GPT4-train-{download_mb}MB.txt")
+    val = os.path.join(data_dir, HF_VAL_FILE)
+    if os.path.exists(train) and os.path.exists(val):
+        return train, val
+    base_url = os.environ.get("TINYSTORIES_URL", HF_URL)  # a mirror, or a local server in the tests
+    return download_tinystories(data_dir, download_mb, base_url, log=log)
+
+
+def check_token_file(path: str, meta: dict):
+    if not os.path.exists(path):
+        raise UserError(f"token cache {os.path.dirname(path)} is missing {os.path.basename(path)}")
+    size, want = os.path.getsize(path), 2 * meta["tokens"]
+    if size != want:
+        raise UserError(f"token cache file {path} is truncated or corrupt ({size} bytes, expected {want}); "
+                        f"delete {os.path.dirname(path)} to rebuild it")
+    if file_digest(path) != meta["sha256"]:
+        raise UserError(f"token cache file {path} is corrupt (checksum mismatch); "
+                        f"delete {os.path.dirname(path)} to rebuild it")
+
+
+def prepare_tokens(train_text: str, val_text: str | None, cache_dir: str, lowercase: str = "auto",
+                   log=print) -> tuple[str, str]:
+    """Tokenize once and cache; returns the paths of train.bin and val.bin.
+
+    lowercase: 'on', 'off' or 'auto' (lowercase the validation text when the training text has no
+    uppercase letter, as for shared/'s lowercased train sample, so train and validation match)."""
+    key_src = [TOKEN_FORMAT, "gpt2", lowercase, file_digest(train_text),
+               file_digest(val_text) if val_text else "holdout"]
+    key = hashlib.sha256(json.dumps(key_src).encode()).hexdigest()[:16]
+    name = re.sub(r"\.txt(\.xz)?$", "", os.path.basename(train_text))
+    folder = os.path.join(cache_dir, f"{name}-{key}")
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            splits = meta["splits"]
+        except (ValueError, KeyError) as e:
+            raise UserError(f"token cache {folder} is corrupt ({meta_path}: {e}); delete it to rebuild it")
+        for split in ("train", "val"):
+            check_token_file(os.path.join(folder, f"{split}.bin"), splits[split])
+        log(f"tokens: cached in {folder} (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})")
+        return os.path.join(folder, "train.bin"), os.path.join(folder, "val.bin")
+    if os.path.exists(folder):
+        raise UserError(f"token cache {folder} has no meta.json (an interrupted build?); delete it to rebuild it")
+
+    enc = get_tokenizer()
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        log(f"tokenizing {train_text} (once; cached in {folder})")
+        lower_train = lowercase == "on"
+        train_meta = tokenize_file(train_text, os.path.join(tmp, "train.bin"), lower_train, enc, log)
+        if val_text is None:
+            train_meta, val_meta = hold_out_tail(os.path.join(tmp, "train.bin"), os.path.join(tmp, "val.bin"))
+            log(f"  no validation file: held out the last {val_meta['tokens']:,} tokens of the train file")
+        else:
+            lower_val = lowercase == "on" or (lowercase == "auto" and not train_meta["has_upper"])
+            if lower_val and lowercase == "auto":
+                log("  the training text has no uppercase letters: lowercasing the validation text to match")
+            val_meta = tokenize_file(val_text, os.path.join(tmp, "val.bin"), lower_val, enc, log)
+            if val_meta["separator"] is None:
+                log(f"  {os.path.basename(val_text)}: story boundaries unknown, tokenized as one text")
+        for split, meta in (("train", train_meta), ("val", val_meta)):
+            meta["sha256"] = file_digest(os.path.join(tmp, f"{split}.bin"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"source": {"train": train_text, "val": val_text}, "key": key_src,
+                       "splits": {"train": train_meta, "val": val_meta}}, f, indent=1)
+        os.rename(tmp, folder)  # the cache appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"tokens: train {train_meta['tokens']:,}, val {val_meta['tokens']:,}")
+    return os.path.join(folder, "train.bin"), os.path.join(folder, "val.bin")
+
+
+def hold_out_tail(train_path: str, val_path: str, fraction: float = 0.01) -> tuple[dict, dict]:
+    """Split one token file at the first story start (EOT) after the last `fraction` of its tokens."""
+    tokens = np.fromfile(train_path, dtype=np.uint16)
+    at = int(len(tokens) * (1 - fraction))
+    eots = np.flatnonzero(tokens[at:] == EOT)
+    split = at + int(eots[0]) if len(eots) else at  # no later story start: cut mid-text
+    if split <= 0 or split >= len(tokens):
+        raise UserError(f"{train_path}: too little text to hold out a validation tail")
+    tokens[split:].tofile(val_path)
+    tokens[:split].tofile(train_path)
+    return {"tokens": split}, {"tokens": len(tokens) - split}
+
+
+class TokenData:
+    """A memmapped uint16 token file and the batches drawn from it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def windows(self, starts, seq_len: int):
+        """Inputs x and next-token targets y, each (len(starts), seq_len) int64."""
+        xy = np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (N, T+1)
+        xy = torch.from_numpy(xy)
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+    def train_starts(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
+        # The global batch of a step is a function of (seed, step) alone: a resumed run draws the same
+        # data as an uninterrupted one, and any number of GPUs splits the same global batch.
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return torch.randint(len(self) - seq_len - 1, (batch_size,), generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = field(default=None, metadata={"help": "TinyStories folder or file (.txt/.txt.xz); "
+                                                      "default: $TINYSTORIES_DIR, out/data, or download"})
+    download_mb: int = field(default=512, metadata={"help": "MiB of the train file to download (~130M tokens)"})
+    lowercase: str = field(default="auto", metadata={"help": "lowercase the text: auto (val, when the train text "
+                                                             "is all lowercase), on, off",
+                                                     "choices": ["auto", "on", "off"]})
+    cache_dir: str = field(default="out/tokens", metadata={"help": "where token caches are kept"})
+    out_dir: str = field(default=None, metadata={"help": "checkpoints and metrics (default out/<arch>)"})
+    # batch: global batch = batch_size sequences of seq_len tokens, split over grad_accum x GPUs
+    seq_len: int = field(default=None, metadata={"help": "training sequence length (default block_size)"})
+    batch_size: int = field(default=64, metadata={"help": "global batch in sequences: 32K tokens a step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per step (same global batch, less memory)"})
+    # optimisation
+    max_iters: int = field(default=3000, metadata={"help": "optimizer steps (~100M tokens at the defaults)"})
+    lr: float = field(default=1.5e-3, metadata={"help": "peak learning rate; small models take a large one"})
+    min_lr: float = field(default=1.5e-4, metadata={"help": "final learning rate, lr/10 (Chinchilla)"})
+    warmup_iters: int = field(default=100, metadata={"help": "linear warmup steps, keeps early Adam steps sane"})
+    lr_decay_iters: int = field(default=None, metadata={"help": "cosine ends here (default max_iters)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices only, as in GPT-3"})
+    beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "Adam beta2; 0.95 is steadier than 0.999 for LMs"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    seed: int = field(default=1337, metadata={"help": "seed for init and data order"})
+    # evaluation and logging
+    eval_interval: int = field(default=250, metadata={"help": "steps between val loss and checkpoint"})
+    eval_batches: int = field(default=20, metadata={"help": "val batches (consecutive windows of the val set)"})
+    log_interval: int = field(default=10, metadata={"help": "steps between log lines"})
+    # system
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, or auto"})
+    dtype: str = field(default="auto", metadata={"help": "bfloat16 autocast (auto on CUDA) or float32",
+                                                 "choices": ["auto", "bfloat16", "float32"]})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the model (auto: on CUDA)",
+                                                   "choices": ["auto", "on", "off"]})
+    peak_tflops: float = field(default=None, metadata={"help": "device peak for MFU (default: looked up)"})
+    resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    # sampling
+    sample: str = field(default=None, metadata={"help": "print samples for this prompt from out_dir/ckpt.pt"})
+    num_samples: int = field(default=1, metadata={"help": "samples to print"})
+    max_new_tokens: int = field(default=200, metadata={"help": "tokens per sample"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
+    top_k: int = field(default=200, metadata={"help": "sample among the k likeliest tokens (0: all)"})
+    # benchmark
+    bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference"})
+    bench_steps: int = field(default=30, metadata={"help": "timed steps per model in --bench"})
+
+
+# A tiny configuration for --device cpu (for reading and debugging): seconds per run, not minutes.
+# It applies to every setting not given on the command line.
+CPU_TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, max_iters=60, lr=3e-3,
+                min_lr=3e-4, warmup_iters=5, eval_interval=30, eval_batches=4, log_interval=10)
+
+# Dense bf16 tensor-core peaks (TFLOP/s, datasheets) for MFU; --peak-tflops overrides.
+PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0),
+               ("RTX 3090", 71.0)]
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then a cosine down to min_lr at lr_decay_iters, then flat."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    # Decay matrices only; norms' gains and any parameter marked no_weight_decay (e.g. Hyena's filter
+    # parameters) are left alone.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
+    """Reject settings that cannot work, with a message that says which and why."""
+    positive = {"n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd,
+                "block_size": mcfg.block_size, "mlp_ratio": mcfg.mlp_ratio, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "eval_interval": cfg.eval_interval,
+                "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval,
+                "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
+                "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    for name in ("max_iters", "warmup_iters", "top_k"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "temperature"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})")
+    if cfg.lr == 0:
+        raise UserError("--lr must be positive")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1) (got {cfg.beta1}, {cfg.beta2})")
+    if mcfg.n_embd % mcfg.n_head or (mcfg.n_embd // mcfg.n_head) % 2:
+        raise UserError(f"--n-embd {mcfg.n_embd} must split into --n-head {mcfg.n_head} heads of even width")
+    if cfg.seq_len is not None and cfg.seq_len > mcfg.block_size:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's --block-size {mcfg.block_size}")
+    if cfg.batch_size % (cfg.grad_accum * world_size):
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
+                        f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, seq_len: int, micro_batch: int, n_batches: int, device, autocast) -> float:
+    """Mean loss over consecutive, non-overlapping windows from the start of the validation set, so
+    every evaluation of every run sees the same tokens."""
+    model.eval()
+    starts = list(range(0, len(data) - seq_len - 1, seq_len))[:n_batches * micro_batch]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), micro_batch):
+        x, y = data.windows(starts[i:i + micro_batch], seq_len)
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def sample_text(model, enc, prompt: str, n: int, cfg: TrainConfig, device, autocast) -> list[str]:
+    """Sample continuations of prompt. Stories start after EOT, as in training."""
+    ids = [EOT] + enc.encode_ordinary(prompt)
+    idx = torch.tensor([ids] * n, dtype=torch.long, device=device)
+    with autocast:
+        out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, stop_token=EOT)
+    texts = []
+    for row in out.tolist():
+        new = row[len(ids):]
+        new = new[:new.index(EOT)] if EOT in new else new
+        texts.append(prompt + enc.decode(new))
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read with weights_only=True.
+
+CKPT_FORMAT = 1
+
+
+def save_checkpoint(path: str, model, optimizer, mcfg: GPTConfig, cfg: TrainConfig, step: int, extra: dict):
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"format": CKPT_FORMAT, "arch": mcfg.arch, "model_config": dataclasses.asdict(mcfg),
+             "train_config": dataclasses.asdict(cfg), "step": step, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": rng, **extra}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path} (train first, or pass --out-dir)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this trainer (format {CKPT_FORMAT})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str) -> tuple[GPT, GPTConfig]:
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(ckpt["model_config"]) - names
+    if unknown or ckpt["arch"] not in ARCHS:
+        raise UserError(f"checkpoint {path} is for arch {ckpt['arch']!r} with settings this version does not "
+                        f"know ({', '.join(sorted(unknown)) or 'unknown arch'})")
+    mcfg = GPTConfig(**ckpt["model_config"])
+    model = GPT(mcfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit a {mcfg.arch} model of its own config: {e}")
+    return model, mcfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+class StopRequest:
+    """Ctrl-C sets a flag; the loop stops at the next step boundary and writes a checkpoint.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single-process run."""
+    if "RANK" not in os.environ:
+        if cfg.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+        return torch.device(cfg.device), 0, 1
+    import torch.distributed as dist
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device, rank, world
+
+
+def train(mcfg: GPTConfig, cfg: TrainConfig, explicit: set) -> int:
+    import torch.distributed as dist
+    device, rank, world = setup_distributed(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    ddp = world > 1
+    try:
+        return _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp)
+    finally:
+        if ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    start_step, best_val = 0, float("inf")
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = GPTConfig(**{k: v for k, v in ckpt["model_config"].items()
+                             if k in {f.name for f in dataclasses.fields(GPTConfig)}})
+        clashes = [f"--{k.replace('_', '-')} {getattr(mcfg, k)} (checkpoint: {getattr(saved, k)})"
+                   for k in explicit if hasattr(saved, k) and getattr(mcfg, k) != getattr(saved, k)]
+        if clashes:
+            raise UserError(f"checkpoint {ckpt_path} was trained with another config: " + "; ".join(clashes))
+        mcfg = saved  # the model is the checkpoint's; training settings may change (e.g. --max-iters)
+    seq_len = cfg.seq_len or mcfg.block_size
+    validate(mcfg, cfg, world)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+    # data: rank 0 tokenizes (once), the others wait and then read the same cache
+    if master:
+        train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
+        log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
+        paths = prepare_tokens(train_text, val_text, cfg.cache_dir, cfg.lowercase, log)
+    if ddp:
+        shared = [paths if master else None]
+        dist.broadcast_object_list(shared, src=0)
+        paths = shared[0]
+    train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
+    for split, d in (("train", train_data), ("validation", val_data)):
+        if len(d) < seq_len + 1:
+            raise UserError(f"the {split} set has {len(d)} tokens, fewer than --seq-len {seq_len} + 1")
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        log(f"resuming from {ckpt_path} at step {start_step}")
+        del ckpt
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    micro_batch = cfg.batch_size // (cfg.grad_accum * world)
+    tokens_per_step = cfg.batch_size * seq_len
+    flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
+    peak = peak_tflops(device, cfg.peak_tflops)
+    log(f"arch {mcfg.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
+        f"width {mcfg.n_embd}, context {mcfg.block_size}")
+    log(f"device {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''} x {world}, "
+        f"{dtype}, compile {'on' if use_compile else 'off'}; batch {cfg.batch_size} x {seq_len} = "
+        f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
+        f"{world} process(es)); {cfg.max_iters} steps; train {len(train_data):,} tokens, val {len(val_data):,}")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w")
+    last_good = start_step if cfg.resume else None
+
+    def write_metrics(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def checkpoint(step):
+        nonlocal last_good
+        if master:
+            save_checkpoint(ckpt_path, raw_model, optimizer, mcfg, cfg, step, {"best_val_loss": best_val})
+        last_good = step
+
+    def eval_and_checkpoint(step):
+        nonlocal best_val
+        val_loss = evaluate(raw_model, val_data, seq_len, micro_batch, cfg.eval_batches, device, autocast)
+        best_val = min(best_val, val_loss)
+        log(f"step {step}: val loss {val_loss:.4f}")
+        write_metrics({"step": step, "val_loss": val_loss})
+        checkpoint(step)
+
+    # Non-finite losses are recorded on the device (no sync per step) and checked at every log line
+    # and before any checkpoint is written, so a checkpoint never holds a diverged model.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), device=device)
+
+    def check_finite():
+        bad = int(first_bad.item())
+        if bad >= 0:
+            where = f"step {last_good}" if last_good is not None else "none was written"
+            raise UserError(f"the loss became NaN or infinite at step {bad}: stopping. The last good checkpoint "
+                            f"is kept ({where}; {ckpt_path}). Try a lower --lr or stronger --grad-clip")
+
+    model.train()
+    step, t_last, steps_since = start_step, time.time(), 0
+    with StopRequest() as stop:
+        while step < cfg.max_iters:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = train_data.train_starts(cfg.seed, step, cfg.batch_size, seq_len)
+            for micro in range(cfg.grad_accum):
+                first = (rank * cfg.grad_accum + micro) * micro_batch
+                x, y = train_data.windows(starts[first:first + micro_batch].tolist(), seq_len)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = not ddp or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step + 1, first_bad))
+            step += 1
+            steps_since += 1
+
+            stop_now = stop.requested
+            if ddp and (step % cfg.log_interval == 0 or step == cfg.max_iters):
+                flag = torch.tensor(float(stop_now), device=device)
+                dist.all_reduce(flag)  # every rank stops at the same step, or none does
+                stop_now = flag.item() > 0
+            if step % cfg.log_interval == 0 or step == cfg.max_iters or stop_now:
+                if ddp:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                loss_value = loss_sum.item() / steps_since  # .item() waits for the GPU: timing is honest
+                check_finite()
+                dt = (time.time() - t_last) / steps_since
+                tflops = flops_per_step / dt / world / 1e12
+                record = {"step": step, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt,
+                          "tokens_per_s": tokens_per_step / dt, "tflops_per_gpu": tflops}
+                line = (f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms/step | "
+                        f"{tokens_per_step / dt:10,.0f} tok/s | {tflops:6.2f} TFLOP/s")
+                if peak:
+                    record["mfu"] = tflops / peak
+                    line += f" | MFU {100 * tflops / peak:4.1f}%"
+                if device.type == "cuda":
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    line += f" | mem {record['peak_mem_gib']:.1f} GiB"
+                log(line)
+                write_metrics(record)
+                loss_sum.zero_()
+                t_last, steps_since = time.time(), 0
+            if stop_now:
+                checkpoint(step)
+                log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with the same command and --resume")
+                return 130
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                check_finite()
+                eval_and_checkpoint(step)
+                t_last = time.time()  # evaluation time is not training time
+    if step == start_step:  # nothing to train (e.g. resuming a finished run): still report
+        eval_and_checkpoint(step)
+    if master:
+        metrics.close()
+        enc = get_tokenizer()
+        story = sample_text(raw_model, enc, "", 1, cfg, device, autocast)[0]
+        log(f"best val loss {best_val:.4f}. A sample story:\n{story.strip()}")
+    return 0
+
+
+def sample_main(cfg: TrainConfig) -> int:
+    out_dir = cfg.out_dir or os.path.join("out", "gpt")
+    path = os.path.join(out_dir, "ckpt.pt")
+    model, mcfg = model_from_checkpoint(load_checkpoint(path), path)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    model.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    torch.manual_seed(cfg.seed)
+    enc = get_tokenizer()
+    for i, text in enumerate(sample_text(model, enc, cfg.sample, cfg.num_samples, cfg, device, autocast)):
+        print(f"--- sample {i + 1} ({mcfg.arch}, {path})\n{text.strip()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: this GPT vs a plain nanoGPT-style model of the same size, side by side in one process.
+
+
+class NanoGPTReference(nn.Module):
+    """The throughput anchor: learned positions, LayerNorm, GELU MLP, untied head, SDPA attention."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        C, V = cfg.n_embd, cfg.padded_vocab_size
+        self.n_head = cfg.n_head
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(cfg.block_size, C)
+        self.ln1 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
+        self.ln2 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
+        self.qkv = nn.ModuleList(nn.Linear(C, 3 * C, bias=False) for _ in range(cfg.n_layer))
+        self.out = nn.ModuleList(nn.Linear(C, C, bias=False) for _ in range(cfg.n_layer))
+        self.fc = nn.ModuleList(nn.Linear(C, 4 * C, bias=False) for _ in range(cfg.n_layer))
+        self.fc_out = nn.ModuleList(nn.Linear(4 * C, C, bias=False) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(C, bias=False), nn.Linear(C, V, bias=False)
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for i in range(len(self.qkv)):
+            q, k, v = self.qkv[i](self.ln1[i](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + self.out[i](y)
+            x = x + self.fc_out[i](F.gelu(self.fc[i](self.ln2[i](x))))
+        logits = self.head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
+    """Train-step throughput (forward, backward, AdamW) of this GPT vs NanoGPTReference on random
+    tokens, compiled and in bf16 on CUDA. Prints a table; measures, asserts nothing."""
+    device, _, _ = setup_distributed(cfg)
+    validate(mcfg, cfg, 1)
+    seq_len = cfg.seq_len or mcfg.block_size
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    peak = peak_tflops(device, cfg.peak_tflops)
+    B = cfg.batch_size // cfg.grad_accum
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(mcfg.vocab_size, (B, seq_len + 1), generator=gen).to(device) for _ in range(4)]
+    print(f"# --bench on {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
+          f"{dtype}, compile {'on' if use_compile else 'off'}, d={mcfg.n_embd} L={mcfg.n_layer} "
+          f"T={seq_len} B={B}, {cfg.bench_steps} timed steps after 10 warm-up steps")
+    rows = []
+    for name, build in (("nanoGPT-style reference", NanoGPTReference), (f"this GPT (--arch {mcfg.arch})", GPT)):
+        torch.manual_seed(0)
+        model = build(mcfg).to(device)
+        n_params = sum(p.numel() for p in model.parameters())
+        # same FLOP count for both: 6 x (matmul weights) + attention; a lookup table is no matmul
+        n_matmul = n_params - (model.wpe.weight.numel() + model.wte.weight.numel() if build is NanoGPTReference else 0)
+        flops_per_token = 6 * n_matmul + 12 * mcfg.n_layer * mcfg.n_embd * seq_len
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        step_model = torch.compile(model) if use_compile else model
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def step(i):
+            xy = batches[i % len(batches)]
+            with autocast:
+                _, loss = step_model(xy[:, :-1], xy[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        for i in range(10):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(cfg.bench_steps):
+            loss = step(i)
+        loss.item()
+        dt = (time.perf_counter() - t0) / cfg.bench_steps
+        tflops = flops_per_token * B * seq_len / dt / 1e12
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+        rows.append((name, n_params / 1e6, 1000 * dt, B * seq_len / dt, tflops,
+                     100 * tflops / peak if peak else float("nan"), mem))
+        del model, step_model, optimizer
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"| {'model':34s} | params (M) | ms/step | tokens/s   | TFLOP/s | MFU (%) | peak mem (GiB) |")
+    print(f"|{'-' * 36}|-----------:|--------:|-----------:|--------:|--------:|---------------:|")
+    for r in rows:
+        print(f"| {r[0]:34s} | {r[1]:10.1f} | {r[2]:7.1f} | {r[3]:10,.0f} | {r[4]:7.1f} | {r[5]:7.1f} | {r[6]:14.1f} |")
+    print(f"this GPT / reference throughput: {rows[1][3] / rows[0][3]:.3f}x")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: every field of GPTConfig and TrainConfig is a flag (--n-layer, --lr, ...).
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train, sample or benchmark the tiny GPT of this repository on TinyStories.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    for title, cls in (("model", GPTConfig), ("training", TrainConfig)):
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs = {"help": f.metadata["help"]}
+            if not suppress_defaults:
+                kwargs["default"] = f.default
+            if f.name == "arch":
+                kwargs["choices"] = list(ARCHS)
+            elif "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.type in (bool, "bool"):
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type).split()[0]]
+                kwargs["metavar"] = f.name.upper()
+            group.add_argument(flag, dest=f.name, **kwargs)
+    return parser
+
+
+def parse_args(argv=None):
+    args = vars(build_parser().parse_args(argv))
+    explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    model_names = {f.name for f in dataclasses.fields(GPTConfig)}
+    mcfg = GPTConfig(**{k: v for k, v in args.items() if k in model_names})
+    cfg = TrainConfig(**{k: v for k, v in args.items() if k not in model_names})
+    wants_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if wants_cpu and not cfg.bench and not cfg.sample:
+        tiny = {k: v for k, v in CPU_TINY.items() if k not in explicit}
+        for k, v in tiny.items():
+            setattr(mcfg if k in model_names else cfg, k, v)
+        if tiny:
+            print(f"CPU: using the tiny configuration for what was not given ({', '.join(f'{k}={v}' for k, v in tiny.items())})")
+    return mcfg, cfg, explicit
+
+
+def main(argv=None) -> int:
+    mcfg, cfg, explicit = parse_args(argv)
+    try:
+        if cfg.sample is not None:
+            return sample_main(cfg)
+        if cfg.bench:
+            return bench_main(mcfg, cfg)
+        return train(mcfg, cfg, explicit)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
