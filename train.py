@@ -352,6 +352,7 @@ EOT_TEXT = "<|endoftext|>"
 EOT = 50256  # GPT-2's <|endoftext|>; we put it before every story, so it also marks "a story starts"
 TOKEN_FORMAT = 1  # bump when the tokenization below changes, so old caches are not reused
 READ_CHUNK = 1 << 24  # characters of text read at a time while streaming stories
+DETECT_CHARS = 1 << 20  # characters read to tell how stories are separated
 
 
 def get_tokenizer():
@@ -390,13 +391,14 @@ def story_separator(sample: str) -> str | None:
 def iter_stories(path: str, chunk_chars: int = READ_CHUNK):
     """Yield (separator, story) for each story of a text file, streaming it chunk by chunk."""
     with open_text(path) as f:
-        buf = f.read(chunk_chars)
-        sep = story_separator(buf)
+        sep = story_separator(f.read(DETECT_CHARS))
+    with open_text(path) as f:
         if sep is None:  # boundaries unknown: the whole file is one document (kept whole, not split)
-            text = (buf + f.read()).strip()
+            text = f.read().strip()
             if text:
                 yield sep, text
             return
+        buf = f.read(chunk_chars)
         pattern = re.escape(EOT_TEXT) if sep == "eot" else r"(?<!\n)\n(?!\n)"
         while True:
             more = f.read(chunk_chars)
@@ -1051,7 +1053,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             for micro in range(cfg.grad_accum):
                 first = (rank * cfg.grad_accum + micro) * micro_batch
                 x, y = train_data.windows(starts[first:first + micro_batch].tolist(), seq_len)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
+                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
                 sync = not ddp or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
