@@ -592,7 +592,9 @@ def test_gpu_ddp_two_gpus_match_one():
                        cwd=two, capture_output=True, text=True, timeout=600)
     expect_ok(r)
     a, b = losses(read_metrics(os.path.join(one, "out", "gpt"))), losses(read_metrics(os.path.join(two, "out", "gpt")))
+    print("step | loss, 1 GPU | loss, 2 GPUs")
     for step in a:
+        print(f"{step:4d} | {a[step]:.4f} | {b[step]:.4f}")
         assert abs(a[step] - b[step]) < 0.02 * a[step], (step, a[step], b[step])
 
 
