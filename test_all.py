@@ -2,7 +2,7 @@
 test_all.py -- every check of this repository, on the CPU and (where one is present) on a GPU.
 
     python test_all.py              # prints one line per test, then "N passed, N failed, N skipped"
-    python test_all.py -k resume    # only the tests whose name contains "resume"
+    python test_all.py -k resume    # only the tests whose name contains "resume" ("a or b": either)
     python -m pytest test_all.py    # the same tests under pytest
 
 Data: the real TinyStories sample in $TINYSTORIES_DIR (default ../shared/tinystories) and the GPT-2 BPE
@@ -534,6 +534,11 @@ def test_ddp_two_processes_match_one():
     assert a.keys() == b.keys()
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
+    # rank 0's data error reaches every rank: all stop with the message instead of waiting forever
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29518", TRAIN_PY, *TINY, "--data", "/no/such/place"],
+                       cwd=two, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and (r.stdout + r.stderr).count("no such file or folder") == 2, r.stderr[-2000:]
 
 
 def test_bench_command_prints_a_table():
@@ -607,9 +612,9 @@ def test_gpu_ddp_two_gpus_match_one():
 
 
 def main(argv):
-    pattern = argv[argv.index("-k") + 1] if "-k" in argv else ""
+    words = argv[argv.index("-k") + 1].split(" or ") if "-k" in argv else [""]  # -k "resume or nan"
     tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_") and callable(fn)]
-    tests = [(name, fn) for name, fn in tests if pattern in name]
+    tests = [(name, fn) for name, fn in tests if any(w in name for w in words)]
     passed = failed = skipped = 0
     for name, fn in tests:
         t0 = time.time()

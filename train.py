@@ -967,15 +967,21 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                 else contextlib.nullcontext())
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
-    # data: rank 0 tokenizes (once), the others wait and then read the same cache
+    # data: rank 0 tokenizes (once); the others wait for its cache, or its error
+    paths, error = None, None
     if master:
-        train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
-        log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
-        paths = prepare_tokens(train_text, val_text, cfg.cache_dir, cfg.lowercase, log)
+        try:
+            train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
+            log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
+            paths = prepare_tokens(train_text, val_text, cfg.cache_dir, cfg.lowercase, log)
+        except UserError as e:
+            error = str(e)
     if ddp:
-        shared = [paths if master else None]
+        shared = [(paths, error)]
         dist.broadcast_object_list(shared, src=0)
-        paths = shared[0]
+        paths, error = shared[0]
+    if error:
+        raise UserError(error)
     train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
     for split, d in (("train", train_data), ("validation", val_data)):
         if len(d) < seq_len + 1:
@@ -1011,7 +1017,13 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         f"{world} process(es)); {cfg.max_iters} steps; train {len(train_data):,} tokens, val {len(val_data):,}")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a" if cfg.resume else "w")
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        kept = []
+        if cfg.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        metrics = open(metrics_path, "w")
+        metrics.writelines(kept)
     last_good = start_step if cfg.resume else None
 
     def write_metrics(record):
@@ -1116,8 +1128,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     return 0
 
 
-def sample_main(cfg: TrainConfig) -> int:
-    out_dir = cfg.out_dir or os.path.join("out", "gpt")
+def sample_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
+    out_dir = cfg.out_dir or os.path.join("out", mcfg.arch)
     path = os.path.join(out_dir, "ckpt.pt")
     model, mcfg = model_from_checkpoint(load_checkpoint(path), path)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -1285,7 +1297,7 @@ def main(argv=None) -> int:
     mcfg, cfg, explicit = parse_args(argv)
     try:
         if cfg.sample is not None:
-            return sample_main(cfg)
+            return sample_main(mcfg, cfg)
         if cfg.bench:
             return bench_main(mcfg, cfg)
         return train(mcfg, cfg, explicit)
