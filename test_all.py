@@ -33,6 +33,7 @@ DATA = os.environ.get("TINYSTORIES_DIR") or os.path.join(SHARED, "tinystories")
 
 import torch  # noqa: E402
 
+import mhc  # noqa: E402
 import train  # noqa: E402
 
 TRAIN_PY = os.path.join(HERE, "train.py")
@@ -93,17 +94,23 @@ def losses(records):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def small_model(vocab=100, block=16, layers=3, heads=2, width=32, seed=0, active=True):
-    """A small GPT; active=True gives the zero-initialised output projections random weights so that
-    every block computes something (at init the blocks are the identity)."""
+def small_model(vocab=100, block=16, layers=3, heads=2, width=32, seed=0, active=True, arch="gpt",
+                active_streams=True, **extra):
+    """A small GPT of any arch. active=True gives the zero-initialised output projections random
+    weights so that every block computes something (at init the blocks are the identity), and, with
+    active_streams, makes the hc/mhc coefficients token-dependent (at init they are not)."""
     torch.manual_seed(seed)
-    cfg = train.GPTConfig(vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads, n_embd=width)
+    cfg = train.GPTConfig(arch=arch, vocab_size=vocab, block_size=block, n_layer=layers, n_head=heads,
+                          n_embd=width, **extra)
     model = train.GPT(cfg)
     if active:
         with torch.no_grad():
             for block_ in model.blocks:
                 block_.mixer.proj.weight.normal_(0, 0.02)
                 block_.mlp.proj.weight.normal_(0, 0.02)
+            for name, p in model.named_parameters():
+                if active_streams and name.rsplit(".", 1)[-1] in ("phi", "w_pre", "w_post", "w_res"):
+                    p.normal_(0, 0.5)
     return model.eval()
 
 
@@ -134,30 +141,32 @@ def test_blocks_start_as_identity():
 
 
 def test_causality():
-    """Changing token s changes no logit before s (and does change logits from s on)."""
-    model = small_model()
-    idx = torch.randint(100, (1, 16))
-    base, _ = model(idx)
-    for s in (0, 7, 15):
-        other = idx.clone()
-        other[0, s] = (other[0, s] + 1) % 100
-        changed, _ = model(other)
-        assert torch.equal(changed[:, :s], base[:, :s]), f"position < {s} saw token {s}"
-        assert not torch.allclose(changed[:, s], base[:, s])
+    """Every arch: changing token s changes no logit before s (and does change logits from s on)."""
+    for arch in train.ARCHS:
+        model = small_model(arch=arch)
+        idx = torch.randint(100, (1, 16))
+        base, _ = model(idx)
+        for s in (0, 7, 15):
+            other = idx.clone()
+            other[0, s] = (other[0, s] + 1) % 100
+            changed, _ = model(other)
+            assert torch.equal(changed[:, :s], base[:, :s]), f"{arch}: position < {s} saw token {s}"
+            assert not torch.allclose(changed[:, s], base[:, s]), arch
 
 
 def test_kv_cache_decode_equals_forward():
-    """Prefill + one-token and multi-token cached steps give the logits of the full causal forward."""
-    model = small_model()
-    idx = torch.randint(100, (3, 16))
-    full, _ = model(idx)
-    caches = model.init_caches(3, idx.device, torch.float32)
-    pieces, pos = [], 0
-    for length in (5, 1, 1, 4, 1, 5):  # prefill, single steps, and chunks starting mid-sequence
-        logits, _ = model(idx[:, pos:pos + length], start_pos=pos, caches=caches)
-        pieces.append(logits)
-        pos += length
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    """Every arch: prefill + one-token and multi-token cached steps give the full forward's logits."""
+    for arch in train.ARCHS:
+        model = small_model(arch=arch)
+        idx = torch.randint(100, (3, 16))
+        full, _ = model(idx)
+        caches = model.init_caches(3, idx.device, torch.float32)
+        pieces, pos = [], 0
+        for length in (5, 1, 1, 4, 1, 5):  # prefill, single steps, and chunks starting mid-sequence
+            logits, _ = model(idx[:, pos:pos + length], start_pos=pos, caches=caches)
+            pieces.append(logits)
+            pos += length
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5, msg=arch)
 
 
 def test_generate_cache_matches_recompute():
@@ -181,6 +190,73 @@ def test_generate_stops_at_stop_token():
     first = int(model.generate(prompt, 1, temperature=0)[0, -1])
     out = model.generate(prompt, 10, temperature=0, stop_token=first)
     assert out.shape == (1, 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# HC and mHC (mhc.py), plain PyTorch
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    """sinkhorn_knopp: entries >= 0, rows sum to 1 within 1e-5 (the side normalised last), columns
+    within 1e-3 for unit-scale logits after 20 iterations; its autograd passes gradcheck in float64."""
+    torch.manual_seed(0)
+    m = mhc.sinkhorn_knopp(torch.randn(1000, 4, 4))
+    assert m.dtype == torch.float32 and m.min() >= 0
+    assert (m.sum(-1) - 1).abs().max() < 1e-5
+    assert (m.sum(-2) - 1).abs().max() < 1e-3
+    logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: mhc.sinkhorn_knopp(x, 5), (logits,))
+
+
+def test_amax_gain_and_composite():
+    """Forward gain = max absolute row sum, backward = max absolute column sum, averaged over tokens;
+    the composite of [res_1, res_2] is res_2 @ res_1."""
+    h = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    assert mhc.amax_gain(h) == (7.0, 6.0)
+    assert mhc.amax_gain(torch.stack([h, torch.eye(2)])) == (4.0, 3.5)
+    a, b = torch.randn(2, 5, 3, 3).unbind(0)
+    torch.testing.assert_close(mhc.composite([a, b]), b @ a)
+
+
+def test_hc_and_mhc_start_as_the_plain_residual_model():
+    """At init (every sub-layer active, same weights as the gpt model), hc static, hc dynamic and mhc give
+    the gpt model's logits and every hidden state within 1e-5: the n streams are equal, each is the plain
+    residual, and collapse takes their mean (hc: exactly equal, its pre is one-hot and res = I)."""
+    idx = torch.randint(100, (2, 16))
+    ref_logits, _, ref_hidden = small_model()(idx, return_hidden=True)
+    for arch, extra in (("hc", {"hc_mode": "static"}), ("hc", {"hc_mode": "dynamic"}), ("mhc", {})):
+        logits, _, hidden = small_model(arch=arch, active_streams=False, **extra)(idx, return_hidden=True)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, msg=f"{arch} {extra}")
+        for h, r in zip(hidden, ref_hidden):
+            torch.testing.assert_close(h, r, atol=1e-5, rtol=1e-5, msg=f"{arch} {extra}")
+        if arch == "hc":
+            assert torch.equal(logits, ref_logits)
+
+
+def test_mhc_coefficients_are_constrained_per_token():
+    """With token-dependent coefficients (random phi): 0 < H_pre < 1, 0 < H_post < 2, H_res >= 0 with
+    rows summing to 1, for every token; HC static coefficients are the same for every token."""
+    conn = small_model(arch="mhc").blocks[0].mix_connection
+    pre, post, res = conn.coefficients(torch.randn(2, 16, 4, 32))
+    assert ((pre > 0) & (pre < 1)).all() and ((post > 0) & (post < 2)).all() and (res >= 0).all()
+    assert (res.sum(-1) - 1).abs().max() < 1e-5 and pre.std(dim=(0, 1)).min() > 0
+    static = small_model(arch="hc", hc_mode="static").blocks[1].mlp_connection
+    pre, post, res = static.coefficients(torch.randn(2, 16, 4, 32))
+    assert torch.equal(pre[0, 0], pre[1, 7]) and torch.equal(res[0, 0], torch.eye(4))
+    assert torch.equal(pre[0, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))  # sub-layer 3: stream 3 mod 4
+
+
+def test_residual_gains_are_logged_for_hc_and_mhc():
+    """Short CPU runs of hc and mhc log per-layer and composite Amax gains at every evaluation; mHC's
+    forward gain is 1 (its rows are exact)."""
+    for arch in ("hc", "mhc"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        out = expect_ok(run_train(*TINY, "--arch", arch, "--max-iters", "6", "--eval-interval", "3", cwd=cwd))
+        records = [r for r in read_metrics(os.path.join(cwd, "out", arch)) if "gain_fwd" in r]
+        assert len(records) == 2 and len(records[0]["layer_gain_fwd"]) == 4, records
+        assert "residual gain (Amax)" in out
+        if arch == "mhc":
+            assert abs(records[-1]["gain_fwd"] - 1) < 1e-4, records[-1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,6 +574,8 @@ def test_bad_arguments_are_refused():
         (["--data", "/no/such/place"], ["no such file or folder"]),
         (["--data", empty_file], ["empty"]),
         (["--data", empty_dir], ["found no train"]),
+        (["--arch", "mhc", "--hc-rate", "0"], ["--hc-rate must be at least 1"]),
+        (["--arch", "hc", "--hc-mode", "sometimes"], ["invalid choice", "static"]),
     ]
     for args, phrases in cases:
         cwd = tempfile.mkdtemp(dir=WORK)

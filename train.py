@@ -48,11 +48,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import mhc
+
 # ----------------------------------------------------------------------------------------------------
 # The arch registry: arch name -> (token mixer, residual-stream policy). Technique files add entries.
 
 ARCHS = {
     "gpt": ("attention", "plain"),
+    "hc": ("attention", "hc"),  # Hyper-Connections (mhc.py), --hc-rate streams, --hc-mode static/dynamic
+    "mhc": ("attention", "mhc"),  # Manifold-Constrained Hyper-Connections (mhc.py)
 }
 
 
@@ -74,6 +78,12 @@ class GPTConfig:
     n_embd: int = field(default=384, metadata={"help": "model width"})
     mlp_ratio: int = field(default=4, metadata={"help": "MLP hidden width / model width, as in GPT-2"})
     rope_base: float = field(default=10000.0, metadata={"help": "RoPE base; 1e4 as in RoFormer"})
+    # hc / mhc (mhc.py)
+    hc_rate: int = field(default=4, metadata={"help": "hc/mhc: residual streams per token (both papers use 4)"})
+    hc_mode: str = field(default="dynamic", metadata={"help": "hc: static or dynamic (token-dependent) "
+                                                              "connections; dynamic was HC's best",
+                                                      "choices": ["dynamic", "static"]})
+    sinkhorn_iters: int = field(default=20, metadata={"help": "mhc: Sinkhorn-Knopp iterations (paper: 20)"})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -214,7 +224,8 @@ class PlainStream(nn.Module):
 
 
 MIXERS = {"attention": CausalSelfAttention}  # name -> class(cfg, layer)
-STREAMS = {"plain": PlainStream}  # name -> class(cfg) with .expand, .collapse and .Connection(cfg, index)
+STREAMS = {"plain": PlainStream,  # name -> class(cfg) with .expand, .collapse and .Connection(cfg, index)
+           "hc": mhc.HCStream, "mhc": mhc.MHCStream}
 
 
 class Block(nn.Module):
@@ -779,7 +790,8 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                 "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "eval_interval": cfg.eval_interval,
                 "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval,
                 "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
-                "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb}
+                "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb, "hc_rate": mcfg.hc_rate,
+                "sinkhorn_iters": mcfg.sinkhorn_iters}
     for name, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
@@ -1043,6 +1055,15 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         best_val = min(best_val, val_loss)
         log(f"step {step}: val loss {val_loss:.4f}")
         write_metrics({"step": step, "val_loss": val_loss})
+        if hasattr(raw_model.stream, "diagnostics"):  # hc/mhc: how much the residual mixing amplifies
+            x, _ = val_data.windows(range(0, 8 * seq_len, seq_len), seq_len)  # 8 validation sequences
+            with autocast:
+                d = raw_model.stream.diagnostics(raw_model, x.to(device))
+            log(f"step {step}: residual gain (Amax) of the composite of {len(d['layer_gain_fwd'])} sub-layers: "
+                f"forward {d['gain_fwd']:.3f}, backward {d['gain_bwd']:.3f}; largest single sub-layer: forward "
+                f"{max(d['layer_gain_fwd']):.3f}, backward {max(d['layer_gain_bwd']):.3f}; column sums in "
+                f"[{d['col_sum_min']:.3f}, {d['col_sum_max']:.3f}]")
+            write_metrics({"step": step, **d})
         checkpoint(step)
 
     # Non-finite losses are recorded on the device (no sync per step) and checked at every log line
