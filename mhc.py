@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 # ----------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp and the gain diagnostic
 
@@ -46,7 +48,7 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> 
     The last step normalises rows, so rows sum to 1 (up to eps) and columns only approximately
     (mHC Eq. 9; eps inside the divisions as in DeepSeek's code)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for gradcheck
-    m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))
+    m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True).detach())  # the shift is a constant
     for _ in range(iters):
         m = m / (m.sum(dim=-2, keepdim=True) + eps)  # columns
         m = m / (m.sum(dim=-1, keepdim=True) + eps)  # rows
@@ -159,6 +161,8 @@ class HCConnection(nn.Module):
             self.scale_a = nn.Parameter(torch.empty(()))  # s_a
             self.scale_b = nn.Parameter(torch.empty(()))  # s_b
         self.record, self.last_res = False, None
+        self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
+        self.kernel_supported = n & (n - 1) == 0  # mhc_post_res takes n a power of 2
         self.init_weights()
 
     @torch.no_grad()
@@ -191,6 +195,10 @@ class HCConnection(nn.Module):
         pre, post, res = self.coefficients(h)
         if self.record:
             self.last_res = res.detach()
+        if self.use_kernels:  # the write-back fused (kernels.mhc_post_res); the pre-mix stays plain
+            with torch.autocast(h.device.type, enabled=False):
+                x_in = torch.einsum("btn,btnc->btc", pre, h.float()).to(h.dtype)
+            return kernels.mhc_post_res(h, f(x_in), post, res)
         return hyper_update(h, pre, post, res, f)
 
 
@@ -232,6 +240,8 @@ class MHCConnection(nn.Module):
         self.b_res = nn.Parameter(torch.empty(n, n))
         self.b_res.no_weight_decay = True  # a bias, though 2-D
         self.record, self.last_res = False, None
+        self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
+        self.kernel_supported = n >= 4 and n & (n - 1) == 0  # mhc_pre's tile layout
         self.init_weights()
 
     @torch.no_grad()
@@ -257,10 +267,16 @@ class MHCConnection(nn.Module):
         return pre, post, res
 
     def forward(self, h, f):
-        pre, post, res = self.coefficients(h)
+        if self.use_kernels:  # kernels.py: the whole pre path in one kernel, the write-back in another
+            x_in, post, res = kernels.mhc_pre(h, self.phi, self.gates, self.b_pre, self.b_post, self.b_res,
+                                              self.iters)
+            out = kernels.mhc_post_res(h, f(x_in), post, res)
+        else:
+            pre, post, res = self.coefficients(h)
+            out = hyper_update(h, pre, post, res, f)
         if self.record:
             self.last_res = res.detach()
-        return hyper_update(h, pre, post, res, f)
+        return out
 
 
 class MHCStream(HyperStream):

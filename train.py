@@ -728,6 +728,8 @@ class TrainConfig:
                                                  "choices": ["auto", "bfloat16", "float32"]})
     compile: str = field(default="auto", metadata={"help": "torch.compile the model (auto: on CUDA)",
                                                    "choices": ["auto", "on", "off"]})
+    kernels: str = field(default="auto", metadata={"help": "Triton kernels of kernels.py instead of the plain "
+                                                           "paths (auto: on CUDA)", "choices": ["auto", "on", "off"]})
     peak_tflops: float = field(default=None, metadata={"help": "device peak for MFU (default: looked up)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
     # sampling
@@ -770,6 +772,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def set_kernels(model: nn.Module, setting: str, device: torch.device) -> bool:
+    """Switch every module with a kernel path (attribute use_kernels) to it, or back to the plain path."""
+    on = setting == "on" or (setting == "auto" and device.type == "cuda")
+    modules = [m for m in model.modules() if hasattr(m, "use_kernels")]
+    for m in modules:
+        m.use_kernels = on and m.kernel_supported
+    if on and not all(m.use_kernels for m in modules):
+        print(f"note: kernels.py does not cover this configuration; {type(modules[0]).__name__} uses the plain path")
+    return on and all(m.use_kernels for m in modules)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
@@ -1011,6 +1024,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         log(f"resuming from {ckpt_path} at step {start_step}")
         del ckpt
+    use_kernels = set_kernels(model, cfg.kernels, device)
     raw_model = model
     if use_compile:
         model = torch.compile(model)
@@ -1024,7 +1038,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     log(f"arch {mcfg.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
         f"width {mcfg.n_embd}, context {mcfg.block_size}")
     log(f"device {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''} x {world}, "
-        f"{dtype}, compile {'on' if use_compile else 'off'}; batch {cfg.batch_size} x {seq_len} = "
+        f"{dtype}, compile {'on' if use_compile else 'off'}, kernels {'on' if use_kernels else 'off'}; "
+        f"batch {cfg.batch_size} x {seq_len} = "
         f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
         f"{world} process(es)); {cfg.max_iters} steps; train {len(train_data):,} tokens, val {len(val_data):,}")
     if master:
@@ -1219,10 +1234,16 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
           f"{dtype}, compile {'on' if use_compile else 'off'}, d={mcfg.n_embd} L={mcfg.n_layer} T={seq_len} "
           f"B={B}: {warmup} warm-up steps, then {rounds} alternating rounds of {cfg.bench_steps} steps")
     runs = []
-    for name, build in (("nanoGPT-style reference", NanoGPTReference), (f"this GPT (--arch {mcfg.arch})", GPT)):
+    models = [("nanoGPT-style reference", NanoGPTReference, mcfg),
+              ("this GPT (--arch gpt)", GPT, dataclasses.replace(mcfg, arch="gpt"))]
+    if mcfg.arch != "gpt":
+        models.append((f"--arch {mcfg.arch}", GPT, mcfg))
+    for name, build, model_cfg in models:
         mem_before = torch.cuda.memory_allocated(device) if cuda else 0
         torch.manual_seed(0)
-        model = build(mcfg).to(device)
+        model = build(model_cfg).to(device)
+        if build is GPT and model_cfg.arch != "gpt":
+            name += f", kernels {'on' if set_kernels(model, cfg.kernels, device) else 'off'}"
         n_params = sum(p.numel() for p in model.parameters())
         # The same FLOP count for both: 6 x (matmul weights) + attention; a lookup table is no matmul.
         lookups = model.wpe.weight.numel() + model.wte.weight.numel() if build is NanoGPTReference else 0
@@ -1255,17 +1276,19 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
                 loss = run["step"](i)
             loss.item()  # waits for the device
             run["ms"].append(1000 * (time.perf_counter() - t0) / cfg.bench_steps)
-    print(f"| {'model':30s} | params (M) | ms/step (min-max) | tokens/s   | TFLOP/s | MFU (%) | peak mem (GiB) |")
-    print(f"|{'-' * 32}|-----------:|------------------:|-----------:|--------:|--------:|---------------:|")
+    print(f"| {'model':38s} | params (M) | ms/step (min-max) | tokens/s   | TFLOP/s | MFU (%) | peak mem (GiB) |")
+    print(f"|{'-' * 40}|-----------:|------------------:|-----------:|--------:|--------:|---------------:|")
     for run in runs:
         ms = sorted(run["ms"])[len(run["ms"]) // 2]
         run["tokens_per_s"] = B * seq_len / ms * 1000
         tflops = run["flops"] * run["tokens_per_s"] / 1e12
         mfu = 100 * tflops / peak if peak else float("nan")
         spread = f"{ms:6.2f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
-        print(f"| {run['name']:30s} | {run['params'] / 1e6:10.1f} | {spread:>17s} | {run['tokens_per_s']:10,.0f} | "
+        print(f"| {run['name']:38s} | {run['params'] / 1e6:10.1f} | {spread:>17s} | {run['tokens_per_s']:10,.0f} | "
               f"{tflops:7.1f} | {mfu:7.1f} | {run['mem']:14.1f} |")
     print(f"this GPT / reference throughput: {runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
+    if len(runs) > 2:
+        print(f"--arch {mcfg.arch} step time / gpt step time: {runs[1]['tokens_per_s'] / runs[2]['tokens_per_s']:.3f}x")
     return 0
 
 

@@ -1,0 +1,448 @@
+"""
+kernels.py -- Triton versions of the hot paths of the technique files, each an autograd Function.
+
+    python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
+
+Every kernel here has a plain PyTorch reference in its technique file (named in its docstring), which
+test_all.py compares it with, forward and backward. On a CPU, Triton's interpreter runs these kernels
+when TRITON_INTERPRET=1 is set before this module is imported (fp32 only: its bf16 arithmetic is wrong).
+
+mHC (mhc.py), per token with n = 4 streams of width C:
+    sinkhorn          (N, n, n) logits -> doubly-stochastic matrices, 20 iterations in registers
+    mhc_pre           h (N, n, C) -> x_in = sum_j pre_j h_j, post (N, n), res (N, n, n): the RMSNorm, the
+                      one projection to n^2 + 2n coefficients, sigmoid / 2 sigmoid and Sinkhorn, fused
+    mhc_post_res      h' = res h + post^T f: the stream mix and the write-back of the sub-layer output
+Backward kernels recompute what they need (the coefficients, and Sinkhorn's iterates: the backward of
+iteration t recomputes iterations 1..t from the logits, O(iters^2) work per token, all in registers)
+instead of storing it, so these paths keep nothing per token but their outputs.
+"""
+import argparse
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without Triton: the plain paths still work
+    HAVE_TRITON = False
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    import os
+    return HAVE_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} not supported (use one of {dtypes})")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp on (BLOCK_N, n, n) tiles: axis 1 indexes rows i, axis 2 columns j
+
+if HAVE_TRITON:
+    @triton.jit
+    def _sk_forward(m, ITERS: tl.constexpr, eps):
+        """m = exp(logits - max) (BLOCK_N, n, n); ITERS x (columns, then rows) normalisation."""
+        for _ in range(ITERS):
+            m = m / (tl.sum(m, axis=1)[:, None, :] + eps)  # columns sum to 1
+            m = m / (tl.sum(m, axis=2)[:, :, None] + eps)  # rows sum to 1
+        return m
+
+    @triton.jit
+    def _sk_exp(logits):
+        mx = tl.max(tl.max(logits, axis=2), axis=1)  # (BLOCK_N,), a constant shift (no gradient)
+        return tl.exp(logits - mx[:, None, None])
+
+    @triton.jit
+    def _sk_backward(m0, g, ITERS: tl.constexpr, eps):
+        """Gradient w.r.t. the logits, given m0 = exp(logits - max) and g = dL/d(output).
+
+        Iteration t maps m -> a = m / colsum(m) -> out = a / rowsum(a). Going backwards through t:
+            g_a[i, k] = (g[i, k] - sum_j g[i, j] out[i, j]) / s_i        s_i = rowsum(a)_i + eps
+            g_m[k, j] = (g_a[k, j] - sum_i g_a[i, j] a[i, j]) / t_j      t_j = colsum(m)_j + eps
+        Iteration t's input is recomputed from m0 (t - 1 forward iterations)."""
+        for back in range(ITERS):
+            m = m0
+            for _ in range(ITERS - 1 - back):
+                m = m / (tl.sum(m, axis=1)[:, None, :] + eps)
+                m = m / (tl.sum(m, axis=2)[:, :, None] + eps)
+            t = tl.sum(m, axis=1)[:, None, :] + eps
+            a = m / t
+            s = tl.sum(a, axis=2)[:, :, None] + eps
+            out = a / s
+            g_a = (g - tl.sum(g * out, axis=2)[:, :, None]) / s
+            g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / t
+        return g * m0  # through m0 = exp(logits - max)
+
+    @triton.jit
+    def _sinkhorn_fwd_kernel(logits_ptr, out_ptr, N, eps, N_STREAMS: tl.constexpr, ITERS: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ij = tl.arange(0, N_STREAMS)[:, None] * N_STREAMS + tl.arange(0, N_STREAMS)[None, :]  # (n, n)
+        offs = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
+        mask = (rows < N)[:, None, None]
+        logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, _sk_forward(_sk_exp(logits), ITERS, eps), mask=mask)
+
+    @triton.jit
+    def _sinkhorn_bwd_kernel(logits_ptr, grad_ptr, dlogits_ptr, N, eps, N_STREAMS: tl.constexpr,
+                             ITERS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ij = tl.arange(0, N_STREAMS)[:, None] * N_STREAMS + tl.arange(0, N_STREAMS)[None, :]
+        offs = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
+        mask = (rows < N)[:, None, None]
+        logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dlogits_ptr + offs, _sk_backward(_sk_exp(logits), g, ITERS, eps), mask=mask)
+
+
+class SinkhornFunction(torch.autograd.Function):
+    """Triton Sinkhorn-Knopp: equals mhc.sinkhorn_knopp(logits, iters) on (..., n, n), n a power of 2.
+    fp32 out; the backward recomputes the iterations (nothing saved but the logits)."""
+
+    @staticmethod
+    def forward(ctx, logits, iters: int, eps: float):
+        n = logits.size(-1)
+        flat = logits.reshape(-1, n, n).contiguous()
+        out = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
+        block = 64
+        _sinkhorn_fwd_kernel[(triton.cdiv(flat.size(0), block),)](
+            flat, out, flat.size(0), eps, N_STREAMS=n, ITERS=iters, BLOCK_N=block)
+        ctx.save_for_backward(flat)
+        ctx.iters, ctx.eps, ctx.shape = iters, eps, logits.shape
+        return out.view(logits.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        n = flat.size(-1)
+        dlogits = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
+        block = 64
+        _sinkhorn_bwd_kernel[(triton.cdiv(flat.size(0), block),)](
+            flat, grad.reshape(-1, n, n).contiguous(), dlogits, flat.size(0), ctx.eps, N_STREAMS=n,
+            ITERS=ctx.iters, BLOCK_N=block)
+        return dlogits.view(ctx.shape).to(flat.dtype), None, None
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
+    n = logits.size(-1)
+    if logits.size(-2) != n or n & (n - 1) or n < 2:
+        raise ValueError(f"sinkhorn kernel: square matrices of a power-of-2 size, got {tuple(logits.shape[-2:])}")
+    _check("logits", logits)
+    return SinkhornFunction.apply(logits, iters, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mHC pre path: RMSNorm + projection + sigmoid / 2 sigmoid + Sinkhorn + the pre-mix, in one kernel
+#
+# The projection phi (nC, 2n + n^2) is laid out in three groups of G = max(16, n^2) columns (tl.dot
+# needs at least 16): group 0 holds pre's n columns at 0, G/n, 2G/n, ... (zeros between), group 1 the
+# same for post, group 2 res's n^2 columns in row-major order. Reshaping a group (BLOCK_N, G) to
+# (BLOCK_N, n, G/n) and summing the last axis then gives (BLOCK_N, n), and group 2 reshapes to (n, n).
+
+if HAVE_TRITON:
+    @triton.jit
+    def _spread(x, N_STREAMS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(BLOCK_N, n) -> (BLOCK_N, G) with x[:, j] at column j * G/n, zeros elsewhere."""
+        first = (tl.arange(0, G // N_STREAMS) == 0).to(tl.float32)
+        return tl.reshape(x[:, :, None] * first[None, None, :], (BLOCK_N, G))
+
+    @triton.jit
+    def _gather(x, N_STREAMS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(BLOCK_N, G) -> (BLOCK_N, n): the inverse of _spread for a spread-out group."""
+        return tl.sum(tl.reshape(x, (BLOCK_N, N_STREAMS, G // N_STREAMS)), axis=2)
+
+    @triton.jit
+    def _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One pass over the nC row: sum of squares, and u = v phi for the three groups (fp32, ieee)."""
+        K = N_STREAMS * C
+        g_cols = tl.arange(0, G)
+        u_pre = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        u_post = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        u_res = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < C
+            for j in tl.static_range(N_STREAMS):
+                v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :],
+                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_C)
+                sumsq += tl.sum(v * v, axis=1)
+                phi_rows = phi_ptr + (j * C + cs)[:, None] * (3 * G) + g_cols[None, :]  # (BLOCK_C, G)
+                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision="ieee")
+                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision="ieee")
+                u_res += tl.dot(v, tl.load(phi_rows + 2 * G, mask=cmask[:, None], other=0.0),
+                                input_precision="ieee")
+        return u_pre, u_post, u_res, sumsq
+
+    @triton.jit
+    def _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+        """c = r u; z = gate * c + b per group; pre = sigmoid, post = 2 sigmoid, res logits (n, n)."""
+        g_cols = tl.arange(0, G)
+        gate_pre, gate_post, gate_res = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 2)
+        b_pre = tl.load(coef_ptr + 3 + g_cols)
+        b_post = tl.load(coef_ptr + 3 + G + g_cols)
+        b_res = tl.load(coef_ptr + 3 + 2 * G + g_cols)
+        z_pre = _gather(gate_pre * u_pre * r[:, None] + b_pre[None, :], N_STREAMS, G, BLOCK_N)
+        z_post = _gather(gate_post * u_post * r[:, None] + b_post[None, :], N_STREAMS, G, BLOCK_N)
+        logits = tl.reshape(gate_res * u_res * r[:, None] + b_res[None, :], (BLOCK_N, N_STREAMS, N_STREAMS))
+        return tl.sigmoid(z_pre), 2 * tl.sigmoid(z_post), logits
+
+    @triton.jit
+    def _mhc_pre_fwd_kernel(h_ptr, phi_ptr, coef_ptr, xin_ptr, post_ptr, res_ptr, N, C, eps, sk_eps,
+                            N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        K = N_STREAMS * C
+        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
+        r = tl.rsqrt(sumsq / K + eps)  # RMSNorm of the flattened streams, applied after the matmul
+        pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
+        res = _sk_forward(_sk_exp(logits), ITERS, sk_eps)
+        streams = tl.arange(0, N_STREAMS)
+        tl.store(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], post, mask=rmask[:, None])
+        ij = streams[:, None] * N_STREAMS + streams[None, :]
+        tl.store(res_ptr + rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :], res,
+                 mask=rmask[:, None, None])
+        for c0 in range(0, C, BLOCK_C):  # x_in = sum_j pre_j h_j (the second read of h hits the L2)
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m3 = rmask[:, None, None] & (cs < C)[None, None, :]
+            hv = tl.load(h_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
+                         mask=m3, other=0.0).to(tl.float32)  # (BLOCK_N, n, BLOCK_C)
+            x = tl.sum(pre[:, :, None] * hv, axis=1)
+            tl.store(xin_ptr + rows[:, None] * C + cs[None, :], x.to(xin_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & (cs < C)[None, :])
+
+    @triton.jit
+    def _mhc_pre_bwd_kernel(h_ptr, phi_ptr, coef_ptr, dxin_ptr, dpost_ptr, dres_ptr, dh_ptr, du_ptr, dz_ptr,
+                            c_ptr, N, C, eps, sk_eps, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                            ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        K = N_STREAMS * C
+        streams = tl.arange(0, N_STREAMS)
+        g_cols = tl.arange(0, G)
+        # recompute the forward coefficients
+        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
+        r = tl.rsqrt(sumsq / K + eps)
+        pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
+        # d pre_j = <d x_in, h_j>
+        d_pre = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m3 = rmask[:, None, None] & (cs < C)[None, None, :]
+            hv = tl.load(h_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
+                         mask=m3, other=0.0).to(tl.float32)
+            dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=rmask[:, None] & (cs < C)[None, :],
+                         other=0.0).to(tl.float32)
+            d_pre += tl.sum(hv * dx[:, None, :], axis=2)
+        d_post = tl.load(dpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
+        ij = streams[:, None] * N_STREAMS + streams[None, :]
+        d_res = tl.load(dres_ptr + rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :],
+                        mask=rmask[:, None, None], other=0.0)
+        # through the activations: sigmoid' = s (1 - s); (2 sigmoid)' = post (1 - post / 2); Sinkhorn
+        dz_pre = _spread(d_pre * pre * (1 - pre), N_STREAMS, G, BLOCK_N)
+        dz_post = _spread(d_post * post * (1 - 0.5 * post), N_STREAMS, G, BLOCK_N)
+        dz_res = tl.reshape(_sk_backward(_sk_exp(logits), d_res, ITERS, sk_eps), (BLOCK_N, G))
+        # through z = gate * r * u + b:  du = gate r dz,  dr = sum gate u dz
+        gate_pre, gate_post, gate_res = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 2)
+        du_pre, du_post, du_res = gate_pre * dz_pre * r[:, None], gate_post * dz_post * r[:, None], \
+            gate_res * dz_res * r[:, None]
+        dr = tl.sum(gate_pre * dz_pre * u_pre + gate_post * dz_post * u_post + gate_res * dz_res * u_res, axis=1)
+        # outputs for the parameter gradients, reduced over tokens in PyTorch
+        out_offs = rows[:, None] * (3 * G) + g_cols[None, :]
+        tl.store(du_ptr + out_offs, du_pre, mask=rmask[:, None])
+        tl.store(du_ptr + out_offs + G, du_post, mask=rmask[:, None])
+        tl.store(du_ptr + out_offs + 2 * G, du_res, mask=rmask[:, None])
+        tl.store(dz_ptr + out_offs, dz_pre, mask=rmask[:, None])
+        tl.store(dz_ptr + out_offs + G, dz_post, mask=rmask[:, None])
+        tl.store(dz_ptr + out_offs + 2 * G, dz_res, mask=rmask[:, None])
+        tl.store(c_ptr + out_offs, u_pre * r[:, None], mask=rmask[:, None])
+        tl.store(c_ptr + out_offs + G, u_post * r[:, None], mask=rmask[:, None])
+        tl.store(c_ptr + out_offs + 2 * G, u_res * r[:, None], mask=rmask[:, None])
+        # dh_j = pre_j dx + du phi_j^T + dr * dr/dv_j,  dr/dv = -r^3 v / K
+        dr_coef = -dr * r * r * r / K
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < C
+            m2 = rmask[:, None] & cmask[None, :]
+            dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+            for j in tl.static_range(N_STREAMS):
+                v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+                phi_t = phi_ptr + (j * C + cs)[None, :] * (3 * G) + g_cols[:, None]  # (G, BLOCK_C)
+                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision="ieee")
+                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision="ieee")
+                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision="ieee")
+                pre_j = tl.sum(tl.where(streams[None, :] == j, pre, 0.0), axis=1)  # (BLOCK_N,)
+                dv += pre_j[:, None] * dx + dr_coef[:, None] * v
+                tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
+
+
+def _spread_layout(n: int):
+    """Column of the spread (3G-wide) layout for each of phi's 2n + n^2 columns [pre | post | res]."""
+    G = max(16, n * n)
+    step = G // n
+    return G, [j * step for j in range(n)] + [G + j * step for j in range(n)] + [2 * G + k for k in range(n * n)]
+
+
+class MHCPreFunction(torch.autograd.Function):
+    """Equals mhc.MHCConnection.coefficients + the pre-mix: (x_in, post, res) from the streams h."""
+
+    @staticmethod
+    def forward(ctx, h, phi, gates, b_pre, b_post, b_res, iters: int):
+        N, n, C = h.shape
+        G, index = _spread_layout(n)
+        index = torch.tensor(index, device=h.device)
+        phi_spread = torch.zeros(n * C, 3 * G, device=h.device, dtype=torch.float32)
+        phi_spread[:, index] = phi.float()
+        bias_spread = torch.zeros(3 * G, device=h.device, dtype=torch.float32)
+        bias_spread[index] = torch.cat([b_pre, b_post, b_res.reshape(-1)]).float()
+        coef = torch.cat([gates.float(), bias_spread])
+        x_in = torch.empty(N, C, device=h.device, dtype=h.dtype)
+        post = torch.empty(N, n, device=h.device, dtype=torch.float32)
+        res = torch.empty(N, n, n, device=h.device, dtype=torch.float32)
+        block_n, block_c = 32, 64
+        _mhc_pre_fwd_kernel[(triton.cdiv(N, block_n),)](
+            h, phi_spread, coef, x_in, post, res, N, C, 1e-6, 1e-6, N_STREAMS=n, G=G, ITERS=iters,
+            BLOCK_N=block_n, BLOCK_C=block_c)
+        ctx.save_for_backward(h, phi_spread, coef, index)
+        ctx.iters = iters
+        return x_in, post, res
+
+    @staticmethod
+    def backward(ctx, d_xin, d_post, d_res):
+        h, phi_spread, coef, index = ctx.saved_tensors
+        N, n, C = h.shape
+        G = phi_spread.size(1) // 3
+        d_xin = torch.zeros(N, C, device=h.device) if d_xin is None else d_xin.contiguous()
+        d_post = torch.zeros(N, n, device=h.device) if d_post is None else d_post.float().contiguous()
+        d_res = torch.zeros(N, n, n, device=h.device) if d_res is None else d_res.float().contiguous()
+        dh = torch.empty_like(h)
+        du, dz, c = (torch.empty(N, 3 * G, device=h.device, dtype=torch.float32) for _ in range(3))
+        block_n, block_c = 32, 64
+        _mhc_pre_bwd_kernel[(triton.cdiv(N, block_n),)](
+            h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, N, C, 1e-6, 1e-6, N_STREAMS=n, G=G,
+            ITERS=ctx.iters, BLOCK_N=block_n, BLOCK_C=block_c)
+        d_phi = (h.reshape(N, n * C).float().t() @ du)[:, index]  # (nC, 2n + n^2)
+        dzc = (dz * c).view(N, 3, G).sum(dim=(0, 2))  # per group: sum over tokens of dz * c
+        d_bias = dz.sum(0)[index]
+        return (dh, d_phi, dzc, d_bias[:n], d_bias[n:2 * n], d_bias[2 * n:].view(n, n), None)
+
+
+def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
+    """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n). Reference: MHCConnection."""
+    B, T, n, C = h.shape
+    if n < 4 or n & (n - 1):
+        raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
+    _check("h", h)
+    _check("phi", phi, (n * C, n * n + 2 * n))
+    x_in, post, res = MHCPreFunction.apply(h.reshape(B * T, n, C).contiguous(), phi, gates, b_pre, b_post,
+                                           b_res, iters)
+    return x_in.view(B, T, C), post.view(B, T, n), res.view(B, T, n, n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mHC / HC post path: h'_i = sum_j res_ij h_j + post_i f
+
+if HAVE_TRITON:
+    @triton.jit
+    def _post_res_fwd_kernel(h_ptr, f_ptr, post_ptr, res_ptr, out_ptr, N, C, N_STREAMS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rmask, cmask = rows < N, cs < C
+        m2 = rmask[:, None] & cmask[None, :]
+        streams = tl.arange(0, N_STREAMS)
+        K = N_STREAMS * C
+        post = tl.load(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
+        f = tl.load(f_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc = post[:, :, None] * f[:, None, :]  # (BLOCK_N, n, BLOCK_C)
+        for j in tl.static_range(N_STREAMS):
+            h_j = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+            res_j = tl.load(res_ptr + rows[:, None] * (N_STREAMS * N_STREAMS) + streams[None, :] * N_STREAMS + j,
+                            mask=rmask[:, None], other=0.0)  # column j of res: (BLOCK_N, n)
+            acc += res_j[:, :, None] * h_j[:, None, :]
+        tl.store(out_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & cmask[None, None, :])
+
+    @triton.jit
+    def _post_res_bwd_kernel(h_ptr, f_ptr, post_ptr, res_ptr, dout_ptr, dh_ptr, df_ptr, dpost_ptr, dres_ptr,
+                             N, C, N_STREAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program covers whole rows (all of C), so the per-token reductions need no atomics."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        streams = tl.arange(0, N_STREAMS)
+        K = N_STREAMS * C
+        post = tl.load(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
+        d_post = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
+        d_res = tl.zeros((BLOCK_N, N_STREAMS, N_STREAMS), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < C
+            m2 = rmask[:, None] & cmask[None, :]
+            m3 = rmask[:, None, None] & cmask[None, None, :]
+            g = tl.load(dout_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
+                        mask=m3, other=0.0).to(tl.float32)  # (BLOCK_N, n, BLOCK_C): dL/dh'_i
+            f = tl.load(f_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(df_ptr + rows[:, None] * C + cs[None, :],
+                     tl.sum(post[:, :, None] * g, axis=1).to(df_ptr.dtype.element_ty), mask=m2)  # sum_i post_i g_i
+            d_post += tl.sum(g * f[:, None, :], axis=2)  # <g_i, f>
+            for j in tl.static_range(N_STREAMS):
+                h_j = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+                res_j = tl.load(res_ptr + rows[:, None] * (N_STREAMS * N_STREAMS) + streams[None, :] * N_STREAMS + j,
+                                mask=rmask[:, None], other=0.0)  # (BLOCK_N, n): res[:, i, j]
+                tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :],
+                         tl.sum(res_j[:, :, None] * g, axis=1).to(dh_ptr.dtype.element_ty), mask=m2)
+                d_res += tl.where(streams[None, None, :] == j, tl.sum(g * h_j[:, None, :], axis=2)[:, :, None], 0.0)
+        tl.store(dpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], d_post, mask=rmask[:, None])
+        ij = streams[:, None] * N_STREAMS + streams[None, :]
+        tl.store(dres_ptr + rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :], d_res,
+                 mask=rmask[:, None, None])
+
+
+class PostResFunction(torch.autograd.Function):
+    """Equals mhc.hyper_update's write-back: h' = res h + post^T f, per token."""
+
+    @staticmethod
+    def forward(ctx, h, f, post, res):
+        N, n, C = h.shape
+        out = torch.empty_like(h)
+        block_n, block_c = 16, 128
+        _post_res_fwd_kernel[(triton.cdiv(N, block_n), triton.cdiv(C, block_c))](
+            h, f, post, res, out, N, C, N_STREAMS=n, BLOCK_N=block_n, BLOCK_C=block_c)
+        ctx.save_for_backward(h, f, post, res)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        h, f, post, res = ctx.saved_tensors
+        N, n, C = h.shape
+        dh, df = torch.empty_like(h), torch.empty_like(f)
+        d_post = torch.empty(N, n, device=h.device, dtype=torch.float32)
+        d_res = torch.empty(N, n, n, device=h.device, dtype=torch.float32)
+        block_n, block_c = 16, 128
+        _post_res_bwd_kernel[(triton.cdiv(N, block_n),)](
+            h, f, post, res, d_out.contiguous(), dh, df, d_post, d_res, N, C, N_STREAMS=n, BLOCK_N=block_n,
+            BLOCK_C=block_c)
+        return dh, df, d_post, d_res
+
+
+def mhc_post_res(h, f, post, res):
+    """h (B, T, n, C), f (B, T, C), post (B, T, n), res (B, T, n, n) -> res h + post^T f (B, T, n, C)."""
+    B, T, n, C = h.shape
+    if n & (n - 1):
+        raise ValueError(f"mhc_post_res kernel: n must be a power of 2 (got {n}); use the plain path")
+    _check("h", h)
+    _check("f", f, (B, T, C))
+    N = B * T
+    out = PostResFunction.apply(h.reshape(N, n, C).contiguous(), f.reshape(N, C).to(h.dtype).contiguous(),
+                                post.reshape(N, n).float().contiguous(), res.reshape(N, n, n).float().contiguous())
+    return out.view(B, T, n, C)
