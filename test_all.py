@@ -33,6 +33,9 @@ DATA = os.environ.get("TINYSTORIES_DIR") or os.path.join(SHARED, "tinystories")
 
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():  # the Triton kernels run under the interpreter (fp32) on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels  # noqa: E402
 import mhc  # noqa: E402
 import train  # noqa: E402
 
@@ -257,6 +260,136 @@ def test_residual_gains_are_logged_for_hc_and_mhc():
         assert "residual gain (Amax)" in out
         if arch == "mhc":
             assert abs(records[-1]["gain_fwd"] - 1) < 1e-4, records[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# mHC kernels (kernels.py) against the plain references of mhc.py. On a CPU they run under Triton's
+# interpreter in fp32 with tiny shapes; on a GPU also at training shapes and in bf16. The kernels
+# compute in fp32 internally, so float64 gradcheck does not apply to them; it is run on the reference
+# Sinkhorn instead (test_sinkhorn_is_doubly_stochastic), and the kernels are compared with it.
+
+
+def needs_triton():
+    if not kernels.HAVE_TRITON:
+        skip("Triton is not installed")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def mhc_connection(C, n=4, seed=0):
+    """An MHCConnection with token-dependent coefficients (random phi, gates, biases)."""
+    torch.manual_seed(seed)
+    cfg = train.GPTConfig(n_embd=C, hc_rate=n)
+    conn = mhc.MHCConnection(cfg, 0)
+    with torch.no_grad():
+        conn.phi.normal_(0, 0.5)
+        conn.gates.copy_(torch.tensor([0.3, 0.2, 0.5]))
+        for b in (conn.b_pre, conn.b_post, conn.b_res):
+            b.normal_()
+    return conn
+
+
+def check_kernel_sinkhorn(N, device, tol):
+    logits = torch.randn(N, 4, 4, device=device, requires_grad=True)
+    g = torch.randn(N, 4, 4, device=device)
+    ref = mhc.sinkhorn_knopp(logits, 20)
+    out = kernels.sinkhorn(logits, 20)
+    (d_ref,) = torch.autograd.grad(ref, logits, g)
+    (d_out,) = torch.autograd.grad(out, logits, g)
+    assert rel_err(out, ref) < tol and rel_err(d_out, d_ref) < tol, (rel_err(out, ref), rel_err(d_out, d_ref))
+
+
+def check_kernel_mhc_pre(B, T, C, device, dtype, tol):
+    conn = mhc_connection(C).to(device)
+    params = [conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res]
+    h = torch.randn(B, T, 4, C, device=device).to(dtype).requires_grad_()
+    pre, post, res = conn.coefficients(h)  # reference, fp32 math on the same (possibly bf16) inputs
+    x_ref = torch.einsum("btn,btnc->btc", pre, h.float())
+    x_k, post_k, res_k = kernels.mhc_pre(h, *params, 20)
+    assert x_k.dtype == dtype and post_k.dtype == res_k.dtype == torch.float32
+    for a, b in ((x_k, x_ref), (post_k, post), (res_k, res)):
+        assert rel_err(a, b) < tol, rel_err(a, b)
+    gx = torch.randn(B, T, C, device=device)
+    gp, gr = torch.randn_like(post), torch.randn_like(res)
+    loss_ref = (x_ref * gx).sum() + (post * gp).sum() + (res * gr).sum()
+    loss_k = (x_k.float() * gx.to(dtype).float()).sum() + (post_k * gp).sum() + (res_k * gr).sum()
+    if dtype != torch.float32:  # the kernel sees the upstream gradient in the output's dtype
+        loss_ref = (x_ref * gx.to(dtype).float()).sum() + (post * gp).sum() + (res * gr).sum()
+    for name, a, b in zip(["h", "phi", "gates", "b_pre", "b_post", "b_res"],
+                          torch.autograd.grad(loss_k, [h] + params), torch.autograd.grad(loss_ref, [h] + params)):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+def check_kernel_post_res(B, T, C, device, dtype, tol):
+    h = torch.randn(B, T, 4, C, device=device).to(dtype).requires_grad_()
+    f = torch.randn(B, T, C, device=device).to(dtype).requires_grad_()
+    post = torch.rand(B, T, 4, device=device, requires_grad=True)
+    res = torch.rand(B, T, 4, 4, device=device, requires_grad=True)
+    ref = torch.einsum("btij,btjc->btic", res, h.float()) + post.unsqueeze(-1) * f.float().unsqueeze(2)
+    out = kernels.mhc_post_res(h, f, post, res)
+    assert out.dtype == dtype and rel_err(out, ref) < tol
+    g = torch.randn_like(ref).to(dtype)
+    for name, a, b in zip(["h", "f", "post", "res"], torch.autograd.grad(out, (h, f, post, res), g),
+                          torch.autograd.grad(ref, (h, f, post, res), g.float())):
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+def test_kernel_sinkhorn_matches_reference():
+    """Triton Sinkhorn (20 iterations) == mhc.sinkhorn_knopp, forward and backward, fp32, 37 matrices
+    (not a multiple of the block); on a GPU also 16k matrices."""
+    needs_triton()
+    check_kernel_sinkhorn(37, "cpu" if not torch.cuda.is_available() else "cuda", 1e-5)
+    if torch.cuda.is_available():
+        check_kernel_sinkhorn(16384, "cuda", 1e-5)
+
+
+def test_kernel_mhc_pre_matches_reference():
+    """Fused mHC pre path == MHCConnection.coefficients + the pre-mix: x_in, H_post, H_res and the
+    gradients of h, phi, gates and biases; fp32, 2 x 19 tokens, C = 80 (not a multiple of the block)."""
+    needs_triton()
+    check_kernel_mhc_pre(2, 19, 80, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32, 1e-5)
+
+
+def test_kernel_post_res_matches_reference():
+    """Fused write-back res h + post^T f == the plain einsum, with all four gradients; fp32, odd sizes."""
+    needs_triton()
+    check_kernel_post_res(3, 7, 80, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32, 1e-5)
+
+
+def test_kernel_input_checks():
+    """Unsupported stream counts and dtypes are refused with a clear error (the model falls back)."""
+    needs_triton()
+    conn = mhc_connection(16, n=2)
+    try:
+        kernels.mhc_pre(torch.randn(1, 3, 2, 16), conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res)
+        raise AssertionError("n = 2 accepted")
+    except ValueError as e:
+        assert "n must be a power of 2 >= 4" in str(e)
+    try:
+        kernels.mhc_post_res(torch.randn(1, 3, 4, 16).double(), torch.randn(1, 3, 16), torch.rand(1, 3, 4),
+                             torch.rand(1, 3, 4, 4))
+        raise AssertionError("float64 accepted")
+    except TypeError as e:
+        assert "float64" in str(e)
+    model = small_model(arch="mhc", hc_rate=2)
+    assert train.set_kernels(model, "on", torch.device("cpu")) is False  # n = 2: the plain path
+
+
+def test_mhc_training_kernels_on_vs_off_agree():
+    """Two steps of --arch mhc on TinyStories, kernels on vs off from the same seed: the losses agree
+    within 1e-5 (fp32; the interpreter is slow, so the model is tiny)."""
+    needs_triton()
+    runs = []
+    for setting in ("off", "on"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train(*TINY, "--arch", "mhc", "--kernels", setting, "--max-iters", "2", "--batch-size", "2",
+                            "--block-size", "16", "--n-embd", "16", "--eval-interval", "100", "--eval-batches", "1",
+                            "--max-new-tokens", "2", cwd=cwd))
+        runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
+    for step in runs[0]:
+        assert abs(runs[0][step] - runs[1][step]) < 1e-5, runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -663,6 +796,33 @@ def test_gpu_bf16_and_compile_agree_with_fp32_eager():
     decoded = torch.cat([first] + steps, dim=1).float()
     rel_dec = ((decoded - low.float()).norm() / low.float().norm()).item()
     assert rel_dec < 2e-2, rel_dec
+
+
+def test_gpu_mhc_kernels_bf16_at_training_shapes():
+    """On the GPU: the mHC kernels at the GPT's width (8 x 512 tokens, C = 384), in bf16 and
+    fp32 against the fp32 reference math on the same inputs."""
+    needs_cuda()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol)
+        check_kernel_post_res(8, 512, 384, "cuda", dtype, tol)
+
+
+def test_gpu_mhc_training_kernels_on_vs_off_agree():
+    """On the GPU: 100 steps of --arch mhc (bf16, compiled) with kernels on and off from the same seed;
+    the training losses agree within 2% at every logged step, the final one within 1%."""
+    needs_cuda()
+    runs = []
+    for setting in ("off", "on"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train("--arch", "mhc", "--kernels", setting, "--n-layer", "4", "--n-head", "4", "--n-embd",
+                            "256", "--block-size", "256", "--batch-size", "32", "--max-iters", "100",
+                            "--eval-interval", "100", "--log-interval", "20", cwd=cwd))
+        runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
+    print("step | kernels off | kernels on")
+    for step in runs[0]:
+        print(f"{step:4d} | {runs[0][step]:.4f} | {runs[1][step]:.4f}")
+        assert abs(runs[0][step] - runs[1][step]) < 0.02 * runs[0][step], runs
+    assert abs(runs[0][100] - runs[1][100]) < 0.01 * runs[0][100], runs
 
 
 def test_gpu_ddp_two_gpus_match_one():
