@@ -29,10 +29,9 @@ except ImportError:  # CPU machines without Triton: the plain paths still work
     HAVE_TRITON = False
 
 
-def triton_runs_on(t: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
-    import os
-    return HAVE_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+# fp32 dot products: three TF32 passes on the tensor cores, close to fp32 accuracy ("ieee" would run
+# on the CUDA cores, several times slower). The interpreter computes them in plain fp32.
+DOT_PRECISION = tl.constexpr("tf32x3") if HAVE_TRITON else None
 
 
 def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -47,11 +46,11 @@ def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.flo
 
 if HAVE_TRITON:
     @triton.jit
-    def _sk_forward(m, ITERS: tl.constexpr, eps):
+    def _sk_forward(m, ITERS: tl.constexpr, EPS: tl.constexpr):
         """m = exp(logits - max) (BLOCK_N, n, n); ITERS x (columns, then rows) normalisation."""
         for _ in range(ITERS):
-            m = m / (tl.sum(m, axis=1)[:, None, :] + eps)  # columns sum to 1
-            m = m / (tl.sum(m, axis=2)[:, :, None] + eps)  # rows sum to 1
+            m = m / (tl.sum(m, axis=1)[:, None, :] + EPS)  # columns sum to 1
+            m = m / (tl.sum(m, axis=2)[:, :, None] + EPS)  # rows sum to 1
         return m
 
     @triton.jit
@@ -60,46 +59,51 @@ if HAVE_TRITON:
         return tl.exp(logits - mx[:, None, None])
 
     @triton.jit
-    def _sk_backward(m0, g, ITERS: tl.constexpr, eps):
+    def _sk_backward(m0, g, ITERS: tl.constexpr, EPS: tl.constexpr, scratch_ptr, offs, mask, stride):
         """Gradient w.r.t. the logits, given m0 = exp(logits - max) and g = dL/d(output).
 
         Iteration t maps m -> a = m / colsum(m) -> out = a / rowsum(a). Going backwards through t:
             g_a[i, k] = (g[i, k] - sum_j g[i, j] out[i, j]) / s_i        s_i = rowsum(a)_i + eps
             g_m[k, j] = (g_a[k, j] - sum_i g_a[i, j] a[i, j]) / t_j      t_j = colsum(m)_j + eps
-        Iteration t's input is recomputed from m0 (t - 1 forward iterations)."""
+        The forward iterations are recomputed once and each one's input m is kept in scratch (this
+        program's own rows, written and read back at once, so it stays in the L2): O(iters) work."""
+        m = m0
+        for it in range(ITERS):
+            tl.store(scratch_ptr + it * stride + offs, m, mask=mask)
+            m = m / (tl.sum(m, axis=1)[:, None, :] + EPS)
+            m = m / (tl.sum(m, axis=2)[:, :, None] + EPS)
+        tl.debug_barrier()
         for back in range(ITERS):
-            m = m0
-            for _ in range(ITERS - 1 - back):
-                m = m / (tl.sum(m, axis=1)[:, None, :] + eps)
-                m = m / (tl.sum(m, axis=2)[:, :, None] + eps)
-            t = tl.sum(m, axis=1)[:, None, :] + eps
+            m = tl.load(scratch_ptr + (ITERS - 1 - back) * stride + offs, mask=mask, other=1.0)
+            t = tl.sum(m, axis=1)[:, None, :] + EPS
             a = m / t
-            s = tl.sum(a, axis=2)[:, :, None] + eps
+            s = tl.sum(a, axis=2)[:, :, None] + EPS
             out = a / s
             g_a = (g - tl.sum(g * out, axis=2)[:, :, None]) / s
             g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / t
         return g * m0  # through m0 = exp(logits - max)
 
     @triton.jit
-    def _sinkhorn_fwd_kernel(logits_ptr, out_ptr, N, eps, N_STREAMS: tl.constexpr, ITERS: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+    def _sinkhorn_fwd_kernel(logits_ptr, out_ptr, N, EPS: tl.constexpr, N_STREAMS: tl.constexpr,
+                             ITERS: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ij = tl.arange(0, N_STREAMS)[:, None] * N_STREAMS + tl.arange(0, N_STREAMS)[None, :]  # (n, n)
         offs = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
         mask = (rows < N)[:, None, None]
         logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, _sk_forward(_sk_exp(logits), ITERS, eps), mask=mask)
+        tl.store(out_ptr + offs, _sk_forward(_sk_exp(logits), ITERS, EPS), mask=mask)
 
     @triton.jit
-    def _sinkhorn_bwd_kernel(logits_ptr, grad_ptr, dlogits_ptr, N, eps, N_STREAMS: tl.constexpr,
-                             ITERS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _sinkhorn_bwd_kernel(logits_ptr, grad_ptr, dlogits_ptr, scratch_ptr, N, EPS: tl.constexpr,
+                             N_STREAMS: tl.constexpr, ITERS: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ij = tl.arange(0, N_STREAMS)[:, None] * N_STREAMS + tl.arange(0, N_STREAMS)[None, :]
         offs = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
         mask = (rows < N)[:, None, None]
         logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dlogits_ptr + offs, _sk_backward(_sk_exp(logits), g, ITERS, eps), mask=mask)
+        tl.store(dlogits_ptr + offs, _sk_backward(_sk_exp(logits), g, ITERS, EPS, scratch_ptr, offs, mask,
+                                                  N * N_STREAMS * N_STREAMS), mask=mask)
 
 
 class SinkhornFunction(torch.autograd.Function):
@@ -111,9 +115,9 @@ class SinkhornFunction(torch.autograd.Function):
         n = logits.size(-1)
         flat = logits.reshape(-1, n, n).contiguous()
         out = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
-        block = 64
+        block = 16  # small tiles, many programs: the iterations are a serial chain per token
         _sinkhorn_fwd_kernel[(triton.cdiv(flat.size(0), block),)](
-            flat, out, flat.size(0), eps, N_STREAMS=n, ITERS=iters, BLOCK_N=block)
+            flat, out, flat.size(0), EPS=eps, N_STREAMS=n, ITERS=iters, BLOCK_N=block, num_warps=1)
         ctx.save_for_backward(flat)
         ctx.iters, ctx.eps, ctx.shape = iters, eps, logits.shape
         return out.view(logits.shape)
@@ -123,10 +127,11 @@ class SinkhornFunction(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         n = flat.size(-1)
         dlogits = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
-        block = 64
+        block = 16
+        scratch = torch.empty((ctx.iters,) + tuple(flat.shape), device=flat.device, dtype=torch.float32)
         _sinkhorn_bwd_kernel[(triton.cdiv(flat.size(0), block),)](
-            flat, grad.reshape(-1, n, n).contiguous(), dlogits, flat.size(0), ctx.eps, N_STREAMS=n,
-            ITERS=ctx.iters, BLOCK_N=block)
+            flat, grad.reshape(-1, n, n).contiguous(), dlogits, scratch, flat.size(0), EPS=ctx.eps, N_STREAMS=n,
+            ITERS=ctx.iters, BLOCK_N=block, num_warps=1)
         return dlogits.view(ctx.shape).to(flat.dtype), None, None
 
 
@@ -176,10 +181,10 @@ if HAVE_TRITON:
                             mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_C)
                 sumsq += tl.sum(v * v, axis=1)
                 phi_rows = phi_ptr + (j * C + cs)[:, None] * (3 * G) + g_cols[None, :]  # (BLOCK_C, G)
-                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision="ieee")
-                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision="ieee")
+                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision=DOT_PRECISION)
+                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision=DOT_PRECISION)
                 u_res += tl.dot(v, tl.load(phi_rows + 2 * G, mask=cmask[:, None], other=0.0),
-                                input_precision="ieee")
+                                input_precision=DOT_PRECISION)
         return u_pre, u_post, u_res, sumsq
 
     @triton.jit
@@ -197,16 +202,16 @@ if HAVE_TRITON:
         return tl.sigmoid(z_pre), 2 * tl.sigmoid(z_post), logits
 
     @triton.jit
-    def _mhc_pre_fwd_kernel(h_ptr, phi_ptr, coef_ptr, xin_ptr, post_ptr, res_ptr, N, C, eps, sk_eps,
-                            N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
+    def _mhc_pre_fwd_kernel(h_ptr, phi_ptr, coef_ptr, xin_ptr, post_ptr, res_ptr, N, C, EPS: tl.constexpr,
+                            SK_EPS: tl.constexpr, N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         K = N_STREAMS * C
         u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
-        r = tl.rsqrt(sumsq / K + eps)  # RMSNorm of the flattened streams, applied after the matmul
+        r = tl.rsqrt(sumsq / K + EPS)  # RMSNorm of the flattened streams, applied after the matmul
         pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
-        res = _sk_forward(_sk_exp(logits), ITERS, sk_eps)
+        res = _sk_forward(_sk_exp(logits), ITERS, SK_EPS)
         streams = tl.arange(0, N_STREAMS)
         tl.store(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], post, mask=rmask[:, None])
         ij = streams[:, None] * N_STREAMS + streams[None, :]
@@ -223,7 +228,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mhc_pre_bwd_kernel(h_ptr, phi_ptr, coef_ptr, dxin_ptr, dpost_ptr, dres_ptr, dh_ptr, du_ptr, dz_ptr,
-                            c_ptr, N, C, eps, sk_eps, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                            c_ptr, scratch_ptr, N, C, EPS: tl.constexpr, SK_EPS: tl.constexpr,
+                            N_STREAMS: tl.constexpr, G: tl.constexpr,
                             ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -232,7 +238,7 @@ if HAVE_TRITON:
         g_cols = tl.arange(0, G)
         # recompute the forward coefficients
         u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
-        r = tl.rsqrt(sumsq / K + eps)
+        r = tl.rsqrt(sumsq / K + EPS)
         pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         # d pre_j = <d x_in, h_j>
         d_pre = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
@@ -246,12 +252,14 @@ if HAVE_TRITON:
             d_pre += tl.sum(hv * dx[:, None, :], axis=2)
         d_post = tl.load(dpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
         ij = streams[:, None] * N_STREAMS + streams[None, :]
-        d_res = tl.load(dres_ptr + rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :],
-                        mask=rmask[:, None, None], other=0.0)
+        offs3 = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
+        d_res = tl.load(dres_ptr + offs3, mask=rmask[:, None, None], other=0.0)
         # through the activations: sigmoid' = s (1 - s); (2 sigmoid)' = post (1 - post / 2); Sinkhorn
         dz_pre = _spread(d_pre * pre * (1 - pre), N_STREAMS, G, BLOCK_N)
         dz_post = _spread(d_post * post * (1 - 0.5 * post), N_STREAMS, G, BLOCK_N)
-        dz_res = tl.reshape(_sk_backward(_sk_exp(logits), d_res, ITERS, sk_eps), (BLOCK_N, G))
+        d_logits = _sk_backward(_sk_exp(logits), d_res, ITERS, SK_EPS, scratch_ptr, offs3, rmask[:, None, None],
+                                N * N_STREAMS * N_STREAMS)
+        dz_res = tl.reshape(d_logits, (BLOCK_N, G))
         # through z = gate * r * u + b:  du = gate r dz,  dr = sum gate u dz
         gate_pre, gate_post, gate_res = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 2)
         du_pre, du_post, du_res = gate_pre * dz_pre * r[:, None], gate_post * dz_post * r[:, None], \
@@ -278,9 +286,9 @@ if HAVE_TRITON:
             for j in tl.static_range(N_STREAMS):
                 v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
                 phi_t = phi_ptr + (j * C + cs)[None, :] * (3 * G) + g_cols[:, None]  # (G, BLOCK_C)
-                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision="ieee")
-                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision="ieee")
-                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision="ieee")
+                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
+                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
+                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
                 pre_j = tl.sum(tl.where(streams[None, :] == j, pre, 0.0), axis=1)  # (BLOCK_N,)
                 dv += pre_j[:, None] * dx + dr_coef[:, None] * v
                 tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
@@ -311,7 +319,7 @@ class MHCPreFunction(torch.autograd.Function):
         res = torch.empty(N, n, n, device=h.device, dtype=torch.float32)
         block_n, block_c = 32, 64
         _mhc_pre_fwd_kernel[(triton.cdiv(N, block_n),)](
-            h, phi_spread, coef, x_in, post, res, N, C, 1e-6, 1e-6, N_STREAMS=n, G=G, ITERS=iters,
+            h, phi_spread, coef, x_in, post, res, N, C, EPS=1e-6, SK_EPS=1e-6, N_STREAMS=n, G=G, ITERS=iters,
             BLOCK_N=block_n, BLOCK_C=block_c)
         ctx.save_for_backward(h, phi_spread, coef, index)
         ctx.iters = iters
@@ -328,9 +336,10 @@ class MHCPreFunction(torch.autograd.Function):
         dh = torch.empty_like(h)
         du, dz, c = (torch.empty(N, 3 * G, device=h.device, dtype=torch.float32) for _ in range(3))
         block_n, block_c = 32, 64
+        scratch = torch.empty(ctx.iters, N, n, n, device=h.device, dtype=torch.float32)
         _mhc_pre_bwd_kernel[(triton.cdiv(N, block_n),)](
-            h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, N, C, 1e-6, 1e-6, N_STREAMS=n, G=G,
-            ITERS=ctx.iters, BLOCK_N=block_n, BLOCK_C=block_c)
+            h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, scratch, N, C, EPS=1e-6, SK_EPS=1e-6,
+            N_STREAMS=n, G=G, ITERS=ctx.iters, BLOCK_N=block_n, BLOCK_C=block_c)
         d_phi = (h.reshape(N, n * C).float().t() @ du)[:, index]  # (nC, 2n + n^2)
         dzc = (dz * c).view(N, 3, G).sum(dim=(0, 2))  # per group: sum over tokens of dz * c
         d_bias = dz.sum(0)[index]
