@@ -29,9 +29,11 @@ except ImportError:  # CPU machines without Triton: the plain paths still work
     HAVE_TRITON = False
 
 
-# fp32 dot products: three TF32 passes on the tensor cores, close to fp32 accuracy ("ieee" would run
-# on the CUDA cores, several times slower). The interpreter computes them in plain fp32.
-DOT_PRECISION = tl.constexpr("tf32x3") if HAVE_TRITON else None
+# Launch settings of the mHC pre kernels, the fastest of those measured on an H100 (fp32 streams, 32k
+# tokens, fwd+bwd: tf32 1.79 ms, tf32x3 2.48 ms, ieee 2.83 ms). dot is the precision of the projection's
+# fp32 dot products: "tf32", as torch runs the plain path's v @ phi when training (allow_tf32), with
+# ~1e-3 relative error; "tf32x3" or "ieee" for fp32 accuracy. The interpreter computes every dot in fp32.
+MHC_PRE = {"block_n": 32, "block_c": 64, "num_warps": 4, "dot": "tf32"}
 
 
 def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -165,7 +167,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS: tl.constexpr, G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         """One pass over the nC row: sum of squares, and u = v phi for the three groups (fp32, ieee)."""
         K = N_STREAMS * C
         g_cols = tl.arange(0, G)
@@ -181,10 +183,10 @@ if HAVE_TRITON:
                             mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_C)
                 sumsq += tl.sum(v * v, axis=1)
                 phi_rows = phi_ptr + (j * C + cs)[:, None] * (3 * G) + g_cols[None, :]  # (BLOCK_C, G)
-                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision=DOT_PRECISION)
-                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision=DOT_PRECISION)
+                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision=DOT)
+                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision=DOT)
                 u_res += tl.dot(v, tl.load(phi_rows + 2 * G, mask=cmask[:, None], other=0.0),
-                                input_precision=DOT_PRECISION)
+                                input_precision=DOT)
         return u_pre, u_post, u_res, sumsq
 
     @triton.jit
@@ -204,11 +206,12 @@ if HAVE_TRITON:
     @triton.jit
     def _mhc_pre_fwd_kernel(h_ptr, phi_ptr, coef_ptr, xin_ptr, post_ptr, res_ptr, N, C, EPS: tl.constexpr,
                             SK_EPS: tl.constexpr, N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         K = N_STREAMS * C
-        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
+        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N,
+                                                   BLOCK_C, DOT)
         r = tl.rsqrt(sumsq / K + EPS)  # RMSNorm of the flattened streams, applied after the matmul
         pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         res = _sk_forward(_sk_exp(logits), ITERS, SK_EPS)
@@ -230,14 +233,15 @@ if HAVE_TRITON:
     def _mhc_pre_bwd_kernel(h_ptr, phi_ptr, coef_ptr, dxin_ptr, dpost_ptr, dres_ptr, dh_ptr, du_ptr, dz_ptr,
                             c_ptr, scratch_ptr, N, C, EPS: tl.constexpr, SK_EPS: tl.constexpr,
                             N_STREAMS: tl.constexpr, G: tl.constexpr,
-                            ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                            ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         K = N_STREAMS * C
         streams = tl.arange(0, N_STREAMS)
         g_cols = tl.arange(0, G)
         # recompute the forward coefficients
-        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_C)
+        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N,
+                                                   BLOCK_C, DOT)
         r = tl.rsqrt(sumsq / K + EPS)
         pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         # d pre_j = <d x_in, h_j>
@@ -286,9 +290,9 @@ if HAVE_TRITON:
             for j in tl.static_range(N_STREAMS):
                 v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
                 phi_t = phi_ptr + (j * C + cs)[None, :] * (3 * G) + g_cols[:, None]  # (G, BLOCK_C)
-                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
-                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
-                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision=DOT_PRECISION)
+                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision=DOT)
+                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision=DOT)
+                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision=DOT)
                 pre_j = tl.sum(tl.where(streams[None, :] == j, pre, 0.0), axis=1)  # (BLOCK_N,)
                 dv += pre_j[:, None] * dx + dr_coef[:, None] * v
                 tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
@@ -317,10 +321,10 @@ class MHCPreFunction(torch.autograd.Function):
         x_in = torch.empty(N, C, device=h.device, dtype=h.dtype)
         post = torch.empty(N, n, device=h.device, dtype=torch.float32)
         res = torch.empty(N, n, n, device=h.device, dtype=torch.float32)
-        block_n, block_c = 32, 64
-        _mhc_pre_fwd_kernel[(triton.cdiv(N, block_n),)](
+        cfg = MHC_PRE
+        _mhc_pre_fwd_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             h, phi_spread, coef, x_in, post, res, N, C, EPS=1e-6, SK_EPS=1e-6, N_STREAMS=n, G=G, ITERS=iters,
-            BLOCK_N=block_n, BLOCK_C=block_c)
+            BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], DOT=cfg["dot"], num_warps=cfg["num_warps"])
         ctx.save_for_backward(h, phi_spread, coef, index)
         ctx.iters = iters
         return x_in, post, res
@@ -335,11 +339,12 @@ class MHCPreFunction(torch.autograd.Function):
         d_res = torch.zeros(N, n, n, device=h.device) if d_res is None else d_res.float().contiguous()
         dh = torch.empty_like(h)
         du, dz, c = (torch.empty(N, 3 * G, device=h.device, dtype=torch.float32) for _ in range(3))
-        block_n, block_c = 32, 64
+        cfg = MHC_PRE
         scratch = torch.empty(ctx.iters, N, n, n, device=h.device, dtype=torch.float32)
-        _mhc_pre_bwd_kernel[(triton.cdiv(N, block_n),)](
+        _mhc_pre_bwd_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, scratch, N, C, EPS=1e-6, SK_EPS=1e-6,
-            N_STREAMS=n, G=G, ITERS=ctx.iters, BLOCK_N=block_n, BLOCK_C=block_c)
+            N_STREAMS=n, G=G, ITERS=ctx.iters, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], DOT=cfg["dot"],
+            num_warps=cfg["num_warps"])
         d_phi = (h.reshape(N, n * C).float().t() @ du)[:, index]  # (nC, 2n + n^2)
         dzc = (dz * c).view(N, 3, G).sum(dim=(0, 2))  # per group: sum over tokens of dz * c
         d_bias = dz.sum(0)[index]

@@ -347,9 +347,11 @@ def test_kernel_sinkhorn_matches_reference():
 
 def test_kernel_mhc_pre_matches_reference():
     """Fused mHC pre path == MHCConnection.coefficients + the pre-mix: x_in, H_post, H_res and the
-    gradients of h, phi, gates and biases; fp32, 2 x 19 tokens, C = 80 (not a multiple of the block)."""
+    gradients of h, phi, gates and biases; fp32, 2 x 19 tokens, C = 80 (not a multiple of the block).
+    (The interpreter's dots are fp32; on a GPU the projection runs in TF32, hence 5e-3 there.)"""
     needs_triton()
-    check_kernel_mhc_pre(2, 19, 80, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32, 1e-5)
+    cuda = torch.cuda.is_available()
+    check_kernel_mhc_pre(2, 19, 80, "cuda" if cuda else "cpu", torch.float32, 5e-3 if cuda else 1e-5)
 
 
 def test_kernel_post_res_matches_reference():
@@ -804,9 +806,14 @@ def test_gpu_mhc_kernels_bf16_at_training_shapes():
     """On the GPU: the mHC kernels at the GPT's width (8 x 512 tokens, C = 384), in bf16 and
     fp32 against the fp32 reference math on the same inputs."""
     needs_cuda()
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):  # fp32: the projection runs in TF32
         check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol)
-        check_kernel_post_res(8, 512, 384, "cuda", dtype, tol)
+        check_kernel_post_res(8, 512, 384, "cuda", dtype, 1e-5 if dtype == torch.float32 else tol)
+    kernels.MHC_PRE["dot"] = "ieee"  # with fp32 dot products the pre path matches to fp32 rounding
+    try:
+        check_kernel_mhc_pre(2, 300, 384, "cuda", torch.float32, 1e-4)
+    finally:
+        kernels.MHC_PRE["dot"] = "tf32"
 
 
 def test_gpu_mhc_training_kernels_on_vs_off_agree():
