@@ -12,12 +12,11 @@ mHC (mhc.py), per token with n = 4 streams of width C:
     mhc_pre           h (N, n, C) -> x_in = sum_j pre_j h_j, post (N, n), res (N, n, n): the RMSNorm, the
                       one projection to n^2 + 2n coefficients, sigmoid / 2 sigmoid and Sinkhorn, fused
     mhc_post_res      h' = res h + post^T f: the stream mix and the write-back of the sub-layer output
-Backward kernels recompute what they need (the coefficients, and Sinkhorn's iterates: the backward of
-iteration t recomputes iterations 1..t from the logits, O(iters^2) work per token, all in registers)
-instead of storing it, so these paths keep nothing per token but their outputs.
+Backward kernels recompute what they need instead of saving it between forward and backward: the
+coefficients from h, and Sinkhorn's iterates (run forward once more, each iteration's input written to a
+scratch buffer the same program reads back at once, then walked backwards: O(iters) per token).
 """
 import argparse
-import math
 
 import torch
 
