@@ -36,6 +36,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # the Triton kernels run under the interpreter (fp32) on a CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import kernels  # noqa: E402
+import linearity  # noqa: E402
 import mhc  # noqa: E402
 import train  # noqa: E402
 
@@ -394,6 +395,99 @@ def test_mhc_training_kernels_on_vs_off_agree():
         runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
     for step in runs[0]:
         assert abs(runs[0][step] - runs[1][step]) < 1e-5, runs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linearity (linearity.py), plain PyTorch
+
+
+def svd_linearity(x, y):
+    """The official recipe in float64: centre, Frobenius-normalise, A = pinv(X~) Y~ through an SVD."""
+    x, y = x.double(), y.double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    out = []
+    for target in (yc, yc - xc):
+        xn, tn = xc / xc.norm(), target / target.norm()
+        u, s, vh = torch.linalg.svd(xn, full_matrices=False)
+        a = vh.T @ torch.diag(1 / s) @ u.T @ tn
+        out.append(1 - ((xn @ a - tn) ** 2).sum().item())
+    return out
+
+
+def test_linearity_streaming_equals_exact_and_svd():
+    """On hidden-state-like data with a large mean offset (1e3), the streaming score (13 uneven batches,
+    float64 Chan merge) equals the exact least-squares score and the float64 SVD recipe to 1e-6, with
+    and without the residual, and 1 - LS_wo = (1 - LS) ||Yc||^2 / ||Yc - Xc||^2."""
+    torch.manual_seed(0)
+    N, d = 3000, 24
+    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
+    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
+    stats = linearity.PairStats(d)
+    for xb, yb in zip(x.split(237), y.split(237)):
+        stats.update(xb.float(), yb.float())
+    streaming, exact, svd = stats.scores(), linearity.linearity_score_exact(x, y), svd_linearity(x, y)
+    for a, b, c in zip(streaming, exact, svd):
+        assert abs(a - b) < 1e-6 and abs(a - c) < 1e-6, (streaming, exact, svd)
+    assert streaming[1] < streaming[0] < 1
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    ratio = (yc.norm() ** 2 / (yc - xc).norm() ** 2).item()
+    assert abs((1 - streaming[1]) - (1 - streaming[0]) * ratio) < 1e-9
+
+
+def test_linearity_of_a_linear_map_and_its_fit():
+    """y = x W + b scores 1 (to 1e-9), and PairStats.linear_map recovers W and b, so a linear block
+    replaced by its fitted map gives back the block's output."""
+    torch.manual_seed(1)
+    x = torch.randn(2000, 16).double() + 5
+    w, b = torch.randn(16, 16).double(), torch.randn(16).double()
+    stats = linearity.PairStats(16)
+    stats.update(x, x @ w + b)
+    assert stats.scores()[0] > 1 - 1e-9
+    w_fit, b_fit = stats.linear_map()
+    torch.testing.assert_close(x @ w_fit + b_fit, x @ w + b, atol=1e-8, rtol=1e-8)
+
+
+def test_linearity_refuses_fewer_tokens_than_hidden_size():
+    """With N <= d any X maps onto any Y: the score says so instead of returning 1."""
+    try:
+        linearity.linearity_score(torch.randn(10, 32), torch.randn(10, 32))
+        raise AssertionError("accepted N <= d")
+    except ValueError as e:
+        assert "meaningless" in str(e)
+
+
+def test_regularisers_match_their_formulas_and_gradcheck():
+    """cosine: sum over consecutive pairs of the token mean of 1 - cos; mse: of ||h_i - h_{i-1}||^2;
+    both pass gradcheck in float64."""
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    pairs = list(zip(hidden, hidden[1:]))
+    want = sum((1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean() for a, b in pairs)
+    assert abs(linearity.cosine_regulariser(hidden).item() - want.item()) < 1e-12
+    want = sum(((b - a) ** 2).sum(-1).mean() for a, b in pairs)
+    assert abs(linearity.mse_regulariser(hidden).item() - want.item()) < 1e-12
+    for fn in (linearity.cosine_regulariser, linearity.mse_regulariser):
+        assert torch.autograd.gradcheck(lambda *h: fn(list(h)), tuple(hidden))
+
+
+def test_cosine_regulariser_training_and_linearity_profile_cli():
+    """train.py --reg cosine logs the regulariser; linearity.py CHECKPOINT prints one row per layer
+    pair; too few tokens and a missing checkpoint are clear errors."""
+    cwd = tempfile.mkdtemp(dir=WORK)
+    expect_ok(run_train(*TINY, "--reg", "cosine", "--max-iters", "4", cwd=cwd))
+    records = read_metrics(os.path.join(cwd, "out", "gpt"))
+    assert all("reg" in r for r in records if "loss" in r)
+    cmd = [sys.executable, os.path.join(HERE, "linearity.py"), "out/gpt/ckpt.pt", "--data", DATA,
+           "--cache-dir", TOKENS, "--device", "cpu"]
+    run = lambda *extra: subprocess.run(cmd + list(extra), cwd=cwd, capture_output=True, text=True, timeout=300)
+    out = expect_ok(run("--tokens", "3000"))
+    rows = [line for line in out.splitlines() if line.startswith("| embedding") or line.startswith("| block")]
+    assert len(rows) == 2, out
+    assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[2:4]), rows
+    expect_fail(run("--tokens", "10"), "meaningless")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
+                       capture_output=True, text=True, timeout=120)
+    expect_fail(r, "no checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import linearity
 import mhc
 
 # ----------------------------------------------------------------------------------------------------
@@ -717,6 +718,10 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     beta2: float = field(default=0.95, metadata={"help": "Adam beta2; 0.95 is steadier than 0.999 for LMs"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0: off)"})
+    reg: str = field(default="none", metadata={"help": "add a regulariser of consecutive hidden states "
+                                                       "(linearity.py, paper Sec. 4)",
+                                               "choices": ["none", "cosine", "mse"]})
+    reg_weight: float = field(default=0.5, metadata={"help": "the regulariser's lambda (paper: 0.5)"})
     seed: int = field(default=1337, metadata={"help": "seed for init and data order"})
     # evaluation and logging
     eval_interval: int = field(default=250, metadata={"help": "steps between val loss and checkpoint"})
@@ -1084,7 +1089,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     # Non-finite losses are recorded on the device (no sync per step) and checked at every log line
     # and before any checkpoint is written, so a checkpoint never holds a diverged model.
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)  # the LM loss alone, summed over the steps of a log interval
+    reg_sum = torch.zeros((), device=device)
+    regulariser = None if cfg.reg == "none" else linearity.REGULARISERS[cfg.reg]
 
     def check_finite():
         bad = int(first_bad.item())
@@ -1108,10 +1115,17 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                     x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
                 sync = not ddp or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    _, loss = model(x, y)
+                    if regulariser is None:
+                        _, lm_loss = model(x, y)
+                        loss = lm_loss
+                    else:  # loss = LM loss + lambda * regulariser(hidden states)
+                        _, lm_loss, hidden = model(x, y, return_hidden=True)
+                        reg = regulariser(hidden)
+                        loss = lm_loss + cfg.reg_weight * reg
+                        reg_sum += reg.detach() / cfg.grad_accum
                     loss = loss / cfg.grad_accum
                 loss.backward()
-                loss_sum += loss.detach()
+                loss_sum += lm_loss.detach() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -1128,6 +1142,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             if step % cfg.log_interval == 0 or step == cfg.max_iters or stop_now:
                 if ddp:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                    dist.all_reduce(reg_sum, op=dist.ReduceOp.AVG)
                 loss_value = loss_sum.item() / steps_since  # .item() waits for the GPU: timing is honest
                 check_finite()
                 dt = (time.time() - t_last) / steps_since
@@ -1142,6 +1157,10 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                 if device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     line += f" | mem {record['peak_mem_gib']:.1f} GiB"
+                if regulariser is not None:
+                    record["reg"] = reg_sum.item() / steps_since
+                    line += f" | {cfg.reg} reg {record['reg']:.4f}"
+                    reg_sum.zero_()
                 log(line)
                 write_metrics(record)
                 loss_sum.zero_()

@@ -1,0 +1,259 @@
+"""
+linearity.py -- "Your Transformer is Secretly Linear": how linear is each block of a trained model?
+
+    python linearity.py                          # CPU self-demo (seconds)
+    python linearity.py out/gpt/ckpt.pt          # per-layer profile of a trained model, held-out text
+    python train.py --arch gpt --reg cosine      # train with the paper's cosine regulariser (lambda 0.5)
+
+Paper: Razzhigaev, Mikhalchuk, Goncharova, Gerasimenko, Oseledets, Dimitrov, Kuznetsov,
+"Your Transformer is Secretly Linear", ACL 2024, arXiv 2405.12250 (score: Sec. 3.1; regularisers: Sec. 4).
+
+The idea. Collect the hidden states of two consecutive layers over many tokens, X and Y (N x d, the
+same tokens in the same order). If some single d x d matrix maps X onto Y almost exactly, the block
+between them acts linearly on the data it sees. The paper centres both, scales them to unit Frobenius
+norm, and measures the least-squares residual:
+
+    LS(X, Y) = 1 - min_A || X~ A - Y~ ||_F^2        X~ = (X - mean) / ||X - mean||_F, same for Y~
+
+A residual block computes Y = X + f(X), and X alone already explains most of Y, so the paper also
+scores the block's own contribution, "without the residual" (the official code): LS(X, Y - X).
+Reported: ~0.99 with the residual, much lower without (U-shaped over depth).
+
+The closed form (no need to keep all tokens). With centred Xc, Yc, C_xx = Xc^T Xc, C_xy = Xc^T Yc and
+t_yy = ||Yc||_F^2, the least-squares residual is SSE = t_yy - tr(C_xy^T C_xx^+ C_xy), so
+
+    LS    = 1 - SSE / t_yy                       (the normalisation of X cancels inside A)
+    LS_wo = 1 - SSE / ||Yc - Xc||^2,  ||Yc - Xc||^2 = t_yy - 2 tr(C_xy) + tr(C_xx)
+
+(mapping X onto Y - X leaves the same residual: A' = A - I). Both are pooled R^2 values. The
+accumulators (n, means, C_xx, C_xy, t_yy) are merged batch by batch with Chan's parallel update in
+float64, so any number of tokens streams through in fixed memory.
+
+Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_L, pair l = (h_l, h_{l+1}).
+"""
+import argparse
+import math
+import sys
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# The score: exact (all tokens in memory) and streaming (fixed memory)
+
+
+def linearity_score_exact(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(LS, LS_wo) by the definition: centre, Frobenius-normalise, least squares over all d x d maps.
+    x, y: (N, d). float64 on the CPU; for checking the streaming version on small N."""
+    x, y = x.double().cpu(), y.double().cpu()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    scores = []
+    for target in (yc, yc - xc):
+        xn, tn = xc / xc.norm(), target / target.norm()
+        a = torch.linalg.lstsq(xn, tn, driver="gelsd").solution  # (d, d): min_A ||xn A - tn||_F
+        scores.append(1 - ((xn @ a - tn) ** 2).sum().item())
+    return scores[0], scores[1]
+
+
+class PairStats:
+    """Streaming sufficient statistics of one layer pair (X, Y), in float64.
+
+    n, mean_x (d,), mean_y (d,), cxx = sum (x - mean_x)^T (x - mean_x) (d, d), cxy likewise (d, d),
+    tyy = sum ||y - mean_y||^2. A batch is centred on its own means, then merged (Chan et al. 1979):
+        delta = mean_b - mean_a,  n = n_a + n_b
+        c_xy  = c_xy_a + c_xy_b + delta_x^T delta_y * n_a n_b / n,   mean = mean_a + delta * n_b / n
+    which stays exact where one uncentred Gram sum loses everything to a large common offset."""
+
+    def __init__(self, d: int, device="cpu"):
+        z = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.mean_x, self.mean_y = torch.zeros(d, **z), torch.zeros(d, **z)
+        self.cxx, self.cxy = torch.zeros(d, d, **z), torch.zeros(d, d, **z)
+        self.tyy = torch.zeros((), **z)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor):
+        """Add a batch of token rows x, y (N_b, d), any float dtype, on any device."""
+        x, y = x.reshape(-1, x.size(-1)).double(), y.reshape(-1, y.size(-1)).double()
+        nb = x.size(0)
+        mx, my = x.mean(0), y.mean(0)
+        xc, yc = x - mx, y - my
+        cxx, cxy, tyy = xc.T @ xc, xc.T @ yc, (yc * yc).sum()
+        if self.n == 0:
+            self.n, self.mean_x, self.mean_y, self.cxx, self.cxy, self.tyy = nb, mx, my, cxx, cxy, tyy
+            return
+        n = self.n + nb
+        dx, dy = mx - self.mean_x, my - self.mean_y
+        w = self.n * nb / n
+        self.cxx += cxx + w * torch.outer(dx, dx)
+        self.cxy += cxy + w * torch.outer(dx, dy)
+        self.tyy += tyy + w * (dy * dy).sum()
+        self.mean_x += dx * nb / n
+        self.mean_y += dy * nb / n
+        self.n = n
+
+    def scores(self, rcond: float = 1e-10) -> tuple[float, float]:
+        """(LS, LS_wo) from the closed form. C_xx^+ through eigh, dropping eigenvalues below
+        rcond * the largest (directions the data never visits)."""
+        d = self.cxx.size(0)
+        if self.n <= d:
+            raise ValueError(f"{self.n} tokens for hidden size {d}: with N <= d any X maps onto any Y exactly "
+                             "and the score is meaningless; use many more tokens than d")
+        evals, evecs = torch.linalg.eigh(self.cxx)
+        keep = evals > rcond * evals.max()
+        proj = evecs[:, keep].T @ self.cxy  # (k, d): C_xy in the eigenbasis of C_xx
+        explained = ((proj * proj) / evals[keep, None]).sum()  # tr(C_xy^T C_xx^+ C_xy)
+        sse = (self.tyy - explained).clamp_min(0)
+        t_delta = self.tyy - 2 * torch.trace(self.cxy) + torch.trace(self.cxx)  # ||Yc - Xc||^2
+        return 1 - (sse / self.tyy).item(), 1 - (sse / t_delta).item()
+
+    def linear_map(self, rcond: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unnormalised least-squares fit y ~ x W + b: W = C_xx^+ C_xy (d, d), b = mean_y - mean_x W.
+        (The score's A maps normalised X to normalised Y; only W, b can replace the block itself.)"""
+        w = torch.linalg.pinv(self.cxx, rtol=rcond, hermitian=True) @ self.cxy
+        return w, self.mean_y - self.mean_x @ w
+
+
+def linearity_score(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(LS, LS_wo) of hidden states x, y (N, d) (or (..., d), flattened to token rows)."""
+    stats = PairStats(x.size(-1), x.device)
+    stats.update(x, y)
+    return stats.scores()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regularisers (paper Sec. 4), added to the LM loss by train.py --reg cosine|mse --reg-weight
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 -> fp32; fp64 stays (gradcheck)
+
+
+def cosine_regulariser(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """sum over consecutive pairs (h_{i-1}, h_i), i = 1..L (the embedding counts as h_0), of the mean
+    over tokens of 1 - cos(h_{i-1}, h_i). The paper writes a sum over i and does not say how tokens are
+    combined; we average tokens so that the weight does not depend on the batch size."""
+    return sum((1 - torch.nn.functional.cosine_similarity(_upcast(a), _upcast(b), dim=-1, eps=1e-8)).mean()
+               for a, b in zip(hidden[:-1], hidden[1:]))
+
+
+def mse_regulariser(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """sum over consecutive pairs of the mean over tokens of ||h_i - h_{i-1}||^2."""
+    return sum(((_upcast(b) - _upcast(a)) ** 2).sum(-1).mean() for a, b in zip(hidden[:-1], hidden[1:]))
+
+
+REGULARISERS = {"cosine": cosine_regulariser, "mse": mse_regulariser}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-layer profile of a model
+
+
+@torch.no_grad()
+def layer_profile(model, batches, device) -> list[tuple[float, float]]:
+    """(LS, LS_wo) for every consecutive pair of hidden states (embedding, block 1, ..., block L), pooled
+    over the token batches (each (B, T) token ids). Any model whose forward takes return_hidden."""
+    stats = None
+    model.eval()
+    for idx in batches:
+        _, _, hidden = model(idx.to(device), return_hidden=True)
+        if stats is None:
+            stats = [PairStats(hidden[0].size(-1), device) for _ in range(len(hidden) - 1)]
+        for s, x, y in zip(stats, hidden[:-1], hidden[1:]):
+            s.update(x, y)
+    return [s.scores() for s in stats]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
+                                                 "the validation text it was trained with (or --data).")
+    parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
+    parser.add_argument("--tokens", type=int, default=200_000, help="validation tokens to pool (>> hidden size)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--data", default=None, help="TinyStories folder or file (default: as train.py finds it)")
+    parser.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot", default=None, help="write the profile as a PNG here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+    import train  # the CLI needs the model and the data; the functions above do not
+    try:
+        ckpt = train.load_checkpoint(args.checkpoint)
+        model, mcfg = train.model_from_checkpoint(ckpt, args.checkpoint)
+        if args.tokens <= mcfg.n_embd:
+            raise train.UserError(f"--tokens {args.tokens} is not more than the hidden size {mcfg.n_embd}: "
+                                  "the score would be meaningless (any X maps onto any Y)")
+        tcfg = ckpt["train_config"]
+        data = args.data or tcfg.get("data")
+        texts = train.resolve_text(data, "out/data", tcfg.get("download_mb", 512))
+        _, val_path = train.prepare_tokens(*texts, args.cache_dir, tcfg.get("lowercase", "auto"))
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    device = torch.device(args.device)
+    model.to(device)
+    val = train.TokenData(val_path)
+    T = mcfg.block_size
+    starts = list(range(0, len(val) - T - 1, T))[:math.ceil(args.tokens / T)]
+    if len(starts) * T <= mcfg.n_embd:
+        print(f"error: the validation set has too few tokens ({len(val)}) for hidden size {mcfg.n_embd}",
+              file=sys.stderr)
+        return 1
+    batches = [val.windows(starts[i:i + args.batch_size], T)[0] for i in range(0, len(starts), args.batch_size)]
+    profile = layer_profile(model, batches, device)
+    print(f"linearity of {args.checkpoint} ({mcfg.arch}, {mcfg.n_layer} blocks, d={mcfg.n_embd}), "
+          f"{len(starts) * T:,} validation tokens")
+    print("| pair                 | LS (with residual) | LS_wo (without) |")
+    print("|----------------------|-------------------:|----------------:|")
+    for l, (ls, ls_wo) in enumerate(profile):
+        name = f"{'embedding' if l == 0 else f'block {l}'} -> block {l + 1}"
+        print(f"| {name:20s} | {ls:18.4f} | {ls_wo:15.4f} |")
+    if args.plot:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(profile) + 1), [p[0] for p in profile], "o-", label="with residual")
+        ax.plot(range(1, len(profile) + 1), [p[1] for p in profile], "s-", label="without residual")
+        ax.set_xlabel("block")
+        ax.set_ylabel("linearity score")
+        ax.set_title(f"{mcfg.arch}: {args.checkpoint}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-demo (CPU, seconds)
+
+if __name__ == "__main__" and len(sys.argv) > 1:
+    sys.exit(main())
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    N, d = 4000, 32
+    x = torch.randn(N, d) + 100.0  # a large common offset, as real hidden states have
+    w = torch.randn(d, d) / math.sqrt(d)
+    print("1. A linear map scores 1; a residual block with a small nonlinear part scores ~1 with the")
+    print("   residual and much less without it:")
+    print(f"   y = x W + b:              LS {linearity_score(x, x @ w + 3)[0]:.6f}")
+    y = x + 0.3 * torch.tanh(2 * (x - 100) @ w)
+    ls, ls_wo = linearity_score(x, y)
+    print(f"   y = x + 0.3 tanh(2 x W):  LS {ls:.6f}, LS_wo {ls_wo:.6f}")
+
+    print("2. The streaming score (10 batches, float64 Chan merge) equals the exact least-squares one:")
+    stats = PairStats(d)
+    for xb, yb in zip(x.chunk(10), y.chunk(10)):
+        stats.update(xb, yb)
+    exact = linearity_score_exact(x, y)
+    print(f"   streaming {stats.scores()[0]:.9f} {stats.scores()[1]:.9f}   exact {exact[0]:.9f} {exact[1]:.9f}")
+
+    print("3. The identity 1 - LS_wo = (1 - LS) ||Yc||^2 / ||Yc - Xc||^2:")
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    rhs = (1 - ls) * (yc.norm() ** 2 / (yc - xc).norm() ** 2).item()
+    print(f"   1 - LS_wo = {1 - ls_wo:.6f}, right-hand side = {rhs:.6f}")
