@@ -104,6 +104,8 @@ class PairStats:
         explained = ((proj * proj) / evals[keep, None]).sum()  # tr(C_xy^T C_xx^+ C_xy)
         sse = (self.tyy - explained).clamp_min(0)
         t_delta = self.tyy - 2 * torch.trace(self.cxy) + torch.trace(self.cxx)  # ||Yc - Xc||^2
+        if t_delta <= 1e-12 * self.tyy:  # the block adds nothing (Y = X): its contribution is linear
+            return 1 - (sse / self.tyy).item(), 1.0
         return 1 - (sse / self.tyy).item(), 1 - (sse / t_delta).item()
 
     def linear_map(self, rcond: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +165,92 @@ def layer_profile(model, batches, device) -> list[tuple[float, float]]:
     return [s.scores() for s in stats]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Pruning by linear replacement (paper Sec. 5)
+#
+# Choices the paper leaves open (ours): layers are ranked once, by LS_wo (the block's own contribution;
+# with the residual every block scores ~0.99 and the ranking says little), most linear first, without
+# re-scoring after each removal; the replacement starts from the least-squares fit W, b on training
+# text (not the score's A: that maps normalised X to normalised Y and is no drop-in replacement); the
+# distillation trains only the replacements, to match the full model's hidden state after each
+# replaced block (layer-wise MSE) when fed the pruned model's own input to it.
+
+
+class SkipBlock(torch.nn.Module):
+    """A removed block: h -> h."""
+
+    def forward(self, h, start_pos=0, cache=None):
+        return h
+
+
+class LinearBlock(torch.nn.Module):
+    """A block replaced by a linear map: h -> h W + b."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.float().clone())
+        self.bias = torch.nn.Parameter(b.float().clone())
+
+    def forward(self, h, start_pos=0, cache=None):
+        return h @ self.weight + self.bias
+
+
+@torch.no_grad()
+def perplexity(model, batches, device) -> float:
+    model.eval()
+    losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
+    return math.exp(sum(losses) / len(losses))
+
+
+def distill(student, teacher, replaced: list[int], batches, steps: int, device, lr: float = 1e-3):
+    """Train only the replacements so that the hidden state after each replaced block l matches the full
+    model's (mean squared error over tokens and features, summed over the replaced blocks)."""
+    params = [p for l in replaced for p in student.blocks[l].parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    student.train()
+    for step in range(steps):
+        x, _ = batches[step % len(batches)]
+        with torch.no_grad():
+            _, _, target = teacher(x.to(device), return_hidden=True)
+        _, _, hidden = student(x.to(device), return_hidden=True)
+        loss = sum(torch.nn.functional.mse_loss(hidden[l + 1], target[l + 1]) for l in replaced)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    student.eval()
+
+
+def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int, device) -> list[dict]:
+    """Validation perplexity after removing the k most linear blocks, k = 0..k_max, three ways:
+    (a) removal, (b) linear replacement (least squares), (c) linear replacement + distillation."""
+    import copy
+    L = len(model.blocks)
+    if not 1 <= k_max <= L:
+        raise ValueError(f"--prune {k_max}: the model has {L} blocks (choose 1..{L})")
+    stats = [PairStats(model.cfg.n_embd, device) for _ in range(L)]
+    model.eval()
+    with torch.no_grad():
+        for x, _ in fit_batches:
+            _, _, hidden = model(x.to(device), return_hidden=True)
+            for l in range(L):
+                stats[l].update(hidden[l], hidden[l + 1])
+    order = sorted(range(L), key=lambda l: -stats[l].scores()[1])  # most linear (LS_wo) first
+    rows = [{"k": 0, "blocks": [], "removed": perplexity(model, val_batches, device)}]
+    rows[0]["linear"] = rows[0]["distilled"] = rows[0]["removed"]
+    for k in range(1, k_max + 1):
+        chosen = sorted(order[:k])
+        removed, linear = copy.deepcopy(model), copy.deepcopy(model)
+        for l in chosen:
+            removed.blocks[l] = SkipBlock()
+            linear.blocks[l] = LinearBlock(*stats[l].linear_map()).to(device)
+        row = {"k": k, "blocks": chosen, "removed": perplexity(removed, val_batches, device),
+               "linear": perplexity(linear, val_batches, device)}
+        distill(linear, model, chosen, fit_batches, distill_steps, device)
+        row["distilled"] = perplexity(linear, val_batches, device)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
                                                  "the validation text it was trained with (or --data).")
@@ -173,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot", default=None, help="write the profile as a PNG here (needs matplotlib)")
+    parser.add_argument("--prune", type=int, default=0, metavar="K",
+                        help="also print the perplexity table for removing / replacing the 1..K most linear blocks")
+    parser.add_argument("--distill-steps", type=int, default=200, help="steps of distillation per k (pruning)")
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -189,10 +280,15 @@ def main(argv=None) -> int:
         if args.tokens <= mcfg.n_embd:
             raise train.UserError(f"--tokens {args.tokens} is not more than the hidden size {mcfg.n_embd}: "
                                   "the score would be meaningless (any X maps onto any Y)")
+        if args.prune and not 1 <= args.prune <= mcfg.n_layer:
+            raise train.UserError(f"--prune {args.prune}: the model has {mcfg.n_layer} blocks (choose 1..{mcfg.n_layer})")
+        if args.prune and train.ARCHS[mcfg.arch][1] != "plain":
+            raise train.UserError(f"--prune replaces blocks on a single residual stream; {mcfg.arch}'s blocks "
+                                  "act on n streams")
         tcfg = ckpt["train_config"]
         data = args.data or tcfg.get("data")
         texts = train.resolve_text(data, "out/data", tcfg.get("download_mb", 512))
-        _, val_path = train.prepare_tokens(*texts, args.cache_dir, tcfg.get("lowercase", "auto"))
+        train_path, val_path = train.prepare_tokens(*texts, args.cache_dir, tcfg.get("lowercase", "auto"))
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -225,6 +321,20 @@ def main(argv=None) -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")
+    if args.prune:
+        # fit and distil on training text, measure on the validation windows used above
+        fit = train.TokenData(train_path)
+        fit_starts = list(range(0, len(fit) - T - 1, T))[:len(starts)]
+        fit_batches = [fit.windows(fit_starts[i:i + args.batch_size], T)
+                       for i in range(0, len(fit_starts), args.batch_size)]
+        val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
+        rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
+        print(f"\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
+        print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled |")
+        print("|--:|-----------------|------------:|---------------:|--------------------:|")
+        for r in rows:
+            print(f"| {r['k']} | {str(r['blocks']):15s} | {r['removed']:11.2f} | {r['linear']:14.2f} | "
+                  f"{r['distilled']:19.2f} |")
     return 0
 
 

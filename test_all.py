@@ -13,6 +13,7 @@ import atexit
 import http.server
 import json
 import lzma
+import math
 import os
 import re
 import shutil
@@ -470,6 +471,27 @@ def test_regularisers_match_their_formulas_and_gradcheck():
         assert torch.autograd.gradcheck(lambda *h: fn(list(h)), tuple(hidden))
 
 
+def test_pruning_by_linear_replacement():
+    """A block that is linear (here: block 1 left at its identity init) is ranked most linear, and
+    replacing it by its least-squares map reproduces the model's logits; prune_table runs all three
+    variants for k = 1..L and refuses k > L."""
+    model = small_model(vocab=100, block=16, layers=3)
+    with torch.no_grad():
+        model.blocks[1].mixer.proj.weight.zero_()
+        model.blocks[1].mlp.proj.weight.zero_()
+    torch.manual_seed(0)
+    batches = [(torch.randint(100, (4, 16)), torch.randint(100, (4, 16))) for _ in range(6)]
+    rows = linearity.prune_table(model, batches, batches[:2], 3, 5, "cpu")
+    assert [r["k"] for r in rows] == [0, 1, 2, 3] and rows[1]["blocks"] == [1]
+    assert abs(rows[1]["linear"] - rows[0]["linear"]) < 1e-4 * rows[0]["linear"]  # exact map: same model
+    assert all(math.isfinite(r[v]) for r in rows for v in ("removed", "linear", "distilled"))
+    try:
+        linearity.prune_table(model, batches, batches, 4, 1, "cpu")
+        raise AssertionError("k > L accepted")
+    except ValueError as e:
+        assert "3 blocks" in str(e)
+
+
 def test_cosine_regulariser_training_and_linearity_profile_cli():
     """train.py --reg cosine logs the regulariser; linearity.py CHECKPOINT prints one row per layer
     pair; too few tokens and a missing checkpoint are clear errors."""
@@ -485,6 +507,9 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     assert len(rows) == 2, out
     assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[2:4]), rows
     expect_fail(run("--tokens", "10"), "meaningless")
+    expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
+    out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2"))
+    assert "(c) fit + distilled" in out and "| 1 |" in out, out
     r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
                        capture_output=True, text=True, timeout=120)
     expect_fail(r, "no checkpoint")
