@@ -329,7 +329,7 @@ def main(argv=None) -> int:
                        for i in range(0, len(fit_starts), args.batch_size)]
         val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
         rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
-        print(f"\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
+        print("\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
         print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled |")
         print("|--:|-----------------|------------:|---------------:|--------------------:|")
         for r in rows:
