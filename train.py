@@ -165,20 +165,27 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, H, D)
         q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, H, T, D)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
-        else:
+        if cache is not None:  # append this chunk's keys and values, attend over everything cached
             end = start_pos + T
             cache["k"][:, :, start_pos:end] = k
             cache["v"][:, :, start_pos:end] = v
             k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]  # (B, H, end, D)
-            if T == 1:  # one new token sees every cached one
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+
+def causal_attention(q, k, v, start_pos: int = 0):
+    """softmax(q k^T / sqrt(D)) v through SDPA, for queries at positions start_pos .. start_pos+T_q-1
+    over keys at 0 .. start_pos+T_q-1. q (B, H, T_q, D), k and v (B, H, T_k, D)."""
+    T_q, T_k = q.size(-2), k.size(-2)
+    if T_q == T_k:  # training, or a prefill from position 0
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if T_q == 1:  # one new token sees every cached one
+        return F.scaled_dot_product_attention(q, k, v)
+    # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
+    mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
