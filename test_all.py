@@ -39,6 +39,7 @@ if not torch.cuda.is_available():  # the Triton kernels run under the interprete
 import kernels  # noqa: E402
 import linearity  # noqa: E402
 import mhc  # noqa: E402
+import tpa  # noqa: E402
 import train  # noqa: E402
 
 TRAIN_PY = os.path.join(HERE, "train.py")
@@ -394,6 +395,75 @@ def test_mhc_training_kernels_on_vs_off_agree():
         runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
     for step in runs[0]:
         assert abs(runs[0][step] - runs[1][step]) < 1e-5, runs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor Product Attention (tpa.py), plain PyTorch
+
+
+def tpa_config(**kw):
+    return train.GPTConfig(**{"arch": "tpa", "n_embd": 48, "n_head": 4, "block_size": 32, "tpa_head_dim": 8, **kw})
+
+
+def test_tpa_rope_commutes_with_the_head_factor():
+    """Theorem 3.1: building Q from RoPE-rotated B factors equals rotating the built Q."""
+    torch.manual_seed(0)
+    mixer = tpa.TPAttention(tpa_config(), 0)
+    (a_q, _, _), (b_q, _, _) = mixer.factors(torch.randn(2, 11, 48))
+    built_then_rotated = mixer.rotary(torch.einsum("btrh,btrd->bthd", a_q, b_q), 3)
+    rotated_then_built = torch.einsum("btrh,btrd->bthd", a_q, mixer.rotary(b_q, 3))
+    torch.testing.assert_close(rotated_then_built, built_then_rotated, atol=1e-6, rtol=1e-6)
+
+
+def standard_attention(x, wq, wk, wv, wo, h, d, rotary):
+    """Multi-head attention with h query heads and wk, wv giving G = rows / d key/value heads
+    (G = h: MHA, G = 1: MQA, otherwise GQA), each shared by h / G consecutive query heads."""
+    B, T, _ = x.shape
+    q = rotary((x @ wq.T).view(B, T, h, d)).transpose(1, 2)  # (B, h, T, d)
+    g = wk.size(0) // d
+    k = rotary((x @ wk.T).view(B, T, g, d)).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    v = (x @ wv.T).view(B, T, g, d).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, h * d) @ wo.T
+
+
+def test_tpa_special_cases_are_mha_mqa_gqa():
+    """With constant head factors, TPA computes exactly MHA (R = h, a_i = h e_i), MQA (R_K = R_V = 1,
+    a = 1) and GQA (R = G, a_g = G x the mask of group g's heads) from the same projection weights."""
+    torch.manual_seed(0)
+    h, d, C = 4, 8, 48
+    x = torch.randn(2, 9, C)
+    eye = h * torch.eye(h)
+    for name, g in (("MHA", 4), ("GQA", 2), ("MQA", 1)):
+        groups = g * torch.repeat_interleave(torch.eye(g), h // g, dim=1)  # (G, h): G x the group masks
+        cfg = tpa_config(tpa_heads=h, tpa_rank_q=h, tpa_rank_k=g, tpa_rank_v=g)
+        mixer = tpa.TPAttention(cfg, 0, fixed_a={"q": eye, "k": groups, "v": groups})
+        torch.nn.init.normal_(mixer.proj.weight, std=0.1)
+        wq, wk, wv = mixer.w_b.weight.split([h * d, g * d, g * d])  # b_r = the r-th head's projection
+        want = standard_attention(x, wq, wk, wv, mixer.proj.weight, h, d, mixer.rotary)
+        torch.testing.assert_close(mixer(x), want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_tpa_heads_and_cache_sizes():
+    """Head matching and cache sizes: the paper's small config (C = 768, d = 64, ranks 6, 2, 2) caches
+    (2 + 2)(h + 64) values per token against MHA's 2 x 12 x 64; our default model's table is consistent."""
+    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=False) == 33
+    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=True) == 21
+    assert tpa.kv_cache_values_per_token("tpa", 34, 64) == 392
+    assert tpa.kv_cache_values_per_token("mha", 12, 64) == 1536
+    table = dict(tpa.cache_table(train.GPTConfig(arch="tpa")))
+    assert table["MHA (h=6, d=64)"] == 768 and table["TPA (h=12, d=64, ranks (6, 2, 2))"] == 304
+    mixer = tpa.TPAttention(train.GPTConfig(arch="tpa"), 0)  # attention parameters close to MHA's 4 C^2
+    n = sum(p.numel() for p in mixer.parameters())
+    assert abs(n - 4 * 384 ** 2) < 0.05 * 4 * 384 ** 2, n
+
+
+def test_tpa_trains_on_tinystories():
+    """--arch tpa and --arch tpa-kvonly train on the CPU and write checkpoints that sample."""
+    for arch in ("tpa", "tpa-kvonly"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train(*TINY, "--arch", arch, "--tpa-head-dim", "16", "--max-iters", "3", cwd=cwd))
+        assert os.path.exists(os.path.join(cwd, "out", arch, "ckpt.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -830,6 +900,8 @@ def test_bad_arguments_are_refused():
         (["--data", empty_dir], ["found no train"]),
         (["--arch", "mhc", "--hc-rate", "0"], ["--hc-rate must be at least 1"]),
         (["--arch", "hc", "--hc-mode", "sometimes"], ["invalid choice", "static"]),
+        (["--arch", "tpa", "--tpa-rank-k", "0"], ["--tpa-rank-k must be at least 1"]),
+        (["--arch", "tpa", "--tpa-head-dim", "7"], ["--tpa-head-dim must be even"]),
     ]
     for args, phrases in cases:
         cwd = tempfile.mkdtemp(dir=WORK)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import linearity
 import mhc
+import tpa
 
 # ----------------------------------------------------------------------------------------------------
 # The arch registry: arch name -> (token mixer, residual-stream policy). Technique files add entries.
@@ -58,6 +59,8 @@ ARCHS = {
     "gpt": ("attention", "plain"),
     "hc": ("attention", "hc"),  # Hyper-Connections (mhc.py), --hc-rate streams, --hc-mode static/dynamic
     "mhc": ("attention", "mhc"),  # Manifold-Constrained Hyper-Connections (mhc.py)
+    "tpa": ("tpa", "plain"),  # Tensor Product Attention (tpa.py), ranks --tpa-rank-q/k/v
+    "tpa-kvonly": ("tpa-kvonly", "plain"),  # TPA for keys and values only (tpa.py)
 }
 
 
@@ -85,6 +88,13 @@ class GPTConfig:
                                                               "connections; dynamic was HC's best",
                                                       "choices": ["dynamic", "static"]})
     sinkhorn_iters: int = field(default=20, metadata={"help": "mhc: Sinkhorn-Knopp iterations (paper: 20)"})
+    # tpa / tpa-kvonly (tpa.py)
+    tpa_rank_q: int = field(default=6, metadata={"help": "tpa: rank of the query factorisation (paper: 6)"})
+    tpa_rank_k: int = field(default=2, metadata={"help": "tpa: rank of the keys (paper: 2)"})
+    tpa_rank_v: int = field(default=2, metadata={"help": "tpa: rank of the values (paper: 2)"})
+    tpa_heads: int = field(default=0, metadata={"help": "tpa: heads; 0 = as many as give MHA's 4 C^2 "
+                                                        "attention parameters (the paper's matching)"})
+    tpa_head_dim: int = field(default=64, metadata={"help": "tpa: head width d_h (paper: 64)"})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -231,7 +241,8 @@ class PlainStream(nn.Module):
             return h + f(h)
 
 
-MIXERS = {"attention": CausalSelfAttention}  # name -> class(cfg, layer)
+MIXERS = {"attention": CausalSelfAttention,  # name -> class(cfg, layer)
+          "tpa": tpa.TPAttention, "tpa-kvonly": tpa.TPAKVOnly}
 STREAMS = {"plain": PlainStream,  # name -> class(cfg) with .expand, .collapse and .Connection(cfg, index)
            "hc": mhc.HCStream, "mhc": mhc.MHCStream}
 
@@ -816,13 +827,17 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                 "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval,
                 "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
                 "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb, "hc_rate": mcfg.hc_rate,
-                "sinkhorn_iters": mcfg.sinkhorn_iters}
+                "sinkhorn_iters": mcfg.sinkhorn_iters, "tpa_rank_q": mcfg.tpa_rank_q, "tpa_rank_k": mcfg.tpa_rank_k,
+                "tpa_rank_v": mcfg.tpa_rank_v}
     for name, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    for name in ("max_iters", "warmup_iters", "top_k"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
+    if mcfg.tpa_head_dim < 2 or mcfg.tpa_head_dim % 2:
+        raise UserError(f"--tpa-head-dim must be even and at least 2 for RoPE (got {mcfg.tpa_head_dim})")
+    for name in ("max_iters", "warmup_iters", "top_k", "tpa_heads"):
+        value = getattr(mcfg if name == "tpa_heads" else cfg, name)
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip", "temperature"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0:
