@@ -76,18 +76,29 @@ def composite(res_list: list[torch.Tensor]) -> torch.Tensor:
 # The stream update shared by HC and mHC
 
 
+def pre_mix(h: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """x_in = H_pre h = sum_j pre_j h_j: the sub-layer's input. h (B, T, n, C), pre (B, T, n) -> (B, T, C),
+    fp32 with autocast off: the streams are the residual path, and bf16 mixing would lose what a plain
+    fp32 residual keeps."""
+    with torch.autocast(h.device.type, enabled=False):
+        return torch.einsum("btn,btnc->btc", pre, h.float())
+
+
+def write_back(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """h' = H_res h + H_post^T out: h (B, T, n, C), out (B, T, C), post (B, T, n), res (B, T, n, n) ->
+    (B, T, n, C) in fp32 (autocast off, as in pre_mix). kernels.mhc_post_res fuses it."""
+    with torch.autocast(h.device.type, enabled=False):
+        mixed = torch.einsum("btij,btjc->btic", res, h.float())  # (B, T, n, C): H_res h
+        return mixed + post.unsqueeze(-1) * out.float().unsqueeze(2)
+
+
 def hyper_update(h: torch.Tensor, pre, post, res, f) -> torch.Tensor:
     """One sub-layer with hyper-connections: h' = res h + post^T f(pre h).
 
-    h (B, T, n, C); pre, post (B, T, n) and res (B, T, n, n) in fp32; f maps (B, T, C) -> (B, T, C).
-    The stream mixes run in fp32 with autocast off: the streams are the residual path, and rounding
-    them to bf16 every sub-layer would lose what a plain fp32 residual keeps."""
-    with torch.autocast(h.device.type, enabled=False):
-        x_in = torch.einsum("btn,btnc->btc", pre, h.float())  # (B, T, C): H_pre h
-    out = f(x_in.to(h.dtype))  # (B, T, C); the sub-layer normalises x_in itself (its pre-norm)
-    with torch.autocast(h.device.type, enabled=False):
-        mixed = torch.einsum("btij,btjc->btic", res, h.float())  # (B, T, n, C): H_res h
-        return (mixed + post.unsqueeze(-1) * out.float().unsqueeze(2)).to(h.dtype)  # + H_post^T f
+    h (B, T, n, C); pre, post (B, T, n) and res (B, T, n, n) in fp32; f maps (B, T, C) -> (B, T, C)
+    and normalises its input itself (the sub-layer's pre-norm)."""
+    out = f(pre_mix(h, pre).to(h.dtype))
+    return write_back(h, out, post, res).to(h.dtype)
 
 
 class HyperStream(nn.Module):
@@ -196,9 +207,7 @@ class HCConnection(nn.Module):
         if self.record:
             self.last_res = res.detach()
         if self.use_kernels:  # the write-back fused (kernels.mhc_post_res); the pre-mix stays plain
-            with torch.autocast(h.device.type, enabled=False):
-                x_in = torch.einsum("btn,btnc->btc", pre, h.float()).to(h.dtype)
-            return kernels.mhc_post_res(h, f(x_in), post, res)
+            return kernels.mhc_post_res(h, f(pre_mix(h, pre).to(h.dtype)), post, res)
         return hyper_update(h, pre, post, res, f)
 
 

@@ -309,7 +309,7 @@ def check_kernel_mhc_pre(B, T, C, device, dtype, tol):
     params = [conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res]
     h = torch.randn(B, T, 4, C, device=device).to(dtype).requires_grad_()
     pre, post, res = conn.coefficients(h)  # reference, fp32 math on the same (possibly bf16) inputs
-    x_ref = torch.einsum("btn,btnc->btc", pre, h.float())
+    x_ref = mhc.pre_mix(h, pre)
     x_k, post_k, res_k = kernels.mhc_pre(h, *params, 20)
     assert x_k.dtype == dtype and post_k.dtype == res_k.dtype == torch.float32
     for a, b in ((x_k, x_ref), (post_k, post), (res_k, res)):
@@ -328,7 +328,7 @@ def check_kernel_post_res(B, T, C, device, dtype, tol):
     f = torch.randn(B, T, C, device=device).to(dtype).requires_grad_()
     post = torch.rand(B, T, 4, device=device, requires_grad=True)
     res = torch.rand(B, T, 4, 4, device=device, requires_grad=True)
-    ref = torch.einsum("btij,btjc->btic", res, h.float()) + post.unsqueeze(-1) * f.float().unsqueeze(2)
+    ref = mhc.write_back(h, f, post, res)
     out = kernels.mhc_post_res(h, f, post, res)
     assert out.dtype == dtype and rel_err(out, ref) < tol
     g = torch.randn_like(ref).to(dtype)
@@ -356,7 +356,7 @@ def test_kernel_mhc_pre_matches_reference():
 
 
 def test_kernel_post_res_matches_reference():
-    """Fused write-back res h + post^T f == the plain einsum, with all four gradients; fp32, odd sizes."""
+    """Fused write-back res h + post^T f == mhc.write_back, with all four gradients; fp32, odd sizes."""
     needs_triton()
     check_kernel_post_res(3, 7, 80, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32, 1e-5)
 
@@ -410,8 +410,8 @@ def test_tpa_rope_commutes_with_the_head_factor():
     torch.manual_seed(0)
     mixer = tpa.TPAttention(tpa_config(), 0)
     (a_q, _, _), (b_q, _, _) = mixer.factors(torch.randn(2, 11, 48))
-    built_then_rotated = mixer.rotary(torch.einsum("btrh,btrd->bthd", a_q, b_q), 3)
-    rotated_then_built = torch.einsum("btrh,btrd->bthd", a_q, mixer.rotary(b_q, 3))
+    built_then_rotated = mixer.rotary(tpa.factor_product(a_q, b_q), 3)
+    rotated_then_built = tpa.factor_product(a_q, mixer.rotary(b_q, 3))
     torch.testing.assert_close(rotated_then_built, built_then_rotated, atol=1e-6, rtol=1e-6)
 
 

@@ -79,6 +79,11 @@ def cache_table(cfg) -> list[tuple[str, int]]:
              kv_cache_values_per_token("tpa", tpa_heads(cfg), cfg.tpa_head_dim, ranks))]
 
 
+def factor_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(1 / R) sum_r a_r (outer) b_r per token: a (B, T, R, h), b (B, T, R, d) -> (B, T, h, d)."""
+    return torch.einsum("btrh,btrd->bthd", a, b) / a.size(2)
+
+
 class TPAttention(nn.Module):
     """Token mixer 'tpa' (and 'tpa-kvonly'): causal attention with factorised Q, K, V.
 
@@ -150,15 +155,13 @@ class TPAttention(nn.Module):
         if self.kv_only:
             q = self.rotary(self.w_q(x).view(B, T, self.h, self.d), start_pos)  # (B, T, h, d)
         else:
-            # Q_t = (1 / R_Q) sum_r a_r (outer) RoPE(b_r)
-            q = torch.einsum("btrh,btrd->bthd", a_q, self.rotary(b_q, start_pos)) / self.rq  # (B, T, h, d)
+            q = factor_product(a_q, self.rotary(b_q, start_pos))  # (B, T, h, d): (1/R_Q) sum_r a_r (outer) RoPE(b_r)
         if cache is not None:  # keep the factors; rebuild K and V from all cached ones
             end = start_pos + T
             for name, value in (("a_k", a_k), ("b_k", b_k), ("a_v", a_v), ("b_v", b_v)):
                 cache[name][:, start_pos:end] = value
             a_k, b_k, a_v, b_v = (cache[n][:, :end] for n in ("a_k", "b_k", "a_v", "b_v"))
-        k = torch.einsum("btrh,btrd->bthd", a_k, b_k) / self.rk  # (B, T_k, h, d)
-        v = torch.einsum("btrh,btrd->bthd", a_v, b_v) / self.rv  # (B, T_k, h, d)
+        k, v = factor_product(a_k, b_k), factor_product(a_v, b_v)  # (B, T_k, h, d) each
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, h, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
@@ -185,8 +188,8 @@ if __name__ == "__main__":
 
     print("1. RoPE commutes with the head factor: rotating B then forming Q == forming Q then rotating it")
     (a_q, _, _), (b_q, _, _) = mixer.factors(x)
-    rotate_b = torch.einsum("btrh,btrd->bthd", a_q, mixer.rotary(b_q)) / mixer.rq
-    rotate_q = mixer.rotary(torch.einsum("btrh,btrd->bthd", a_q, b_q) / mixer.rq)
+    rotate_b = factor_product(a_q, mixer.rotary(b_q))
+    rotate_q = mixer.rotary(factor_product(a_q, b_q))
     print(f"   max difference {(rotate_b - rotate_q).abs().max():.1e}")
 
     print("2. Values cached per token per layer at the project's default model (d=384, 6 heads):")
