@@ -301,8 +301,8 @@ def main(argv=None) -> int:
         print(f"error: the validation set has too few tokens ({len(val)}) for hidden size {mcfg.n_embd}",
               file=sys.stderr)
         return 1
-    batches = [val.windows(starts[i:i + args.batch_size], T)[0] for i in range(0, len(starts), args.batch_size)]
-    profile = layer_profile(model, batches, device)
+    val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
+    profile = layer_profile(model, [x for x, _ in val_batches], device)
     print(f"linearity of {args.checkpoint} ({mcfg.arch}, {mcfg.n_layer} blocks, d={mcfg.n_embd}), "
           f"{len(starts) * T:,} validation tokens")
     print("| pair                 | LS (with residual) | LS_wo (without) |")
@@ -327,7 +327,6 @@ def main(argv=None) -> int:
         fit_starts = list(range(0, len(fit) - T - 1, T))[:len(starts)]
         fit_batches = [fit.windows(fit_starts[i:i + args.batch_size], T)
                        for i in range(0, len(fit_starts), args.batch_size)]
-        val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
         rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
         print("\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
         print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled |")
