@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hyena
 import linearity
 import mhc
 import tpa
@@ -61,6 +62,7 @@ ARCHS = {
     "mhc": ("attention", "mhc"),  # Manifold-Constrained Hyper-Connections (mhc.py)
     "tpa": ("tpa", "plain"),  # Tensor Product Attention (tpa.py), ranks --tpa-rank-q/k/v
     "tpa-kvonly": ("tpa-kvonly", "plain"),  # TPA for keys and values only (tpa.py)
+    "hyena": ("hyena", "plain"),  # Hyena (hyena.py): implicit long convolutions and gates, --hyena-order
 }
 
 
@@ -95,6 +97,12 @@ class GPTConfig:
     tpa_heads: int = field(default=0, metadata={"help": "tpa: heads; 0 = as many as give MHA's 4 C^2 "
                                                         "attention parameters (the paper's matching)"})
     tpa_head_dim: int = field(default=64, metadata={"help": "tpa: head width d_h (paper: 64)"})
+    # hyena (hyena.py)
+    hyena_order: int = field(default=2, metadata={"help": "hyena: long convolutions per operator, the paper's N"})
+    hyena_filter_width: int = field(default=64, metadata={"help": "hyena: width of the implicit filter's FFN"})
+    hyena_emb_dim: int = field(default=33, metadata={"help": "hyena: positional features (1 + 2 bands, odd)"})
+    hyena_w: float = field(default=14.0, metadata={"help": "hyena: initial frequency of the filter's Sin "
+                                                           "(paper: 14)"})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -243,7 +251,7 @@ class PlainStream(nn.Module):
 
 
 MIXERS = {"attention": CausalSelfAttention,  # name -> class(cfg, layer)
-          "tpa": tpa.TPAttention, "tpa-kvonly": tpa.TPAKVOnly}
+          "tpa": tpa.TPAttention, "tpa-kvonly": tpa.TPAKVOnly, "hyena": hyena.HyenaMixer}
 STREAMS = {"plain": PlainStream,  # name -> class(cfg) with .expand, .collapse and .Connection(cfg, index)
            "hc": mhc.HCStream, "mhc": mhc.MHCStream}
 
@@ -708,6 +716,29 @@ class TokenData:
         return torch.randint(len(self) - seq_len - 1, (batch_size,), generator=g)
 
 
+class RecallData:
+    """Synthetic associative recall (hyena.recall_example) behind TokenData's interface: example number
+    i of a split is always the same sequence, so runs and evaluations are reproducible."""
+
+    def __init__(self, split_seed: int, vocab_size: int, n_pairs: int):
+        self.split_seed, self.vocab_size, self.n_pairs = split_seed, vocab_size, n_pairs
+
+    def __len__(self):
+        return 1 << 40  # examples are generated on demand
+
+    def windows(self, starts, seq_len: int):
+        pairs = [hyena.recall_example(seq_len, self.vocab_size, self.n_pairs,
+                                      torch.Generator().manual_seed(self.split_seed + int(i))) for i in starts]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (N, T) each
+
+    def train_starts(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
+        return (seed * 1_000_003 + step) * batch_size + torch.arange(batch_size)
+
+
+def recall_pairs(cfg, seq_len: int) -> int:
+    return cfg.recall_pairs or max(1, seq_len // 8)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Trainer
 
@@ -715,6 +746,13 @@ class TokenData:
 @dataclass
 class TrainConfig:
     # data
+    task: str = field(default="tinystories", metadata={"help": "tinystories (language modelling) or recall "
+                                                               "(synthetic multi-query associative recall, "
+                                                               "hyena.py)", "choices": ["tinystories", "recall"]})
+    recall_vocab: int = field(default=257, metadata={"help": "recall: vocabulary (filler + keys + values); "
+                                                             "it becomes the model's --vocab-size"})
+    recall_pairs: int = field(default=0, metadata={"help": "recall: key-value pairs per sequence "
+                                                           "(0: seq_len / 8)"})
     data: str = field(default=None, metadata={"help": "TinyStories folder or file (.txt/.txt.xz); "
                                                       "default: $TINYSTORIES_DIR, out/data, or download"})
     download_mb: int = field(default=512, metadata={"help": "MiB of the train file to download (~130M tokens)"})
@@ -829,14 +867,17 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                 "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
                 "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb, "hc_rate": mcfg.hc_rate,
                 "sinkhorn_iters": mcfg.sinkhorn_iters, "tpa_rank_q": mcfg.tpa_rank_q, "tpa_rank_k": mcfg.tpa_rank_k,
-                "tpa_rank_v": mcfg.tpa_rank_v}
+                "tpa_rank_v": mcfg.tpa_rank_v, "hyena_order": mcfg.hyena_order,
+                "hyena_filter_width": mcfg.hyena_filter_width, "recall_vocab": cfg.recall_vocab}
     for name, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if mcfg.hyena_emb_dim < 3 or mcfg.hyena_emb_dim % 2 == 0:
+        raise UserError(f"--hyena-emb-dim must be odd and at least 3 (1 + 2 bands; got {mcfg.hyena_emb_dim})")
     if mcfg.tpa_head_dim < 2 or mcfg.tpa_head_dim % 2:
         raise UserError(f"--tpa-head-dim must be even and at least 2 for RoPE (got {mcfg.tpa_head_dim})")
     non_negative = {"max_iters": cfg.max_iters, "warmup_iters": cfg.warmup_iters, "top_k": cfg.top_k,
-                    "tpa_heads": mcfg.tpa_heads}
+                    "tpa_heads": mcfg.tpa_heads, "recall_pairs": cfg.recall_pairs}
     for name, value in non_negative.items():
         if value < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
@@ -852,26 +893,37 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
         raise UserError(f"--n-embd {mcfg.n_embd} must split into --n-head {mcfg.n_head} heads of even width")
     if cfg.seq_len is not None and cfg.seq_len > mcfg.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than the model's --block-size {mcfg.block_size}")
+    if cfg.task == "recall":
+        seq_len = cfg.seq_len or mcfg.block_size
+        pairs, keys = recall_pairs(cfg, seq_len), (cfg.recall_vocab - 1) // 2
+        if pairs > keys or 4 * pairs > seq_len:
+            raise UserError(f"recall: {pairs} pairs need at least {pairs} keys (--recall-vocab {cfg.recall_vocab} "
+                            f"has {keys}) and --seq-len >= {4 * pairs} (got {seq_len})")
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                         f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, seq_len: int, micro_batch: int, n_batches: int, device, autocast) -> float:
+def evaluate(model, data, seq_len: int, micro_batch: int, n_batches: int, device, autocast,
+             accuracy: bool = False):
     """Mean loss over consecutive, non-overlapping windows from the start of the validation set, so
-    every evaluation of every run sees the same tokens."""
+    every evaluation of every run sees the same tokens. With accuracy: (loss, fraction of targets
+    whose argmax prediction is right)."""
     model.eval()
-    starts = list(range(0, len(data) - seq_len - 1, seq_len))[:n_batches * micro_batch]
-    total, count = 0.0, 0
+    starts = range(0, len(data) - seq_len - 1, seq_len)[:n_batches * micro_batch]
+    total, count, right = 0.0, 0, 0
     for i in range(0, len(starts), micro_batch):
         x, y = data.windows(starts[i:i + micro_batch], seq_len)
+        x, y = x.to(device), y.to(device)
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
+            logits, loss = model(x, y)
+        n = int((y != -1).sum())  # positions with a target (all of them for language modelling)
+        total += loss.item() * n
+        count += n
+        right += int(((logits.argmax(-1) == y) & (y != -1)).sum())
     model.train()
-    return total / count
+    return (total / count, right / count) if accuracy else total / count
 
 
 def sample_text(model, enc, prompt: str, n: int, cfg: TrainConfig, device, autocast) -> list[str]:
@@ -998,7 +1050,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch)
+    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + ("-recall" if cfg.task == "recall" else ""))
+    if cfg.task == "recall" and not cfg.resume:
+        mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start_step, best_val = 0, float("inf")
     ckpt = None
@@ -1023,7 +1077,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
 
     # data: rank 0 tokenizes (once); the others wait for its cache, or its error
     paths, error = None, None
-    if master:
+    recall = cfg.task == "recall"
+    if master and not recall:
         try:
             train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
             log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
@@ -1036,7 +1091,11 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         paths, error = shared[0]
     if error:
         raise UserError(error)
-    train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
+    if recall:  # fresh synthetic sequences; validation examples come from a disjoint seed range
+        train_data = RecallData(0, cfg.recall_vocab, recall_pairs(cfg, seq_len))
+        val_data = RecallData(1 << 62, cfg.recall_vocab, recall_pairs(cfg, seq_len))
+    else:
+        train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
     for split, d in (("train", train_data), ("validation", val_data)):
         if len(d) < seq_len + 1:
             raise UserError(f"the {split} set has {len(d)} tokens, fewer than --seq-len {seq_len} + 1")
@@ -1070,7 +1129,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         f"{dtype}, compile {'on' if use_compile else 'off'}, kernels {'on' if use_kernels else 'off'}; "
         f"batch {cfg.batch_size} x {seq_len} = "
         f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
-        f"{world} process(es)); {cfg.max_iters} steps; train {len(train_data):,} tokens, val {len(val_data):,}")
+        f"{world} process(es)); {cfg.max_iters} steps; "
+        + (f"recall: {train_data.n_pairs} pairs, vocab {cfg.recall_vocab}" if recall
+           else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -1095,10 +1156,16 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
 
     def eval_and_checkpoint(step):
         nonlocal best_val
-        val_loss = evaluate(raw_model, val_data, seq_len, micro_batch, cfg.eval_batches, device, autocast)
+        val_loss = evaluate(raw_model, val_data, seq_len, micro_batch, cfg.eval_batches, device, autocast,
+                            accuracy=recall)
+        if recall:
+            val_loss, accuracy = val_loss
+            log(f"step {step}: val loss {val_loss:.4f}, recall accuracy {100 * accuracy:.1f}%")
+            write_metrics({"step": step, "val_loss": val_loss, "recall_accuracy": accuracy})
+        else:
+            log(f"step {step}: val loss {val_loss:.4f}")
+            write_metrics({"step": step, "val_loss": val_loss})
         best_val = min(best_val, val_loss)
-        log(f"step {step}: val loss {val_loss:.4f}")
-        write_metrics({"step": step, "val_loss": val_loss})
         if hasattr(raw_model.stream, "diagnostics"):  # hc/mhc: how much the residual mixing amplifies
             x, _ = val_data.windows(range(0, 8 * seq_len, seq_len), seq_len)  # 8 validation sequences
             with autocast:
@@ -1199,7 +1266,10 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                 t_last = time.time()  # evaluation time is not training time
     if step == start_step:  # nothing to train (e.g. resuming a finished run): still report
         eval_and_checkpoint(step)
-    if master:
+    if master and recall:
+        metrics.close()
+        log(f"best val loss {best_val:.4f}")
+    elif master:
         metrics.close()
         enc = get_tokenizer()
         story = sample_text(raw_model, enc, "", 1, cfg, device, autocast)[0]
