@@ -162,7 +162,8 @@ def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 
 def long_conv_gate(z, x, h, skip):
     """x * (h conv z + skip * z), the plain path: z, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)."""
-    return (x.float() * fft_causal_conv(z, h, skip)).to(z.dtype)
+    y = fft_causal_conv(z, h, skip)  # fp32 (fp64 for fp64 inputs)
+    return (x.to(y.dtype) * y).to(z.dtype)
 
 
 class HyenaMixer(nn.Module):
@@ -185,12 +186,13 @@ class HyenaMixer(nn.Module):
         self.conv_bias = nn.Parameter(conv.bias.detach().clone())  # ((N+1) C,)
         self.filter = ImplicitFilter(C, N, cfg.block_size, emb_dim=cfg.hyena_emb_dim,
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
-        self.out_proj = nn.Linear(C, C, bias=False)
+        self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        self.kernel_supported = True
+        # the Toeplitz kernel is for training lengths; longer contexts keep the FFT path
+        self.kernel_supported = kernels is not None and cfg.block_size <= kernels.HYENA_CONV["max_len"]
 
     def init_weights(self):
-        nn.init.zeros_(self.out_proj.weight)  # as every mixer here: the block starts as the identity
+        nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity
 
     def flops_per_token(self, seq_len: int) -> int:
         # FFT convolutions are not tensor-core matmuls; MFU counts the projections (6N) only.
@@ -223,7 +225,7 @@ class HyenaMixer(nn.Module):
                 z = kernels.hyena_long_conv(z, x, h[n], self.filter.skip[n])
             else:
                 z = long_conv_gate(z, x, h[n], self.filter.skip[n])
-        return self.out_proj(z.transpose(1, 2))  # (B, C, T) -> (B, T, C)
+        return self.proj(z.transpose(1, 2))  # (B, C, T) -> (B, T, C)
 
     # -- generation: exact cached decoding ----------------------------------------------------------
     # The state of a Hyena layer is the short conv's last two inputs and, for each long convolution,
@@ -253,7 +255,7 @@ class HyenaMixer(nn.Module):
             else:  # a chunk (the prompt): the FFT convolution over everything, keep this chunk's outputs
                 y = fft_causal_conv(past, h[n, :, :end], self.filter.skip[n])[..., start_pos:end]
             z = (x.float() * y).to(u.dtype)
-        return self.out_proj(z.transpose(1, 2))
+        return self.proj(z.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def _demo():
     cfg = SimpleNamespace(n_embd=32, block_size=64, hyena_order=2, hyena_emb_dim=33, hyena_filter_width=64,
                           hyena_w=14.0)
     mixer = HyenaMixer(cfg, 0)
-    nn.init.normal_(mixer.out_proj.weight, std=0.02)  # non-zero, so the output depends on the input
+    nn.init.normal_(mixer.proj.weight, std=0.02)  # non-zero, so the output depends on the input
     B, L = 2, 48
 
     print("1. The FFT convolution equals the O(L^2) definition")

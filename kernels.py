@@ -462,6 +462,259 @@ def mhc_post_res(h, f, post, res):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Hyena (hyena.py): the short conv, and the causal long convolution with its skip and gate
+#
+# Layout: the long convolution works on (B, C, L) tensors, time contiguous; the short-conv kernel writes
+# that layout from the in_proj output (B, L, K), so the transpose costs nothing extra.
+#
+# The long convolution as blocked Toeplitz matmuls (the causal conv of one channel is a lower-triangular
+# Toeplitz matrix T[t, s] = h[t - s]). Cut time into blocks of S: block i of the output is
+#     Y_i = sum_{m >= 0} T_m U_{i-m},    T_m[p, q] = h[m S + p - q]  (an S x S Toeplitz tile, zero for lag < 0)
+# and every (block i, sequence b) pair is one column of a matmul: T_m (S x S) @ U (S x columns), so even
+# B = 1 fills the tensor cores' N dimension with time blocks. T_m is built on-chip from 2S taps of h.
+# O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
+# (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
+
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "max_len": 8192}
+
+if HAVE_TRITON:
+    @triton.jit
+    def _short_conv_fwd_kernel(p_ptr, w_ptr, b_ptr, out_ptr, L, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[b, k, t] = w[k, 0] p[b, t-2, k] + w[k, 1] p[b, t-1, k] + w[k, 2] p[b, t, k] + bias[k]."""
+        ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        b = tl.program_id(2)
+        kmask = ks < K
+        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32) + tl.load(b_ptr + ks, mask=kmask, other=0.0)[None, :]
+        for j in tl.static_range(3):
+            src = ts - 2 + j  # the causal taps; src < 0 is the zero padding
+            pv = tl.load(p_ptr + b * L * K + src[:, None] * K + ks[None, :],
+                         mask=((src >= 0) & (src < L))[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.load(w_ptr + ks * 3 + j, mask=kmask, other=0.0)[None, :] * pv
+        tl.store(out_ptr + b * K * L + ks[None, :] * L + ts[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=(ts < L)[:, None] & kmask[None, :])
+
+    @triton.jit
+    def _short_conv_bwd_kernel(p_ptr, w_ptr, g_ptr, dp_ptr, dw_ptr, db_ptr, L, K, BLOCK_T: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+        """dp[b, t, k] = sum_j w[k, j] g[b, k, t + 2 - j]; per-program partial sums of dw and dbias
+        (reduced in PyTorch: no atomics)."""
+        ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        b = tl.program_id(2)
+        kmask = ks < K
+        tmask = ts < L
+        g = tl.load(g_ptr + b * K * L + ks[None, :] * L + ts[:, None], mask=tmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_K)
+        dp = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        part = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * K + ks
+        for j in tl.static_range(3):
+            dst = ts + 2 - j  # the output this tap of p[t] fed
+            gj = tl.load(g_ptr + b * K * L + ks[None, :] * L + dst[:, None],
+                         mask=(dst < L)[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            dp += tl.load(w_ptr + ks * 3 + j, mask=kmask, other=0.0)[None, :] * gj
+            src = ts - 2 + j
+            pv = tl.load(p_ptr + b * L * K + src[:, None] * K + ks[None, :],
+                         mask=((src >= 0) & (src < L))[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            tl.store(dw_ptr + part * 3 + j, tl.sum(g * pv, axis=0), mask=kmask)
+        tl.store(db_ptr + part, tl.sum(g, axis=0), mask=kmask)
+        tl.store(dp_ptr + b * L * K + ts[:, None] * K + ks[None, :], dp.to(dp_ptr.dtype.element_ty),
+                 mask=tmask[:, None] & kmask[None, :])
+
+    @triton.jit
+    def _toeplitz_kernel(a_ptr, b_ptr, h_ptr, skip_ptr, pre_ptr, out_ptr, out2_ptr, Bsz, L, stride_a, stride_b,
+                         REVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+        """Forward (REVERSE=False): a = u, b = x:      pre = T u + skip u,  out = x * pre   (out2 = pre)
+        Backward (REVERSE=True): a = g = dL/dout, b = x, with gy = g * x:
+                                 out = T^T gy + skip gy = dL/du,  out2 = g * pre = dL/dx.
+        Program (channel d, tile of columns); column n = (time block i, sequence b) = i * Bsz + b."""
+        d = tl.program_id(0)
+        C = tl.num_programs(0)
+        nb = tl.cdiv(L, BLOCK)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        blk, seq = cols // Bsz, cols % Bsz  # (BLOCK_N,) output block and sequence of each column
+        cmask = blk < nb
+        rows = tl.arange(0, BLOCK)  # time within the output block (M)
+        ks = tl.arange(0, BLOCK)  # time within the source block (K)
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        first_blk = (tl.program_id(1) * BLOCK_N) // Bsz
+        last_blk = tl.minimum((tl.program_id(1) * BLOCK_N + BLOCK_N - 1) // Bsz, nb - 1)
+        n_lags = nb - first_blk if REVERSE else last_blk + 1  # lag blocks that reach some column
+        for m in range(0, n_lags):
+            if REVERSE:  # dL/du_s = sum_{t >= s} h[t - s] gy_t: source block = blk + m, tile T_m^T
+                lag = m * BLOCK + ks[None, :] - rows[:, None]
+                src_blk = blk + m
+            else:  # y_t = sum_{s <= t} h[t - s] u_s: source block = blk - m, tile T_m
+                lag = m * BLOCK + rows[:, None] - ks[None, :]
+                src_blk = blk - m
+            tile = tl.load(h_ptr + d * L + lag, mask=(lag >= 0) & (lag < L), other=0.0)  # (BLOCK, BLOCK) fp32
+            src_t = src_blk[None, :] * BLOCK + ks[:, None]  # (K, N)
+            smask = cmask[None, :] & (src_blk >= 0)[None, :] & (src_t < L)
+            src = tl.load(a_ptr + seq[None, :] * stride_a + d * L + src_t, mask=smask, other=0.0)
+            if REVERSE:
+                src = (src.to(tl.float32) * tl.load(b_ptr + seq[None, :] * stride_b + d * L + src_t, mask=smask,
+                                                    other=0.0).to(tl.float32)).to(a_ptr.dtype.element_ty)
+            acc += tl.dot(tile.to(src.dtype), src, input_precision=DOT)
+        # epilogue at the output positions: the skip term and the gate
+        t = blk[None, :] * BLOCK + rows[:, None]  # (M, N)
+        omask = cmask[None, :] & (t < L)
+        offs_c = d * L + t
+        skip = tl.load(skip_ptr + d)
+        a_own = tl.load(a_ptr + seq[None, :] * stride_a + offs_c, mask=omask, other=0.0).to(tl.float32)
+        b_own = tl.load(b_ptr + seq[None, :] * stride_b + offs_c, mask=omask, other=0.0).to(tl.float32)
+        offs_out = seq[None, :] * (C * L) + offs_c
+        if REVERSE:
+            gy = a_own * b_own
+            pre = tl.load(pre_ptr + offs_out, mask=omask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_out, (acc + skip * gy).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out2_ptr + offs_out, (a_own * pre).to(out2_ptr.dtype.element_ty), mask=omask)
+        else:
+            pre = acc + skip * a_own
+            tl.store(out_ptr + offs_out, (b_own * pre).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out2_ptr + offs_out, pre.to(out2_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
+    def _toeplitz_dh_kernel(g_ptr, x_ptr, u_ptr, dh_ptr, scratch_ptr, Bsz, L, stride_g, stride_x, stride_u,
+                            BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+        """dh[d, k] = sum_{b, t} gy[b, d, t] u[b, d, t - k], gy = g * x, for the lag block(s) of this program.
+
+        For lag block m: P = sum over columns (i, b) of gy_block_i (outer) u[(i-m-1) S : (i-m+1) S], a
+        (S x 2S) tensor-core matmul over all columns; then dh[m S + a] = sum_p P[p, S + p - a], a diagonal
+        sum, done by writing P to this program's scratch slot and reading it back skewed."""
+        d = tl.program_id(0)
+        nb = tl.cdiv(L, BLOCK)
+        rows = tl.arange(0, BLOCK)
+        win = tl.arange(0, 2 * BLOCK)
+        slot = scratch_ptr + (d * tl.num_programs(1) + tl.program_id(1)) * (2 * BLOCK * BLOCK)
+        for m in range(tl.program_id(1), nb, tl.num_programs(1)):
+            acc = tl.zeros((BLOCK, 2 * BLOCK), dtype=tl.float32)
+            for c0 in range(m * Bsz, nb * Bsz, BLOCK_N):  # columns with block i >= m
+                cols = c0 + tl.arange(0, BLOCK_N)
+                blk, seq = cols // Bsz, cols % Bsz
+                cmask = blk < nb
+                t = blk[None, :] * BLOCK + rows[:, None]  # (S, N)
+                gmask = cmask[None, :] & (t < L)
+                gy = (tl.load(g_ptr + seq[None, :] * stride_g + d * L + t, mask=gmask, other=0.0).to(tl.float32)
+                      * tl.load(x_ptr + seq[None, :] * stride_x + d * L + t, mask=gmask, other=0.0).to(tl.float32))
+                s = (blk - m - 1)[:, None] * BLOCK + win[None, :]  # (N, 2S) source times
+                umask = cmask[:, None] & (s >= 0) & (s < L)
+                uw = tl.load(u_ptr + seq[:, None] * stride_u + d * L + s, mask=umask, other=0.0)
+                acc += tl.dot(gy.to(uw.dtype), uw, input_precision=DOT)
+            tl.debug_barrier()  # the previous lag block's skewed reads of the slot are done
+            tl.store(slot + rows[:, None] * (2 * BLOCK) + win[None, :], acc)
+            tl.debug_barrier()
+            a = tl.arange(0, BLOCK)
+            diag = tl.load(slot + rows[:, None] * (2 * BLOCK) + BLOCK + rows[:, None] - a[None, :])  # (p, a)
+            k = m * BLOCK + a
+            tl.store(dh_ptr + d * L + k, tl.sum(diag, axis=0), mask=k < L)
+
+
+def _runnable(t: torch.Tensor, name: str):
+    import os
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{name}: Triton kernels need a CUDA tensor (got {t.device}); on a CPU set "
+                           f"TRITON_INTERPRET=1 before importing kernels.py, or use the plain path")
+
+
+class ShortConvFunction(torch.autograd.Function):
+    """Equals hyena.short_conv: p (B, L, K) -> (B, K, L), 3-tap causal depthwise conv plus bias."""
+
+    @staticmethod
+    def forward(ctx, p, weight, bias):
+        B, L, K = p.shape
+        out = torch.empty(B, K, L, device=p.device, dtype=p.dtype)
+        bt, bk = 64, 64
+        _short_conv_fwd_kernel[(triton.cdiv(L, bt), triton.cdiv(K, bk), B)](
+            p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk)
+        ctx.save_for_backward(p, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        p, weight = ctx.saved_tensors
+        B, L, K = p.shape
+        bt, bk = 64, 64
+        n_t = triton.cdiv(L, bt)
+        dp = torch.empty_like(p)
+        dw = torch.empty(B * n_t, K, 3, device=p.device, dtype=torch.float32)
+        db = torch.empty(B * n_t, K, device=p.device, dtype=torch.float32)
+        _short_conv_bwd_kernel[(n_t, triton.cdiv(K, bk), B)](
+            p, weight, g.contiguous(), dp, dw, db, L, K, BLOCK_T=bt, BLOCK_K=bk)
+        return dp, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+def hyena_short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """p (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv of every in_proj stream, written with
+    time last for the long convolutions. Reference: hyena.short_conv."""
+    _runnable(p, "hyena_short_conv")
+    _check("p", p)
+    if p.dim() != 3:
+        raise ValueError(f"hyena_short_conv: p must be (B, L, K), got shape {tuple(p.shape)}")
+    _check("weight", weight, (p.size(2), 3), (torch.float32,))
+    _check("bias", bias, (p.size(2),), (torch.float32,))
+    return ShortConvFunction.apply(p.contiguous(), weight.contiguous(), bias.contiguous())
+
+
+class LongConvFunction(torch.autograd.Function):
+    """Equals hyena.long_conv_gate: x * (h conv u + skip * u). u, x (B, C, L) with time contiguous and a
+    channel stride of L (batch strides may differ: chunks of one tensor are fine); h (C, L) fp32."""
+
+    @staticmethod
+    def forward(ctx, u, x, h, skip):
+        B, C, L = u.shape
+        cfg = HYENA_CONV
+        out = torch.empty(B, C, L, device=u.device, dtype=u.dtype)
+        pre = torch.empty_like(out)  # h conv u + skip u, kept for dL/dx
+        dot = "ieee" if u.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products
+        grid = (C, triton.cdiv(triton.cdiv(L, cfg["block"]) * B, cfg["block_n"]))
+        _toeplitz_kernel[grid](u, x, h, skip, pre, out, pre, B, L, u.stride(0), x.stride(0), REVERSE=False,
+                               BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=dot, num_warps=cfg["num_warps"])
+        ctx.save_for_backward(u, x, h, skip, pre)
+        ctx.dot, ctx.grid = dot, grid
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        u, x, h, skip, pre = ctx.saved_tensors
+        B, C, L = u.shape
+        cfg = HYENA_CONV
+        g = g.contiguous()
+        du = torch.empty(B, C, L, device=u.device, dtype=u.dtype)
+        dx = torch.empty_like(du)
+        _toeplitz_kernel[ctx.grid](g, x, h, skip, pre, du, dx, B, L, g.stride(0), x.stride(0), REVERSE=True,
+                                   BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=ctx.dot,
+                                   num_warps=cfg["num_warps"])
+        nb = triton.cdiv(L, cfg["block"])
+        split = min(nb, 16)  # programs per channel; each walks lag blocks split apart, reusing its slot
+        dh = torch.empty(C, L, device=u.device, dtype=torch.float32)
+        scratch = torch.empty(C * split, cfg["block"], 2 * cfg["block"], device=u.device, dtype=torch.float32)
+        _toeplitz_dh_kernel[(C, split)](g, x, u, dh, scratch, B, L, g.stride(0), x.stride(0), u.stride(0),
+                                        BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=ctx.dot,
+                                        num_warps=cfg["num_warps"])
+        d_skip = dh[:, 0].clone()  # sum_{b,t} gy u is the lag-0 tap's gradient
+        return du, dx, dh, d_skip.to(skip.dtype)
+
+
+def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """x * (h conv u + skip * u), causal, fp32 accumulation: u, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)
+    in u's dtype. Reference: hyena.long_conv_gate (FFT) and hyena.direct_causal_conv (the definition).
+    Lengths up to HYENA_CONV["max_len"] (O(L^2) work: longer sequences belong to the FFT path)."""
+    _runnable(u, "hyena_long_conv")
+    _check("u", u)
+    B, C, L = u.shape
+    _check("x", x, (B, C, L), (u.dtype,))
+    _check("h", h, (C, L), (torch.float32,))
+    _check("skip", skip, (C,), (torch.float32,))
+    if L > HYENA_CONV["max_len"]:
+        raise ValueError(f"hyena_long_conv: length {L} > {HYENA_CONV['max_len']}; use the FFT path")
+    for name, t in (("u", u), ("x", x)):
+        if t.stride(2) != 1 or t.stride(1) != L:
+            raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
+                             f"(got strides {t.stride()})")
+    return LongConvFunction.apply(u, x, h.contiguous(), skip.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------------
 # Benchmarks (GPU): python kernels.py --bench mhc
 
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hyena
+import kernels
 import linearity
 import mhc
 import tpa
@@ -840,6 +841,11 @@ def set_kernels(model: nn.Module, setting: str, device: torch.device) -> bool:
     """Switch every module with a kernel path (attribute use_kernels) to it, or back to the plain path."""
     on = setting == "on" or (setting == "auto" and device.type == "cuda")
     modules = [m for m in model.modules() if hasattr(m, "use_kernels")]
+    if on and modules and not kernels.HAVE_TRITON:
+        raise UserError("--kernels on needs Triton (pip install triton), or use --kernels off")
+    if on and modules and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--kernels on needs a CUDA GPU (on a CPU, Triton's interpreter runs them when "
+                        "TRITON_INTERPRET=1 is set: slow, for testing), or use --kernels off")
     for m in modules:
         m.use_kernels = on and m.kernel_supported
     if on and not all(m.use_kernels for m in modules):
