@@ -2,6 +2,7 @@
 kernels.py -- Triton versions of the hot paths of the technique files, each an autograd Function.
 
     python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
+    python kernels.py --bench hyena    # GPU: Hyena vs attention from 256 to 64K tokens (table + plot)
 
 Every kernel here has a plain PyTorch reference in its technique file (named in its docstring), which
 test_all.py compares it with, forward and backward. On a CPU, Triton's interpreter runs these kernels
@@ -15,6 +16,11 @@ mHC (mhc.py), per token with n = 4 streams of width C:
 Backward kernels recompute what they need instead of saving it between forward and backward: the
 coefficients from h, and Sinkhorn's iterates (run forward once more, each iteration's input written to a
 scratch buffer the same program reads back at once, then walked backwards: O(iters) per token).
+
+Hyena (hyena.py), streams (B, C, L) with time contiguous:
+    hyena_short_conv  in_proj output (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv, transposed
+    hyena_long_conv   x * (h conv u + D u): the causal long convolution as blocked Toeplitz matmuls on
+                      tensor cores, with the skip and the gate fused; fp32 accumulation
 """
 import argparse
 
@@ -807,13 +813,90 @@ def bench_mhc():
                 (io_fwd, io_fwd + io_bwd), Nt)
 
 
+def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
+    """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
+    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape."""
+    import os
+    import torch.nn.functional as F
+    import hyena
+    from triton.testing import do_bench
+    dev = "cuda"
+    print(f"# Hyena order 2 vs attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}; fwd+bwd median ms (do_bench), bf16 inputs")
+    print("# plain = hyena.long_conv_gate (FFT in fp32), compiled = torch.compile of it, kernel = "
+          "hyena_long_conv (blocked Toeplitz); attention = F.scaled_dot_product_attention(is_causal=True)")
+    print("| B  | D   | L      | attention | plain FFT | compiled | kernel   | kernel vs plain | kernel vs attention |")
+    print("|----|-----|-------:|----------:|----------:|---------:|---------:|----------------:|--------------------:|")
+    saved = HYENA_CONV["max_len"]
+    HYENA_CONV["max_len"] = max_len  # time the kernel at every length, also where the model uses the FFT
+    compiled_conv = torch.compile(hyena.long_conv_gate)
+    results = []
+
+    def order2(conv, v, x1, x2, h, skip):
+        return conv(conv(v, x1, h[0], skip[0]), x2, h[1], skip[1])
+
+    def timed(fn, inputs, grad):
+        def run():
+            out = fn()
+            torch.autograd.backward(out, grad)
+            for t in inputs:
+                t.grad = None
+        return do_bench(run, warmup=10, rep=100)
+
+    shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len] + [(64, 384, 512)]
+    try:
+        for B, D, L in shapes:
+            torch.manual_seed(0)
+            streams = torch.randn(B, 3 * D, L, device=dev, dtype=torch.bfloat16).requires_grad_()
+            v, x1, x2 = streams.chunk(3, dim=1)
+            h = (torch.randn(2, D, L, device=dev) * 0.02).requires_grad_()
+            skip = torch.randn(2, D, device=dev, requires_grad=True)
+            g = torch.randn(B, D, L, device=dev, dtype=torch.bfloat16)
+            q, k, val = (torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                         for _ in range(3))
+            g_att = torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16)
+            row = [timed(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True), (q, k, val), g_att)]
+            for conv in (hyena.long_conv_gate, compiled_conv, hyena_long_conv):
+                row.append(timed(lambda: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g))
+            att, plain, comp, kern = row
+            results.append((B, D, L, row))
+            print(f"| {B:2d} | {D:3d} | {L:6d} | {att:9.3f} | {plain:9.3f} | {comp:8.3f} | {kern:8.3f} | "
+                  f"{plain / kern:14.1f}x | {att / kern:18.2f}x |", flush=True)
+            torch.cuda.empty_cache()
+    finally:
+        HYENA_CONV["max_len"] = saved
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib is not installed: no plot)")
+            return
+        lengths = [L for B, _, L, _ in results if B == 1]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, name in enumerate(["attention (SDPA)", "Hyena, plain FFT", "Hyena, compiled FFT", "Hyena, kernel"]):
+            ax.loglog(lengths, [r[i] for B, _, _, r in results if B == 1], marker="o", label=name)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("fwd+bwd ms (B=1, D=768, bf16)")
+        ax.set_title(torch.cuda.get_device_name())
+        ax.legend()
+        os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
+        fig.savefig(plot, dpi=120, bbox_inches="tight")
+        print(f"plot: {plot}")
+
+
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels (GPU).")
-    parser.add_argument("--bench", choices=["mhc"], required=True, help="which technique's kernels to time")
+    parser.add_argument("--bench", choices=["mhc", "hyena"], required=True, help="which technique's kernels to time")
+    parser.add_argument("--max-len", type=int, default=65536, help="hyena: longest sequence timed")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise SystemExit("error: --bench needs a CUDA GPU and Triton")
-    {"mhc": bench_mhc}[args.bench]()
+    if args.bench == "hyena":
+        bench_hyena(args.max_len)
+    else:
+        bench_mhc()
 
 
 if __name__ == "__main__":
