@@ -157,7 +157,8 @@ def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     """3-tap causal depthwise conv: p (B, L, K) -> (B, K, L), y_t = w_0 p_{t-2} + w_1 p_{t-1} + w_2 p_t + b.
     weight (K, 3), bias (K,). (The transpose puts time last, where the long convolutions want it.)"""
     K = p.size(-1)
-    return F.conv1d(p.transpose(1, 2), weight[:, None, :], bias, padding=2, groups=K)[..., :p.size(1)]
+    w, b = weight[:, None, :].to(p.dtype), bias.to(p.dtype)  # as autocast would: bf16 in, bf16 math
+    return F.conv1d(p.transpose(1, 2), w, b, padding=2, groups=K)[..., :p.size(1)]
 
 
 def long_conv_gate(z, x, h, skip):

@@ -481,7 +481,7 @@ def mhc_post_res(h, f, post, res):
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
 # (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
 
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "max_len": 8192}
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "max_len": 8192}
 
 if HAVE_TRITON:
     @triton.jit
@@ -528,11 +528,11 @@ if HAVE_TRITON:
                  mask=tmask[:, None] & kmask[None, :])
 
     @triton.jit
-    def _toeplitz_kernel(a_ptr, b_ptr, h_ptr, skip_ptr, pre_ptr, out_ptr, out2_ptr, Bsz, L, stride_a, stride_b,
+    def _toeplitz_kernel(a_ptr, b_ptr, h_ptr, skip_ptr, pre_ptr, out_ptr, out2_ptr, gy_ptr, Bsz, L, stride_a, stride_b,
                          REVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
         """Forward (REVERSE=False): a = u, b = x:      pre = T u + skip u,  out = x * pre   (out2 = pre)
         Backward (REVERSE=True): a = g = dL/dout, b = x, with gy = g * x:
-                                 out = T^T gy + skip gy = dL/du,  out2 = g * pre = dL/dx.
+                                 out = T^T gy + skip gy = dL/du,  out2 = g * pre = dL/dx, gy_out = gy.
         Program (channel d, tile of columns); column n = (time block i, sequence b) = i * Bsz + b."""
         d = tl.program_id(0)
         C = tl.num_programs(0)
@@ -574,20 +574,23 @@ if HAVE_TRITON:
             pre = tl.load(pre_ptr + offs_out, mask=omask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs_out, (acc + skip * gy).to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(out2_ptr + offs_out, (a_own * pre).to(out2_ptr.dtype.element_ty), mask=omask)
+            tl.store(gy_ptr + offs_out, gy.to(gy_ptr.dtype.element_ty), mask=omask)  # for the dh kernel
         else:
             pre = acc + skip * a_own
             tl.store(out_ptr + offs_out, (b_own * pre).to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(out2_ptr + offs_out, pre.to(out2_ptr.dtype.element_ty), mask=omask)
 
     @triton.jit
-    def _toeplitz_dh_kernel(g_ptr, x_ptr, u_ptr, dh_ptr, scratch_ptr, Bsz, L, stride_g, stride_x, stride_u,
+    def _toeplitz_dh_kernel(gy_ptr, u_ptr, dh_ptr, scratch_ptr, Bsz, L, stride_u,
                             BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
-        """dh[d, k] = sum_{b, t} gy[b, d, t] u[b, d, t - k], gy = g * x, for the lag block(s) of this program.
+        """dh[d, k] = sum_{b, t} gy[b, d, t] u[b, d, t - k] (gy = g * x, contiguous), for the lag blocks
+        m = program_id(1), + num_programs(1), ... of channel d.
 
         For lag block m: P = sum over columns (i, b) of gy_block_i (outer) u[(i-m-1) S : (i-m+1) S], a
         (S x 2S) tensor-core matmul over all columns; then dh[m S + a] = sum_p P[p, S + p - a], a diagonal
         sum, done by writing P to this program's scratch slot and reading it back skewed."""
         d = tl.program_id(0)
+        C = tl.num_programs(0)
         nb = tl.cdiv(L, BLOCK)
         rows = tl.arange(0, BLOCK)
         win = tl.arange(0, 2 * BLOCK)
@@ -600,12 +603,11 @@ if HAVE_TRITON:
                 cmask = blk < nb
                 t = blk[None, :] * BLOCK + rows[:, None]  # (S, N)
                 gmask = cmask[None, :] & (t < L)
-                gy = (tl.load(g_ptr + seq[None, :] * stride_g + d * L + t, mask=gmask, other=0.0).to(tl.float32)
-                      * tl.load(x_ptr + seq[None, :] * stride_x + d * L + t, mask=gmask, other=0.0).to(tl.float32))
+                gy = tl.load(gy_ptr + seq[None, :] * (C * L) + d * L + t, mask=gmask, other=0.0)  # (S, N)
                 s = (blk - m - 1)[:, None] * BLOCK + win[None, :]  # (N, 2S) source times
                 umask = cmask[:, None] & (s >= 0) & (s < L)
                 uw = tl.load(u_ptr + seq[:, None] * stride_u + d * L + s, mask=umask, other=0.0)
-                acc += tl.dot(gy.to(uw.dtype), uw, input_precision=DOT)
+                acc += tl.dot(gy, uw, input_precision=DOT)
             tl.debug_barrier()  # the previous lag block's skewed reads of the slot are done
             tl.store(slot + rows[:, None] * (2 * BLOCK) + win[None, :], acc)
             tl.debug_barrier()
@@ -673,8 +675,9 @@ class LongConvFunction(torch.autograd.Function):
         pre = torch.empty_like(out)  # h conv u + skip u, kept for dL/dx
         dot = "ieee" if u.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products
         grid = (C, triton.cdiv(triton.cdiv(L, cfg["block"]) * B, cfg["block_n"]))
-        _toeplitz_kernel[grid](u, x, h, skip, pre, out, pre, B, L, u.stride(0), x.stride(0), REVERSE=False,
-                               BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=dot, num_warps=cfg["num_warps"])
+        _toeplitz_kernel[grid](u, x, h, skip, pre, out, pre, out, B, L, u.stride(0), x.stride(0), REVERSE=False,
+                               BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=dot, num_warps=cfg["num_warps"],
+                               num_stages=cfg["num_stages"])
         ctx.save_for_backward(u, x, h, skip, pre)
         ctx.dot, ctx.grid = dot, grid
         return out
@@ -686,17 +689,19 @@ class LongConvFunction(torch.autograd.Function):
         cfg = HYENA_CONV
         g = g.contiguous()
         du = torch.empty(B, C, L, device=u.device, dtype=u.dtype)
-        dx = torch.empty_like(du)
-        _toeplitz_kernel[ctx.grid](g, x, h, skip, pre, du, dx, B, L, g.stride(0), x.stride(0), REVERSE=True,
+        dx, gy = torch.empty_like(du), torch.empty_like(du)
+        _toeplitz_kernel[ctx.grid](g, x, h, skip, pre, du, dx, gy, B, L, g.stride(0), x.stride(0), REVERSE=True,
                                    BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=ctx.dot,
-                                   num_warps=cfg["num_warps"])
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         nb = triton.cdiv(L, cfg["block"])
-        split = min(nb, 16)  # programs per channel; each walks lag blocks split apart, reusing its slot
+        # programs per channel: each walks lag blocks `split` apart and reuses one scratch slot, so the
+        # scratch (programs x 32 KB) stays small enough to live in the L2 instead of HBM
+        split = max(1, min(nb, 1024 // C))
         dh = torch.empty(C, L, device=u.device, dtype=torch.float32)
         scratch = torch.empty(C * split, cfg["block"], 2 * cfg["block"], device=u.device, dtype=torch.float32)
-        _toeplitz_dh_kernel[(C, split)](g, x, u, dh, scratch, B, L, g.stride(0), x.stride(0), u.stride(0),
+        _toeplitz_dh_kernel[(C, split)](gy, u, dh, scratch, B, L, u.stride(0),
                                         BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=ctx.dot,
-                                        num_warps=cfg["num_warps"])
+                                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         d_skip = dh[:, 0].clone()  # sum_{b,t} gy u is the lag-0 tap's gradient
         return du, dx, dh, d_skip.to(skip.dtype)
 

@@ -561,19 +561,19 @@ def test_kernel_hyena_input_checks():
     """Wrong dtypes, shapes, strides and over-long sequences are refused with clear errors; kernels on a
     CPU without the interpreter are refused by train.py."""
     needs_triton()
-    u = torch.randn(1, 2, 8)
-    for args, err in (((u.double(), u.double(), torch.randn(2, 8), torch.randn(2)), "float64"),
-                      ((u, u, torch.randn(3, 8), torch.randn(2)), "shape"),
-                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, torch.randn(2, 8), torch.randn(2)),
-                       "time contiguous")):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    u, h, skip = torch.randn(1, 2, 8, device=dev), torch.randn(2, 8, device=dev), torch.randn(2, device=dev)
+    for args, err in (((u.double(), u.double(), h, skip), "float64"),
+                      ((u, u, torch.randn(3, 8, device=dev), skip), "shape"),
+                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous")):
         try:
             kernels.hyena_long_conv(*args)
             raise AssertionError(f"accepted: {err}")
         except (TypeError, ValueError) as e:
             assert err in str(e), e
-    long = torch.randn(1, 1, kernels.HYENA_CONV["max_len"] + 1)
+    long = torch.randn(1, 1, kernels.HYENA_CONV["max_len"] + 1, device=dev)
     try:
-        kernels.hyena_long_conv(long, long, long[0].clone(), torch.randn(1))
+        kernels.hyena_long_conv(long, long, long[0].clone(), torch.randn(1, device=dev))
         raise AssertionError("over-long sequence accepted")
     except ValueError as e:
         assert "FFT path" in str(e)
