@@ -383,7 +383,8 @@ def test_kernel_input_checks():
     except TypeError as e:
         assert "float64" in str(e)
     model = small_model(arch="mhc", hc_rate=2)
-    assert train.set_kernels(model, "on", torch.device("cpu")) is False  # n = 2: the plain path
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert train.set_kernels(model, "on", device) is False  # n = 2: the plain path
 
 
 def test_mhc_training_kernels_on_vs_off_agree():
