@@ -153,12 +153,15 @@ class ImplicitFilter(nn.Module):
 # The Hyena operator as the GPT's token mixer
 
 
-def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, state=None) -> torch.Tensor:
     """3-tap causal depthwise conv: p (B, L, K) -> (B, K, L), y_t = w_0 p_{t-2} + w_1 p_{t-1} + w_2 p_t + b.
-    weight (K, 3), bias (K,). (The transpose puts time last, where the long convolutions want it.)"""
+    weight (K, 3), bias (K,); state (B, K, 2): the two inputs before p (decoding), zeros if None.
+    (The transpose puts time last, where the long convolutions want it.)"""
     K = p.size(-1)
+    x = p.transpose(1, 2)  # (B, K, L)
+    x = F.pad(x, (2, 0)) if state is None else torch.cat([state.to(x.dtype), x], dim=-1)  # (B, K, L + 2)
     w, b = weight[:, None, :].to(p.dtype), bias.to(p.dtype)  # as autocast would: bf16 in, bf16 math
-    return F.conv1d(p.transpose(1, 2), w, b, padding=2, groups=K)[..., :p.size(1)]
+    return F.conv1d(x, w, b, groups=K)
 
 
 def long_conv_gate(z, x, h, skip):
@@ -205,13 +208,10 @@ class HyenaMixer(nn.Module):
         p = self.in_proj(u)  # (B, T, (N+1) C)
         if conv_state is None and self.use_kernels:
             s = kernels.hyena_short_conv(p, self.conv_weight, self.conv_bias)  # (B, (N+1) C, T)
-        elif conv_state is None:
-            s = short_conv(p, self.conv_weight, self.conv_bias)  # (B, (N+1) C, T)
         else:
-            window = torch.cat([conv_state, p.transpose(1, 2)], dim=-1)  # (B, (N+1) C, T + 2)
-            s = F.conv1d(window, self.conv_weight[:, None, :].to(p.dtype), self.conv_bias.to(p.dtype),
-                         groups=p.size(-1))  # (B, (N+1) C, T)
-            conv_state.copy_(window[..., -2:])
+            s = short_conv(p, self.conv_weight, self.conv_bias, conv_state)  # (B, (N+1) C, T)
+        if conv_state is not None:  # keep the last two inputs for the next chunk
+            conv_state.copy_(torch.cat([conv_state, p.transpose(1, 2).to(conv_state.dtype)], dim=-1)[..., -2:])
         return s.chunk(self.order + 1, dim=1)  # N+1 x (B, C, T): v, x^1, ..., x^N
 
     def forward(self, u, start_pos: int = 0, cache=None):

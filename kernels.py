@@ -23,6 +23,7 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
                       tensor cores, with the skip and the gate fused; fp32 accumulation
 """
 import argparse
+import os
 
 import torch
 
@@ -46,6 +47,12 @@ def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.flo
         raise TypeError(f"{name}: dtype {t.dtype} not supported (use one of {dtypes})")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _runnable(t: torch.Tensor, name: str):
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{name}: Triton kernels need a CUDA tensor (got {t.device}); on a CPU set "
+                           f"TRITON_INTERPRET=1 before importing kernels.py, or use the plain path")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,6 +154,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
     if logits.size(-2) != n or n & (n - 1) or n < 2:
         raise ValueError(f"sinkhorn kernel: square matrices of a power-of-2 size, got {tuple(logits.shape[-2:])}")
     _check("logits", logits)
+    _runnable(logits, "sinkhorn")
     return SinkhornFunction.apply(logits, iters, eps)
 
 
@@ -362,6 +370,7 @@ def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
     if n < 4 or n & (n - 1):
         raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
     _check("h", h)
+    _runnable(h, "mhc_pre")
     _check("phi", phi, (n * C, n * n + 2 * n))
     x_in, post, res = MHCPreFunction.apply(h.reshape(B * T, n, C).contiguous(), phi, gates, b_pre, b_post,
                                            b_res, iters)
@@ -460,6 +469,7 @@ def mhc_post_res(h, f, post, res):
     if n & (n - 1):
         raise ValueError(f"mhc_post_res kernel: n must be a power of 2 (got {n}); use the plain path")
     _check("h", h)
+    _runnable(h, "mhc_post_res")
     _check("f", f, (B, T, C))
     N = B * T
     out = PostResFunction.apply(h.reshape(N, n, C).contiguous(), f.reshape(N, C).to(h.dtype).contiguous(),
@@ -615,13 +625,6 @@ if HAVE_TRITON:
             diag = tl.load(slot + rows[:, None] * (2 * BLOCK) + BLOCK + rows[:, None] - a[None, :])  # (p, a)
             k = m * BLOCK + a
             tl.store(dh_ptr + d * L + k, tl.sum(diag, axis=0), mask=k < L)
-
-
-def _runnable(t: torch.Tensor, name: str):
-    import os
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{name}: Triton kernels need a CUDA tensor (got {t.device}); on a CPU set "
-                           f"TRITON_INTERPRET=1 before importing kernels.py, or use the plain path")
 
 
 class ShortConvFunction(torch.autograd.Function):

@@ -1056,8 +1056,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + ("-recall" if cfg.task == "recall" else ""))
-    if cfg.task == "recall" and not cfg.resume:
+    recall = cfg.task == "recall"
+    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + ("-recall" if recall else ""))
+    if recall and not cfg.resume:
         mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start_step, best_val = 0, float("inf")
@@ -1083,7 +1084,6 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
 
     # data: rank 0 tokenizes (once); the others wait for its cache, or its error
     paths, error = None, None
-    recall = cfg.task == "recall"
     if master and not recall:
         try:
             train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
