@@ -101,6 +101,34 @@ def losses(records):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def losses_kernels_off_and_on(arch, *args, data_args=()):
+    """Train `arch` twice from the same seed, --kernels off then on; returns the two {step: loss}."""
+    runs = []
+    for setting in ("off", "on"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train(*data_args, "--arch", arch, "--kernels", setting, *args, cwd=cwd))
+        runs.append(losses(read_metrics(os.path.join(cwd, "out", arch))))
+    return runs
+
+
+# Tiny runs for the interpreter: a few steps, so the on/off loss curves can be compared to 1e-5..1e-4.
+INTERPRETER_RUN = ["--batch-size", "2", "--block-size", "16", "--n-embd", "16", "--eval-interval", "100",
+                   "--eval-batches", "1", "--max-new-tokens", "2"]
+
+
+def check_gpu_kernels_on_off(arch):
+    """100 steps of `arch` on the GPU (bf16 autocast) with kernels off and on from the same seed: the
+    training losses agree within 2% at every logged step, the final one within 1%."""
+    off, on = losses_kernels_off_and_on(arch, "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size",
+                                        "256", "--batch-size", "32", "--max-iters", "100", "--eval-interval", "100",
+                                        "--log-interval", "20", "--compile", "off")
+    print("step | kernels off | kernels on")
+    for step in off:
+        print(f"{step:4d} | {off[step]:.4f} | {on[step]:.4f}")
+        assert abs(off[step] - on[step]) < 0.02 * off[step], (off, on)
+    assert abs(off[100] - on[100]) < 0.01 * off[100], (off, on)
+
+
 def small_model(vocab=100, block=16, layers=3, heads=2, width=32, seed=0, active=True, arch="gpt",
                 active_streams=True, **extra):
     """A small GPT of any arch. active=True gives the zero-initialised output projections random
@@ -393,15 +421,9 @@ def test_mhc_training_kernels_on_vs_off_agree():
     needs_triton()
     if torch.cuda.is_available():
         skip("CPU (interpreter) variant; test_gpu_mhc_training_kernels_on_vs_off_agree runs instead")
-    runs = []
-    for setting in ("off", "on"):
-        cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train(*TINY, "--arch", "mhc", "--kernels", setting, "--max-iters", "2", "--batch-size", "2",
-                            "--block-size", "16", "--n-embd", "16", "--eval-interval", "100", "--eval-batches", "1",
-                            "--max-new-tokens", "2", cwd=cwd))
-        runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
-    for step in runs[0]:
-        assert abs(runs[0][step] - runs[1][step]) < 1e-5, runs
+    off, on = losses_kernels_off_and_on("mhc", "--max-iters", "2", *INTERPRETER_RUN, data_args=TINY)
+    for step in off:
+        assert abs(off[step] - on[step]) < 1e-5, (off, on)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -591,15 +613,9 @@ def test_hyena_training_kernels_on_vs_off_agree():
     needs_triton()
     if torch.cuda.is_available():
         skip("CPU (interpreter) variant; test_gpu_hyena_training_kernels_on_vs_off_agree runs instead")
-    runs = []
-    for setting in ("off", "on"):
-        cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train(*TINY, "--arch", "hyena", "--kernels", setting, "--max-iters", "3", "--batch-size", "2",
-                            "--block-size", "16", "--n-embd", "16", "--eval-interval", "100", "--eval-batches", "1",
-                            "--max-new-tokens", "2", cwd=cwd))
-        runs.append(losses(read_metrics(os.path.join(cwd, "out", "hyena"))))
-    for step in runs[0]:
-        assert abs(runs[0][step] - runs[1][step]) < 1e-4, runs
+    off, on = losses_kernels_off_and_on("hyena", "--max-iters", "3", *INTERPRETER_RUN, data_args=TINY)
+    for step in off:
+        assert abs(off[step] - on[step]) < 1e-4, (off, on)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1214,18 +1230,7 @@ def test_gpu_mhc_training_kernels_on_vs_off_agree():
     """On the GPU: 100 steps of --arch mhc (bf16 autocast, fp32 streams) with kernels on and off from the
     same seed; the training losses agree within 2% at every logged step, the final one within 1%."""
     needs_cuda()
-    runs = []
-    for setting in ("off", "on"):
-        cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train("--arch", "mhc", "--kernels", setting, "--n-layer", "4", "--n-head", "4", "--n-embd",
-                            "256", "--block-size", "256", "--batch-size", "32", "--max-iters", "100",
-                            "--eval-interval", "100", "--log-interval", "20", "--compile", "off", cwd=cwd))
-        runs.append(losses(read_metrics(os.path.join(cwd, "out", "mhc"))))
-    print("step | kernels off | kernels on")
-    for step in runs[0]:
-        print(f"{step:4d} | {runs[0][step]:.4f} | {runs[1][step]:.4f}")
-        assert abs(runs[0][step] - runs[1][step]) < 0.02 * runs[0][step], runs
-    assert abs(runs[0][100] - runs[1][100]) < 0.01 * runs[0][100], runs
+    check_gpu_kernels_on_off("mhc")
 
 
 def test_gpu_hyena_kernels_bf16_at_training_shapes():
@@ -1242,18 +1247,7 @@ def test_gpu_hyena_training_kernels_on_vs_off_agree():
     """On the GPU: 100 steps of --arch hyena (bf16 autocast) with kernels on and off from the same seed;
     the training losses agree within 2% at every logged step, the final one within 1%."""
     needs_cuda()
-    runs = []
-    for setting in ("off", "on"):
-        cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train("--arch", "hyena", "--kernels", setting, "--n-layer", "4", "--n-head", "4", "--n-embd",
-                            "256", "--block-size", "256", "--batch-size", "32", "--max-iters", "100",
-                            "--eval-interval", "100", "--log-interval", "20", "--compile", "off", cwd=cwd))
-        runs.append(losses(read_metrics(os.path.join(cwd, "out", "hyena"))))
-    print("step | kernels off | kernels on")
-    for step in runs[0]:
-        print(f"{step:4d} | {runs[0][step]:.4f} | {runs[1][step]:.4f}")
-        assert abs(runs[0][step] - runs[1][step]) < 0.02 * runs[0][step], runs
-    assert abs(runs[0][100] - runs[1][100]) < 0.01 * runs[0][100], runs
+    check_gpu_kernels_on_off("hyena")
 
 
 def test_gpu_ddp_two_gpus_match_one():
