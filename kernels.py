@@ -3,6 +3,7 @@ kernels.py -- Triton versions of the hot paths of the technique files, each an a
 
     python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
     python kernels.py --bench hyena    # GPU: Hyena vs attention from 256 to 64K tokens (table + plot)
+    python kernels.py --bench linearity  # GPU: cosine regulariser and cross-Gram statistics
 
 Every kernel here has a plain PyTorch reference in its technique file (named in its docstring), which
 test_all.py compares it with, forward and backward. On a CPU, Triton's interpreter runs these kernels
@@ -21,6 +22,10 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_short_conv  in_proj output (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv, transposed
     hyena_long_conv   x * (h conv u + D u): the causal long convolution as blocked Toeplitz matmuls on
                       tensor cores, with the skip and the gate fused; fp32 accumulation
+
+Linearity (linearity.py), hidden states (N, d):
+    centred_cross_gram  one batch's Xc^T Xc and Xc^T (Yc - Xc), centred as the tiles load, fp32 products
+    cosine_regulariser  sum over layer pairs of the token mean of 1 - cos(h_{i-1}, h_i), fwd and bwd
 """
 import argparse
 import os
@@ -729,6 +734,177 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 
 
 # ----------------------------------------------------------------------------------------------------
+# Linearity (linearity.py): the centred cross-Gram of a batch of hidden states, and the cosine regulariser
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _cross_gram_kernel(x_ptr, y_ptr, mx_ptr, md_ptr, out_ptr, tdd_ptr, N, D, rows_per_split,
+                           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One (BLOCK, BLOCK) tile of [Xc^T Xc | Xc^T Dc] (D, 2D), Dc = Yc - Xc, over one slice of the token
+        # rows. Centring happens on the tile as it is loaded: no centred copy of X or Y is ever written.
+        pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_col = tl.cdiv(D, BLOCK)
+        is_d = pid_n >= n_col  # columns [0, D) of the output hold Xc^T Xc, [D, 2D) hold Xc^T Dc
+        col_block = pid_n % n_col
+        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rn = col_block * BLOCK + tl.arange(0, BLOCK)
+        m_ok, n_ok = rm < D, rn < D
+        mean_m = tl.load(mx_ptr + rm, mask=m_ok, other=0.0)
+        mean_xn = tl.load(mx_ptr + rn, mask=n_ok, other=0.0)
+        mean_dn = tl.load(md_ptr + rn, mask=n_ok, other=0.0)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        sq = tl.zeros((BLOCK,), dtype=tl.float32)  # sum over tokens of dc^2, per column
+        start = split * rows_per_split
+        stop = tl.minimum(start + rows_per_split, N)
+        # Xc^T Xc is symmetric: tiles below its diagonal do no work (the wrapper mirrors the upper ones)
+        stop = tl.where(is_d | (col_block >= pid_m), stop, start)
+        for k0 in range(start, stop, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < stop
+            tile_m, tile_n = k_ok[:, None] & m_ok[None, :], k_ok[:, None] & n_ok[None, :]
+            xm = tl.load(x_ptr + rk[:, None] * D + rm[None, :], mask=tile_m, other=0.0).to(tl.float32)
+            xn = tl.load(x_ptr + rk[:, None] * D + rn[None, :], mask=tile_n, other=0.0).to(tl.float32)
+            # centre; rows and columns outside the matrix must stay exactly 0
+            xm = tl.where(tile_m, xm - mean_m[None, :], 0.0)
+            if is_d:
+                yn = tl.load(y_ptr + rk[:, None] * D + rn[None, :], mask=tile_n, other=0.0).to(tl.float32)
+                # dc = (y - x) - mean(y - x): y - x first, so that no digits are lost to the two means
+                zn = tl.where(tile_n, (yn - xn) - mean_dn[None, :], 0.0)
+                sq += tl.sum(zn * zn, axis=0)
+            else:
+                zn = tl.where(tile_n, xn - mean_xn[None, :], 0.0)
+            # fp32 products (no TF32): 1 - LS can be ~1e-3, far below TF32's 1e-3 relative error
+            acc += tl.dot(tl.trans(xm), zn, input_precision="ieee")
+        tl.store(out_ptr + split * D * 2 * D + rm[:, None] * (2 * D) + pid_n // n_col * D + rn[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
+        if is_d and pid_m == 0:
+            tl.store(tdd_ptr + split * D + rn, sq, mask=n_ok)
+
+    @triton.jit
+    def _cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, N, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows < N)[:, None] & (cols < D)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        # cos = <a, b> / (max(|a|, eps) max(|b|, eps)), one read of each row
+        na = tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), eps)
+        nb = tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), eps)
+        tl.store(cos_ptr + rows, tl.sum(a * b, axis=1) / (na * nb), mask=rows < N)
+
+    @triton.jit
+    def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, eps,
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows < N)[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
+        la, lb = tl.sqrt(tl.sum(a * a, axis=1)), tl.sqrt(tl.sum(b * b, axis=1))
+        na, nb = tl.maximum(la, eps), tl.maximum(lb, eps)
+        cos = tl.sum(a * b, axis=1) / (na * nb)
+        # dcos/da = b / (|a||b|) - cos a / |a|^2 (the second term is absent where the norm is clamped to eps)
+        ca = tl.where(la > eps, cos / (na * na), 0.0)
+        cb = tl.where(lb > eps, cos / (nb * nb), 0.0)
+        inv = 1.0 / (na * nb)
+        da = g[:, None] * (b * inv[:, None] - a * ca[:, None])
+        db = g[:, None] * (a * inv[:, None] - b * cb[:, None])
+        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=ok)
+        tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=ok)
+
+
+# Tile of the cross-Gram kernel. 32 x 32 fp32 tiles with fp32 ("ieee") products; the token rows are split
+# over enough programs to fill the GPU (the output has only (D / 32)^2 * 1.5 tiles).
+CROSS_GRAM = {"block": 32, "block_k": 32, "num_warps": 4, "programs": 528}
+
+
+def centred_cross_gram(x: torch.Tensor, y: torch.Tensor):
+    """One batch's sufficient statistics for the linearity score, centred on the batch's own means, for
+    the pair (X, D = Y - X): mean_x, mean_y (D,), C_xx = Xc^T Xc, C_xd = Xc^T Dc (D, D), t_dd = ||Dc||_F^2,
+    float64 (the kernel's tiles are fp32 sums of fp32 products). x, y (N, D) in fp32/bf16/fp16.
+
+    Why D and not Y: LS_wo divides by t_dd = ||Yc - Xc||^2, which can be 1% of ||Yc||^2; forming it from
+    fp32 sums over Y would cancel away two digits. linearity.PairStats.update turns these into its
+    (C_xy, t_yy) in float64 (C_xy = C_xd + C_xx) and merges batches there (Chan's update)."""
+    _runnable(x, "centred_cross_gram")
+    _check("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"centred_cross_gram: x must be (N, D), got shape {tuple(x.shape)}")
+    _check("y", y, x.shape, (x.dtype,))
+    x, y = x.contiguous(), y.contiguous()
+    N, D = x.shape
+    mx, my = x.mean(0, dtype=torch.float64), y.mean(0, dtype=torch.float64)
+    # the kernel centres on fp32 roundings of the means (of X and of D); corrected below
+    mx32, md32 = mx.float(), (my - mx).float()
+    cfg = CROSS_GRAM
+    nb = triton.cdiv(D, cfg["block"])
+    tiles = nb * 2 * nb
+    splits = max(1, min(triton.cdiv(N, 4 * cfg["block_k"]), triton.cdiv(cfg["programs"], tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(N, splits), cfg["block_k"]) * cfg["block_k"]
+    splits = triton.cdiv(N, rows_per_split)
+    out = torch.empty(splits, D, 2 * D, device=x.device, dtype=torch.float32)
+    tdd = torch.empty(splits, D, device=x.device, dtype=torch.float32)
+    _cross_gram_kernel[(nb, 2 * nb, splits)](x, y, mx32, md32, out, tdd, N, D, rows_per_split,
+                                              BLOCK=cfg["block"], BLOCK_K=cfg["block_k"],
+                                              num_warps=cfg["num_warps"])
+    out = out.double().sum(0)
+    # only the upper block triangle of Xc^T Xc was computed: mirror it
+    upper = torch.triu(torch.ones(nb, nb, dtype=torch.bool, device=x.device))
+    upper = upper.repeat_interleave(cfg["block"], 0).repeat_interleave(cfg["block"], 1)[:D, :D]
+    cxx = torch.where(upper, out[:, :D], out[:, :D].T)
+    # sums of outer products about a point m' instead of the mean m: sum (a - m')(b - m')^T
+    # = sum (a - m)(b - m)^T + N (m - m')(m - m')^T, so subtract N delta delta^T
+    dx, dd = mx - mx32.double(), (my - mx) - md32.double()
+    cxx -= N * torch.outer(dx, dx)
+    cxd = out[:, D:] - N * torch.outer(dx, dd)
+    return mx, my, cxx, cxd, tdd.double().sum() - N * (dd * dd).sum()
+
+
+class CosineFunction(torch.autograd.Function):
+    """Per-row cosine similarity of a, b (N, D) -> (N,) fp32, with the norms clamped to eps as in
+    torch.nn.functional.cosine_similarity. The backward reads a and b once more instead of saving norms."""
+
+    @staticmethod
+    def forward(ctx, a, b, eps):
+        N, D = a.shape
+        block_d = triton.next_power_of_2(D)
+        block_t = max(1, min(64, 4096 // block_d))
+        cos = torch.empty(N, device=a.device, dtype=torch.float32)
+        _cosine_fwd_kernel[(triton.cdiv(N, block_t),)](a, b, cos, N, D, eps, BLOCK_T=block_t, BLOCK_D=block_d)
+        ctx.save_for_backward(a, b)
+        ctx.eps, ctx.blocks = eps, (block_t, block_d)
+        return cos
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        N, D = a.shape
+        block_t, block_d = ctx.blocks
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        _cosine_bwd_kernel[(triton.cdiv(N, block_t),)](a, b, g.contiguous(), da, db, N, D, ctx.eps,
+                                                        BLOCK_T=block_t, BLOCK_D=block_d)
+        return da, db, None
+
+
+def cosine_regulariser(hidden: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """sum over consecutive pairs of hidden states (..., D) of the token mean of 1 - cos(h_{i-1}, h_i);
+    one fused read of each pair forward and one backward. Reference: linearity.cosine_regulariser."""
+    total = 0.0
+    for a, b in zip(hidden[:-1], hidden[1:]):
+        _runnable(a, "cosine_regulariser")
+        _check("hidden", a)
+        _check("hidden", b, a.shape, (a.dtype,))
+        if a.size(-1) > 16384:
+            raise ValueError(f"cosine_regulariser: hidden size {a.size(-1)} > 16384 (one row per tile)")
+        a2, b2 = a.reshape(-1, a.size(-1)).contiguous(), b.reshape(-1, b.size(-1)).contiguous()
+        total = total + (1 - CosineFunction.apply(a2, b2, eps)).mean()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
 # Benchmarks (GPU): python kernels.py --bench mhc
 
 
@@ -821,6 +997,51 @@ def bench_mhc():
                 (io_fwd, io_fwd + io_bwd), Nt)
 
 
+def bench_linearity():
+    """The cosine regulariser (7 hidden states of the GPT, bf16, fwd+bwd) and one batch of the cross-Gram
+    statistics (16 x 512 tokens, d = 384) against float64 torch, as linearity.PairStats computes them."""
+    import linearity
+    from triton.testing import do_bench
+    torch.manual_seed(0)
+    dev = "cuda"
+    print(f"# linearity kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| op                         | pass    | tokens | eager ms  | compile ms | kernel ms              "
+          "| vs eager | vs compile | GB/s    | % peak |")
+    print("|----------------------------|---------|-------:|----------:|-----------:|-----------------------:"
+          "|---------:|-----------:|--------:|-------:|")
+    B, T, C, L = 64, 512, 384, 6
+    hidden = [torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(L + 1)]
+    compiled = torch.compile(linearity.cosine_regulariser)
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f(hidden)
+        return run
+
+    def fwd_bwd(f):
+        return lambda: f(hidden).backward()
+    fns = {name: (fwd(f), fwd_bwd(f)) for name, f in
+           (("eager", linearity.cosine_regulariser), ("compiled", compiled), ("kernel", cosine_regulariser))}
+    io = (L + 1) * B * T * C * 2
+    _bench_rows(f"cosine reg, {L + 1} states C={C}", fns, (2 * L * B * T * C * 2, 2 * L * B * T * C * 2 + 4 * io),
+                B * T)
+
+    N, D = 16 * 512, 384
+    x = torch.randn(N, D, device=dev) * 3 + 10
+    y = x + torch.tanh(x)
+
+    def float64_stats():
+        x64, y64 = x.double(), y.double()
+        xc, yc = x64 - x64.mean(0), y64 - y64.mean(0)
+        return xc.T @ xc, xc.T @ yc, (yc * yc).sum()
+    t64 = do_bench(float64_stats, warmup=10, rep=100)
+    tk = do_bench(lambda: centred_cross_gram(x, y), warmup=10, rep=100)
+    flops = 2 * N * D * D * 1.5  # the upper half of X^T X and all of X^T D
+    print(f"\ncross-Gram statistics of one batch, N = {N}, d = {D}, fp32 inputs: float64 torch {t64:.3f} ms, "
+          f"kernel {tk:.3f} ms ({t64 / tk:.1f}x, {flops / tk / 1e9:.1f} TFLOP/s of fp32 FMA)")
+
+
 def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
     + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape."""
@@ -896,13 +1117,16 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels (GPU).")
-    parser.add_argument("--bench", choices=["mhc", "hyena"], required=True, help="which technique's kernels to time")
+    parser.add_argument("--bench", choices=["mhc", "hyena", "linearity"], required=True,
+                        help="which technique's kernels to time")
     parser.add_argument("--max-len", type=int, default=65536, help="hyena: longest sequence timed")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise SystemExit("error: --bench needs a CUDA GPU and Triton")
     if args.bench == "hyena":
         bench_hyena(args.max_len)
+    elif args.bench == "linearity":
+        bench_linearity()
     else:
         bench_mhc()
 

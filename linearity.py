@@ -33,6 +33,7 @@ Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -63,8 +64,9 @@ class PairStats:
         c_xy  = c_xy_a + c_xy_b + delta_x^T delta_y * n_a n_b / n,   mean = mean_a + delta * n_b / n
     which stays exact where one uncentred Gram sum loses everything to a large common offset."""
 
-    def __init__(self, d: int, device="cpu"):
+    def __init__(self, d: int, device="cpu", use_kernel: bool = False):
         z = dict(dtype=torch.float64, device=device)
+        self.use_kernel = use_kernel  # per-batch statistics from kernels.centred_cross_gram (fp32, GPU)
         self.n = 0
         self.mean_x, self.mean_y = torch.zeros(d, **z), torch.zeros(d, **z)
         self.cxx, self.cxy = torch.zeros(d, d, **z), torch.zeros(d, d, **z)
@@ -73,11 +75,18 @@ class PairStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor):
         """Add a batch of token rows x, y (N_b, d), any float dtype, on any device."""
-        x, y = x.reshape(-1, x.size(-1)).double(), y.reshape(-1, y.size(-1)).double()
+        x, y = x.reshape(-1, x.size(-1)), y.reshape(-1, y.size(-1))
         nb = x.size(0)
-        mx, my = x.mean(0), y.mean(0)
-        xc, yc = x - mx, y - my
-        cxx, cxy, tyy = xc.T @ xc, xc.T @ yc, (yc * yc).sum()
+        if self.use_kernel:  # fused, fp32: statistics of (X, Y - X), turned into those of (X, Y) in float64
+            import kernels
+            mx, my, cxx, cxd, tdd = (t.double() for t in kernels.centred_cross_gram(x, y))
+            # Yc = Xc + Dc:  C_xy = C_xd + C_xx,  ||Yc||^2 = ||Dc||^2 + 2 tr(C_xd) + tr(C_xx)
+            cxy, tyy = cxd + cxx, tdd + 2 * torch.trace(cxd) + torch.trace(cxx)
+        else:
+            x, y = x.double(), y.double()
+            mx, my = x.mean(0), y.mean(0)
+            xc, yc = x - mx, y - my
+            cxx, cxy, tyy = xc.T @ xc, xc.T @ yc, (yc * yc).sum()
         if self.n == 0:
             self.n, self.mean_x, self.mean_y, self.cxx, self.cxy, self.tyy = nb, mx, my, cxx, cxy, tyy
             return
@@ -151,7 +160,7 @@ REGULARISERS = {"cosine": cosine_regulariser, "mse": mse_regulariser}
 
 
 @torch.no_grad()
-def layer_profile(model, batches, device) -> list[tuple[float, float]]:
+def layer_profile(model, batches, device, use_kernel: bool = False) -> list[tuple[float, float]]:
     """(LS, LS_wo) for every consecutive pair of hidden states (embedding, block 1, ..., block L), pooled
     over the token batches (each (B, T) token ids). Any model whose forward takes return_hidden."""
     stats = None
@@ -159,7 +168,7 @@ def layer_profile(model, batches, device) -> list[tuple[float, float]]:
     for idx in batches:
         _, _, hidden = model(idx.to(device), return_hidden=True)
         if stats is None:
-            stats = [PairStats(hidden[0].size(-1), device) for _ in range(len(hidden) - 1)]
+            stats = [PairStats(hidden[0].size(-1), device, use_kernel) for _ in range(len(hidden) - 1)]
         for s, x, y in zip(stats, hidden[:-1], hidden[1:]):
             s.update(x, y)
     return [s.scores() for s in stats]
@@ -251,6 +260,103 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------
+# Benchmark: the official recipe vs the streaming score (python linearity.py CHECKPOINT --bench)
+
+
+def official_svd_score(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The official recipe (AIRI-Institute/LLM-Microscope), for the benchmark only: all N tokens in memory,
+    fp32 on the CPU; centre, Frobenius-normalise, A = X~^+ Y~ through a thin SVD of X~, LS = 1 - ||X~ A - Y~||^2."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    x, y = x / x.norm(), y / y.norm()
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # x = U diag(s) V^T, U (N, d)
+    a = vh.T @ ((u.T @ y) / s[:, None])  # (d, d) = V diag(1/s) U^T Y~
+    return 1 - ((x @ a - y) ** 2).sum().item()
+
+
+def kernels_available() -> bool:
+    try:
+        import kernels
+    except ImportError:
+        return False
+    return kernels.HAVE_TRITON
+
+
+@torch.no_grad()
+def bench(model, data, tokens: int, batch_size: int, device) -> int:
+    """Scores of every layer pair over `tokens` tokens, three ways, with their wall-clock times:
+    the official recipe (hidden states gathered on the CPU, two fp32 SVDs per pair), our streaming
+    closed form in float64 (torch), and the same with the fp32 cross-Gram kernel."""
+    import time
+    T = model.cfg.block_size
+    starts = list(range(0, len(data) - T - 1, T))[:math.ceil(tokens / T)]
+    if len(starts) * T < tokens:
+        print(f"error: the training text has {len(data):,} tokens, fewer than --tokens {tokens:,}", file=sys.stderr)
+        return 1
+    batches = [data.windows(starts[i:i + batch_size], T)[0] for i in range(0, len(starts), batch_size)]
+    n_tokens = len(starts) * T
+    cuda = device.type == "cuda"
+    model.eval()
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    def forwards():
+        for x in batches:
+            model(x.to(device), return_hidden=True)
+
+    def gather():  # what the official recipe needs: every hidden state of every token, on the CPU
+        hidden = None
+        for x in batches:
+            hs = [h.reshape(-1, h.size(-1)).float().cpu() for h in model(x.to(device), return_hidden=True)[2]]
+            hidden = [[h] for h in hs] if hidden is None else [acc + [h] for acc, h in zip(hidden, hs)]
+        return [torch.cat(h) for h in hidden]
+
+    methods = {"float64": False}
+    if cuda and kernels_available():
+        methods["kernel"] = True
+    for use_kernel in methods.values():  # warm-up (kernel compilation, cuBLAS handles)
+        layer_profile(model, batches[:1], device, use_kernel)
+    _, t_forward = timed(forwards)
+    scores, seconds = {}, {}
+    for name, use_kernel in methods.items():
+        scores[name], seconds[name] = timed(lambda: layer_profile(model, batches, device, use_kernel))
+    hidden, t_gather = timed(gather)
+    official, t_svd = [], 0.0
+    for x, y in zip(hidden[:-1], hidden[1:]):
+        (ls, ls_wo), t = timed(lambda: (official_svd_score(x, y), official_svd_score(x, y - x)))
+        official.append((ls, ls_wo))
+        t_svd += t
+    scores["official"], seconds["official"] = official, t_gather + t_svd
+
+    ref = scores["float64"]
+    print(f"linearity scores over {n_tokens:,} training tokens, {len(ref)} layer pairs, d={model.cfg.n_embd}; "
+          f"device {torch.cuda.get_device_name(device) if cuda else device}, CPU threads {torch.get_num_threads()}")
+    names = list(scores)
+    print("| pair | " + " | ".join(f"LS {n}" for n in names) + " | " + " | ".join(f"LS_wo {n}" for n in names) + " |")
+    print("|-----:|" + "---------:|" * (2 * len(names)))
+    for l in range(len(ref)):
+        print(f"| {l:4d} | " + " | ".join(f"{scores[n][l][0]:.7f}" for n in names) + " | "
+              + " | ".join(f"{scores[n][l][1]:.7f}" for n in names) + " |")
+    print("\n| method | what runs | seconds | vs official | max abs diff from float64 (LS, LS_wo) |")
+    print("|--------|-----------|--------:|------------:|--------------------------------------:|")
+    what = {"official": f"forward on {device.type}, hidden states to the CPU, 2 fp32 SVDs per pair on the CPU",
+            "float64": f"forward + streaming float64 statistics, all on {device.type}",
+            "kernel": "forward + fp32 cross-Gram kernel, float64 merge, on cuda"}
+    for n in names:
+        err = max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(scores[n], ref))
+        print(f"| {n} | {what[n]} | {seconds[n]:.2f} | {seconds['official'] / seconds[n]:.1f}x | {err:.1e} |")
+    print(f"(the forward passes alone take {t_forward:.2f} s; the official recipe: gathering {t_gather:.2f} s, "
+          f"SVDs {t_svd:.2f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
                                                  "the validation text it was trained with (or --data).")
@@ -264,6 +370,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prune", type=int, default=0, metavar="K",
                         help="also print the perplexity table for removing / replacing the 1..K most linear blocks")
     parser.add_argument("--distill-steps", type=int, default=200, help="steps of distillation per k (pruning)")
+    parser.add_argument("--kernels", choices=["auto", "on", "off"], default="auto",
+                        help="per-batch statistics from the Triton cross-Gram kernel (auto: on a CUDA GPU)")
+    parser.add_argument("--bench", action="store_true",
+                        help="instead: time the official recipe (fp32 SVD per pair on the CPU) against the "
+                             "streaming score over --tokens training tokens (default 1M), and compare with float64")
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -293,16 +404,27 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
+    use_kernel = args.kernels == "on" or (args.kernels == "auto" and device.type == "cuda")
+    if use_kernel and not kernels_available():
+        print("error: --kernels on needs Triton (pip install triton), or use --kernels off", file=sys.stderr)
+        return 1
+    if use_kernel and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("error: --kernels on needs a CUDA GPU (or TRITON_INTERPRET=1 on a CPU), or use --kernels off",
+              file=sys.stderr)
+        return 1
     model.to(device)
-    val = train.TokenData(val_path)
     T = mcfg.block_size
+    if args.bench:
+        tokens = args.tokens if args.tokens != parser.get_default("tokens") else 1_000_000
+        return bench(model, train.TokenData(train_path), tokens, args.batch_size, device)
+    val = train.TokenData(val_path)
     starts = list(range(0, len(val) - T - 1, T))[:math.ceil(args.tokens / T)]
     if len(starts) * T <= mcfg.n_embd:
         print(f"error: the validation set has too few tokens ({len(val)}) for hidden size {mcfg.n_embd}",
               file=sys.stderr)
         return 1
     val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
-    profile = layer_profile(model, [x for x, _ in val_batches], device)
+    profile = layer_profile(model, [x for x, _ in val_batches], device, use_kernel)
     print(f"linearity of {args.checkpoint} ({mcfg.arch}, {mcfg.n_layer} blocks, d={mcfg.n_embd}), "
           f"{len(starts) * T:,} validation tokens")
     print("| pair                 | LS (with residual) | LS_wo (without) |")

@@ -116,10 +116,10 @@ INTERPRETER_RUN = ["--batch-size", "2", "--block-size", "16", "--n-embd", "16", 
                    "--eval-batches", "1", "--max-new-tokens", "2"]
 
 
-def check_gpu_kernels_on_off(arch):
+def check_gpu_kernels_on_off(arch, *extra):
     """100 steps of `arch` on the GPU (bf16 autocast) with kernels off and on from the same seed: the
     training losses agree within 2% at every logged step, the final one within 1%."""
-    off, on = losses_kernels_off_and_on(arch, "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size",
+    off, on = losses_kernels_off_and_on(arch, *extra, "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size",
                                         "256", "--batch-size", "32", "--max-iters", "100", "--eval-interval", "100",
                                         "--log-interval", "20", "--compile", "off")
     print("step | kernels off | kernels on")
@@ -691,19 +691,6 @@ def test_tpa_trains_on_tinystories():
 # Linearity (linearity.py), plain PyTorch
 
 
-def svd_linearity(x, y):
-    """The official recipe in float64: centre, Frobenius-normalise, A = pinv(X~) Y~ through an SVD."""
-    x, y = x.double(), y.double()
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    out = []
-    for target in (yc, yc - xc):
-        xn, tn = xc / xc.norm(), target / target.norm()
-        u, s, vh = torch.linalg.svd(xn, full_matrices=False)
-        a = vh.T @ torch.diag(1 / s) @ u.T @ tn
-        out.append(1 - ((xn @ a - tn) ** 2).sum().item())
-    return out
-
-
 def test_linearity_streaming_equals_exact_and_svd():
     """On hidden-state-like data with a large mean offset (1e3), the streaming score (13 uneven batches,
     float64 Chan merge) equals the exact least-squares score and the float64 SVD recipe to 1e-6, with
@@ -715,7 +702,9 @@ def test_linearity_streaming_equals_exact_and_svd():
     stats = linearity.PairStats(d)
     for xb, yb in zip(x.split(237), y.split(237)):
         stats.update(xb.float(), yb.float())
-    streaming, exact, svd = stats.scores(), linearity.linearity_score_exact(x, y), svd_linearity(x, y)
+    x64, y64 = x.double(), y.double()
+    svd = linearity.official_svd_score(x64, y64), linearity.official_svd_score(x64, y64 - x64)  # in float64
+    streaming, exact = stats.scores(), linearity.linearity_score_exact(x, y)
     for a, b, c in zip(streaming, exact, svd):
         assert abs(a - b) < 1e-6 and abs(a - c) < 1e-6, (streaming, exact, svd)
     assert streaming[1] < streaming[0] < 1
@@ -795,6 +784,10 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     rows = [line for line in out.splitlines() if line.startswith("| embedding") or line.startswith("| block")]
     assert len(rows) == 2, out
     assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[2:4]), rows
+    with_kernel = expect_ok(run("--tokens", "3000", "--kernels", "on"))  # the interpreter on a CPU
+    assert [line for line in with_kernel.splitlines() if line in rows] == rows, with_kernel
+    out = expect_ok(run("--bench", "--tokens", "3000"))
+    assert "| official |" in out and "| float64 |" in out, out
     expect_fail(run("--tokens", "10"), "meaningless")
     expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
     out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2"))
@@ -802,6 +795,70 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
                        capture_output=True, text=True, timeout=120)
     expect_fail(r, "no checkpoint")
+
+
+def check_kernel_cross_gram(N, D, device, dtype, tol):
+    """kernels.centred_cross_gram == the float64 statistics of (X, Y - X) from the same (rounded) inputs,
+    offset by 100."""
+    torch.manual_seed(0)
+    x = (torch.randn(N, D, device=device) * torch.linspace(0.1, 3, D, device=device) + 100).to(dtype)
+    y = (x.float() + 0.3 * torch.tanh(x.float() - 100) + 5).to(dtype)
+    got = kernels.centred_cross_gram(x, y)
+    x64, y64 = x.double(), y.double()
+    xc, yc = x64 - x64.mean(0), y64 - y64.mean(0)
+    want = (x64.mean(0), y64.mean(0), xc.T @ xc, xc.T @ (yc - xc), ((yc - xc) ** 2).sum())
+    for name, a, b in zip(["mean_x", "mean_y", "C_xx", "C_xd", "t_dd"], got, want):
+        assert a.dtype == torch.float64
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < tol, (name, err)
+
+
+def check_kernel_cosine(shape, device, dtype, tol):
+    """kernels.cosine_regulariser == linearity.cosine_regulariser, value and gradients of every hidden state."""
+    torch.manual_seed(0)
+    hidden = [torch.randn(*shape, device=device).to(dtype).requires_grad_() for _ in range(4)]
+    ref, out = linearity.cosine_regulariser(hidden), kernels.cosine_regulariser(hidden)
+    assert abs(out.item() - ref.item()) < tol * abs(ref.item()), (out.item(), ref.item())
+    for a, b in zip(torch.autograd.grad(out, hidden), torch.autograd.grad(ref, hidden)):
+        assert a.dtype == dtype and rel_err(a, b) < tol, rel_err(a, b)
+
+
+def test_kernel_cross_gram_matches_float64():
+    """The fused centred cross-Gram (fp32 with fp32 products) == float64 means, C_xx, C_xy, t_yy on data
+    offset by 100 (sizes not multiples of the tile); PairStats fed by it over uneven batches of data
+    offset by 1e3 gives the exact scores to 1e-7."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for N, D in ((123, 40), (70, 33), (300, 16)):
+        check_kernel_cross_gram(N, D, device, torch.float32, 1e-6)
+    torch.manual_seed(0)
+    N, d = 1500, 24
+    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
+    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
+    stats = linearity.PairStats(d, device, use_kernel=True)
+    for xb, yb in zip(x.split(237), y.split(237)):
+        stats.update(xb.to(device), yb.to(device))
+    for a, b in zip(stats.scores(), linearity.linearity_score_exact(x, y)):
+        assert abs(a - b) < 1e-7, (stats.scores(), linearity.linearity_score_exact(x, y))
+
+
+def test_kernel_cosine_regulariser_matches_reference():
+    """The fused cosine regulariser == linearity.cosine_regulariser, value and the gradient of every
+    hidden state, fp32, 2 x 37 tokens of width 50 (not a power of 2)."""
+    needs_triton()
+    check_kernel_cosine((2, 37, 50), "cuda" if torch.cuda.is_available() else "cpu", torch.float32, 1e-5)
+
+
+def test_cosine_regulariser_training_kernels_on_vs_off_agree():
+    """Three steps of --arch gpt --reg cosine, kernels on (the fused regulariser) vs off from the same
+    seed: the losses agree within 1e-5 (fp32, interpreter)."""
+    needs_triton()
+    if torch.cuda.is_available():
+        skip("CPU (interpreter) variant; test_gpu_linearity_kernels_bf16_and_training runs instead")
+    off, on = losses_kernels_off_and_on("gpt", "--reg", "cosine", "--max-iters", "3", *INTERPRETER_RUN,
+                                        data_args=TINY)
+    for step in off:
+        assert abs(off[step] - on[step]) < 1e-5, (off, on)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1248,6 +1305,17 @@ def test_gpu_hyena_training_kernels_on_vs_off_agree():
     the training losses agree within 2% at every logged step, the final one within 1%."""
     needs_cuda()
     check_gpu_kernels_on_off("hyena")
+
+
+def test_gpu_linearity_kernels_bf16_and_training():
+    """On the GPU: the cross-Gram kernel at a profile batch (16 x 512 tokens, d = 384) in fp32 and bf16
+    against float64, the cosine regulariser in bf16 at training shape, and 100 steps of --reg cosine with
+    kernels on and off agree (2% per logged step, 1% at the end)."""
+    needs_cuda()
+    check_kernel_cross_gram(8192, 384, "cuda", torch.float32, 1e-6)
+    check_kernel_cross_gram(8192, 384, "cuda", torch.bfloat16, 1e-6)
+    check_kernel_cosine((8, 512, 384), "cuda", torch.bfloat16, 1e-2)
+    check_gpu_kernels_on_off("gpt", "--reg", "cosine")
 
 
 def test_gpu_ddp_two_gpus_match_one():

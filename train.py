@@ -837,13 +837,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def set_kernels(model: nn.Module, setting: str, device: torch.device) -> bool:
-    """Switch every module with a kernel path (attribute use_kernels) to it, or back to the plain path."""
+def set_kernels(model: nn.Module, setting: str, device: torch.device, other_users: bool = False) -> bool:
+    """Switch every module with a kernel path (attribute use_kernels) to it, or back to the plain path.
+    other_users: the caller has a kernel path of its own (the cosine regulariser), so check Triton anyway."""
     on = setting == "on" or (setting == "auto" and device.type == "cuda")
     modules = [m for m in model.modules() if hasattr(m, "use_kernels")]
-    if on and modules and not kernels.HAVE_TRITON:
+    needed = on and (modules or other_users)
+    if needed and not kernels.HAVE_TRITON:
         raise UserError("--kernels on needs Triton (pip install triton), or use --kernels off")
-    if on and modules and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if needed and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("--kernels on needs a CUDA GPU (on a CPU, Triton's interpreter runs them when "
                         "TRITON_INTERPRET=1 is set: slow, for testing), or use --kernels off")
     for m in modules:
@@ -1118,7 +1120,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         log(f"resuming from {ckpt_path} at step {start_step}")
         del ckpt
-    use_kernels = set_kernels(model, cfg.kernels, device)
+    use_kernels = set_kernels(model, cfg.kernels, device, other_users=cfg.reg == "cosine")
     raw_model = model
     if use_compile:
         model = torch.compile(model)
@@ -1189,6 +1191,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     loss_sum = torch.zeros((), device=device)  # the LM loss alone, summed over the steps of a log interval
     reg_sum = torch.zeros((), device=device)
     regulariser = None if cfg.reg == "none" else linearity.REGULARISERS[cfg.reg]
+    if cfg.reg == "cosine" and use_kernels:
+        regulariser = kernels.cosine_regulariser  # fused: one read of each pair of hidden states
 
     def check_finite():
         bad = int(first_bad.item())
