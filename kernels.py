@@ -918,6 +918,276 @@ def cosine_regulariser(hidden: list[torch.Tensor], eps: float = 1e-8) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------
+# Tensor Product Attention (tpa.py): Q/K/V built from factors (training), decoding over the factor cache
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _tpa_rope(b1, b2, cos, sin, ROTATE: tl.constexpr, INVERSE: tl.constexpr):
+        # half-split RoPE: [b1, b2] -> [b1 cos - b2 sin, b2 cos + b1 sin]; INVERSE rotates back
+        # (the transposed rotation, which is what the backward needs)
+        if ROTATE:
+            if INVERSE:
+                return b1 * cos + b2 * sin, b2 * cos - b1 * sin
+            return b1 * cos - b2 * sin, b2 * cos + b1 * sin
+        return b1, b2
+
+    @triton.jit
+    def _tpa_tables(cos_ptr, sin_ptr, pos, dd, ok, D2, ROTATE: tl.constexpr):
+        # cos and sin of the rotation angles at positions pos (BLOCK_T,) for the d/2 frequencies
+        if ROTATE:
+            cos = tl.load(cos_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=1.0)
+            sin = tl.load(sin_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=0.0)
+        else:
+            cos = tl.full(ok.shape, 1.0, tl.float32)
+            sin = tl.zeros(ok.shape, tl.float32)
+        return cos, sin
+
+    @triton.jit
+    def _tpa_product_fwd_kernel(a_ptr, b_ptr, cos_ptr, sin_ptr, out_ptr, T, H, D2, start_pos, a_row, b_row,
+                                inv_r, R: tl.constexpr, ROTATE: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[b, :, t, :] = (1/R) sum_r a_r (outer) RoPE_t(b_r) for BLOCK_T tokens of sequence b, written
+        # straight into SDPA's (B, h, T, d) layout; the two halves of d are kept apart for the rotation
+        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
+        row = pid_b * T + t
+        td = t_ok[:, None] & d_ok[None, :]
+        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
+        acc1 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        for r in tl.static_range(R):
+            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=t_ok[:, None] & h_ok[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H)
+            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
+            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
+                         other=0.0).to(tl.float32)
+            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
+            acc1 += a[:, :, None] * b1[:, None, :]
+            acc2 += a[:, :, None] * b2[:, None, :]
+        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
+        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+        tl.store(out_ptr + offs, (acc1 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + offs + D2, (acc2 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _tpa_product_bwd_kernel(g_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, da_ptr, db_ptr, T, H, D2, start_pos,
+                                a_row, b_row, inv_r, R: tl.constexpr, ROTATE: tl.constexpr,
+                                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # dA_r = (1/R) G RoPE(b_r),  dRoPE(b_r) = (1/R) a_r^T G,  db_r = RoPE^-1(dRoPE(b_r)); G read once
+        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
+        row = pid_b * T + t
+        td, th = t_ok[:, None] & d_ok[None, :], t_ok[:, None] & h_ok[None, :]
+        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
+        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
+        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+        g1 = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H, BLOCK_D)
+        g2 = tl.load(g_ptr + offs + D2, mask=ok, other=0.0).to(tl.float32)
+        for r in tl.static_range(R):
+            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=th, other=0.0).to(tl.float32)
+            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
+            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
+                         other=0.0).to(tl.float32)
+            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
+            da = (tl.sum(g1 * b1[:, None, :], axis=2) + tl.sum(g2 * b2[:, None, :], axis=2)) * inv_r
+            db1 = tl.sum(g1 * a[:, :, None], axis=1) * inv_r
+            db2 = tl.sum(g2 * a[:, :, None], axis=1) * inv_r
+            db1, db2 = _tpa_rope(db1, db2, cos, sin, ROTATE, True)
+            tl.store(da_ptr + row[:, None] * (R * H) + r * H + hh[None, :], da.to(da_ptr.dtype.element_ty), mask=th)
+            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + dd[None, :],
+                     db1.to(db_ptr.dtype.element_ty), mask=td)
+            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + D2 + dd[None, :],
+                     db2.to(db_ptr.dtype.element_ty), mask=td)
+
+    @triton.jit
+    def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, M, H, D,
+                           cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
+                           RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        # One sequence, one slice of its cache: logits of every head against the cached tokens straight
+        # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
+        pid_b, split = tl.program_id(0), tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        h_ok, d_ok = hh < H, dd < D
+        q = tl.load(q_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # (BLOCK_H, BLOCK_D), already rotated
+        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(M, BLOCK_M))
+        for blk in range(first, last):
+            mm = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = mm < M
+            mh, md = m_ok[:, None] & h_ok[None, :], m_ok[:, None] & d_ok[None, :]
+            # logits[m, head] = q_head . K[m, head] = (1/R_K) sum_s a_K[m, s, head] (b_K[m, s] . q_head)
+            logits = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            for s in tl.static_range(RK):
+                bk = tl.load(bk_ptr + pid_b * cache_bk + mm[:, None] * (RK * D) + s * D + dd[None, :], mask=md,
+                             other=0.0)
+                ak = tl.load(ak_ptr + pid_b * cache_ak + mm[:, None] * (RK * H) + s * H + hh[None, :], mask=mh,
+                             other=0.0).to(tl.float32)
+                logits += ak * tl.dot(bk, tl.trans(q.to(bk.dtype)))  # (BLOCK_M, BLOCK_H)
+            logits = tl.where(m_ok[:, None], logits * scale, float("-inf"))
+            # online softmax over the cache, per head
+            m_new = tl.maximum(m_i, tl.max(logits, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(logits - m_new[None, :])  # (BLOCK_M, BLOCK_H)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha[:, None]
+            # out[head] += sum_m p[m, head] V[m, head] = sum_u (p * a_V[:, u])^T b_V[:, u]   (1/R_V later)
+            for u in tl.static_range(RV):
+                av = tl.load(av_ptr + pid_b * cache_av + mm[:, None] * (RV * H) + u * H + hh[None, :], mask=mh,
+                             other=0.0).to(tl.float32)
+                bv = tl.load(bv_ptr + pid_b * cache_bv + mm[:, None] * (RV * D) + u * D + dd[None, :], mask=md,
+                             other=0.0)
+                acc += tl.dot(tl.trans((p * av).to(bv.dtype)), bv)  # (BLOCK_H, BLOCK_D)
+            m_i = m_new
+        part = pid_b * n_splits + split
+        tl.store(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :], acc)
+        tl.store(m_ptr + part * BLOCK_H + hh, m_i)
+        tl.store(l_ptr + part * BLOCK_H + hh, l_i)
+
+    @triton.jit
+    def _tpa_decode_reduce_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, D, n_splits, inv_rv,
+                                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # combine the slices: out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s, m = max_s m_s
+        pid_b = tl.program_id(0)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        for s in range(n_splits):
+            m = tl.maximum(m, tl.load(m_ptr + (pid_b * n_splits + s) * BLOCK_H + hh))
+        num = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+        den = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for s in range(n_splits):
+            part = pid_b * n_splits + s
+            w = tl.exp(tl.load(m_ptr + part * BLOCK_H + hh) - m)  # 0 for a slice that saw no token
+            den += w * tl.load(l_ptr + part * BLOCK_H + hh)
+            num += w[:, None] * tl.load(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :])
+        out = num / den[:, None] * inv_rv
+        tl.store(out_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(hh < H)[:, None] & (dd < D)[None, :])
+
+
+def _tpa_blocks(h: int, half_d: int, budget: int):
+    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(half_d)
+    return max(1, min(16, budget // (block_h * block_d))), block_h, block_d
+
+
+class TPAProductFunction(torch.autograd.Function):
+    """Equals tpa.factor_product(a, RoPE(b)).transpose(1, 2): a (B, T, R, h), b (B, T, R, d) -> (B, h, T, d)."""
+
+    @staticmethod
+    def forward(ctx, a, b, cos, sin, start_pos, rotate):
+        B, T, R, H = a.shape
+        D = b.size(3)
+        out = torch.empty(B, H, T, D, device=a.device, dtype=a.dtype)
+        bt, bh, bd = _tpa_blocks(H, D // 2, 4096)
+        _tpa_product_fwd_kernel[(triton.cdiv(T, bt), B)](a, b, cos, sin, out, T, H, D // 2, start_pos, a.stride(1),
+                                                         b.stride(1), 1.0 / R, R=R, ROTATE=rotate, BLOCK_T=bt,
+                                                         BLOCK_H=bh, BLOCK_D=bd)
+        ctx.save_for_backward(a, b, cos, sin)
+        ctx.start_pos, ctx.rotate = start_pos, rotate
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, cos, sin = ctx.saved_tensors
+        B, T, R, H = a.shape
+        D = b.size(3)
+        da = torch.empty(B, T, R, H, device=a.device, dtype=a.dtype)
+        db = torch.empty(B, T, R, D, device=a.device, dtype=b.dtype)
+        bt, bh, bd = _tpa_blocks(H, D // 2, 2048)
+        _tpa_product_bwd_kernel[(triton.cdiv(T, bt), B)](g.contiguous(), a, b, cos, sin, da, db, T, H, D // 2,
+                                                         ctx.start_pos, a.stride(1), b.stride(1), 1.0 / R, R=R,
+                                                         ROTATE=ctx.rotate, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
+        return da, db, None, None, None, None
+
+
+def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+    """(1/R) sum_r a_r (outer) RoPE(b_r), written in SDPA's (B, h, T, d) layout, forward and backward.
+    a (B, T, R, h), b (B, T, R, d): views of the factor projections are fine (each token's R x h, R x d
+    block contiguous). cos, sin (max_len, d/2) fp32 (train.Rotary's tables) rotate b at positions
+    start_pos ..; None for values (no RoPE). Reference: tpa.factor_product(a, rotary(b)).transpose(1, 2)."""
+    _runnable(a, "tpa_factor_product")
+    _check("a", a)
+    if a.dim() != 4 or b.dim() != 4 or a.shape[:3] != b.shape[:3]:
+        raise ValueError(f"tpa_factor_product: a (B, T, R, h) and b (B, T, R, d) expected, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    _check("b", b, dtypes=(a.dtype,))
+    B, T, R, H = a.shape
+    D = b.size(3)
+    if D % 2 or H > 256 or D > 512:
+        raise ValueError(f"tpa_factor_product: needs an even head width <= 512 and <= 256 heads (got d={D}, h={H})")
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(3) != 1 or t.stride(2) != t.size(3) or t.stride(0) != T * t.stride(1):
+            raise ValueError(f"tpa_factor_product: {name}'s rank and feature axes must be contiguous within a "
+                             f"token and its tokens evenly spaced (got strides {t.stride()})")
+    rotate = cos is not None
+    if rotate:
+        _check("cos", cos, dtypes=(torch.float32,))
+        _check("sin", sin, cos.shape, (torch.float32,))
+        if cos.dim() != 2 or cos.size(1) != D // 2 or start_pos + T > cos.size(0):
+            raise ValueError(f"tpa_factor_product: RoPE tables {tuple(cos.shape)} do not cover positions "
+                             f"{start_pos}..{start_pos + T - 1} at d/2 = {D // 2}")
+    else:
+        cos = sin = torch.empty(1, device=a.device, dtype=torch.float32)
+    return TPAProductFunction.apply(a, b, cos.contiguous(), sin.contiguous(), start_pos, rotate)
+
+
+# Decode launch settings: cached tokens per tile, and programs to aim for (the cache of each sequence is
+# split into slices so that a small batch still fills the GPU; the slices are combined by their maxima).
+TPA_DECODE = {"block_m": 64, "num_warps": 4, "programs": 264}
+
+
+def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
+               length: int) -> torch.Tensor:
+    """Attention of one new token per sequence over a factorised cache, never forming K or V:
+    q (B, h, d) rotated; cache a_k (B, L, R_K, h), b_k (B, L, R_K, d) (pre-rotated), a_v (B, L, R_V, h),
+    b_v (B, L, R_V, d) with the first `length` positions filled -> (B, h, d) in q's dtype. Reads
+    (R_K + R_V)(h + d) numbers per cached token instead of MHA's 2 h d. Reference: K = factor_product(a_k,
+    b_k), V likewise, then softmax(q K^T / sqrt(d)) V per head."""
+    _runnable(q, "tpa_decode")
+    _check("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"tpa_decode: q must be (B, h, d), got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    L = a_k.size(1)
+    rk, rv = a_k.size(2), a_v.size(2)
+    _check("a_k", a_k, (B, L, rk, H), (q.dtype,))
+    _check("b_k", b_k, (B, L, rk, D), (q.dtype,))
+    _check("a_v", a_v, (B, L, rv, H), (q.dtype,))
+    _check("b_v", b_v, (B, L, rv, D), (q.dtype,))
+    if not 1 <= length <= L:
+        raise ValueError(f"tpa_decode: length {length} outside the cache's 1..{L} positions")
+    if H > 256 or D > 256:
+        raise ValueError(f"tpa_decode: supports up to 256 heads of width <= 256 (got h={H}, d={D})")
+    q, a_k, b_k, a_v, b_v = (t.contiguous() for t in (q, a_k, b_k, a_v, b_v))
+    cfg = TPA_DECODE
+    block_h, block_d = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))  # tl.dot needs 16
+    n_blocks = triton.cdiv(length, cfg["block_m"])
+    per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, triton.cdiv(cfg["programs"], B))))
+    splits = triton.cdiv(n_blocks, per_split)  # every slice holds at least one token
+    o = torch.empty(B, splits, block_h, block_d, device=q.device, dtype=torch.float32)
+    m = torch.empty(B, splits, block_h, device=q.device, dtype=torch.float32)
+    l_sum = torch.empty_like(m)
+    _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length, H, D, a_k.stride(0), b_k.stride(0),
+                                    a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
+                                    BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
+                                    num_warps=cfg["num_warps"])
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    _tpa_decode_reduce_kernel[(B,)](o, m, l_sum, out, H, D, splits, 1.0 / rv, BLOCK_H=block_h, BLOCK_D=block_d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Benchmarks (GPU): python kernels.py --bench mhc
 
 

@@ -108,6 +108,10 @@ class TPAttention(nn.Module):
             self.w_q = nn.Linear(C, self.h * self.d, bias=False)
         self.proj = nn.Linear(self.h * self.d, C, bias=False)
         self.rotary = Rotary(self.d, cfg.block_size, cfg.rope_base)
+        # kernels.py path (train.set_kernels switches it): Q/K/V built from the factors by one kernel each,
+        # and decoding over the factor cache; not for the fixed-head-factor special cases
+        self.use_kernels = False
+        self.kernel_supported = fixed_a is None and self.h <= 256 and self.d <= 256
 
     @torch.no_grad()
     def init_weights(self):
@@ -150,6 +154,11 @@ class TPAttention(nn.Module):
     def forward(self, x, start_pos: int = 0, cache=None):
         from train import causal_attention
         B, T, _ = x.shape
+        if cache is not None and start_pos + T > cache["a_k"].size(1):
+            raise ValueError(f"TPA cache overflow: positions up to {start_pos + T} for a cache of "
+                             f"{cache['a_k'].size(1)} (the configured maximum length)")
+        if self.use_kernels and (cache is None or T == 1):
+            return self.forward_kernels(x, start_pos, cache)
         (a_q, a_k, a_v), (b_q, b_k, b_v) = self.factors(x)
         b_k = self.rotary(b_k, start_pos)  # RoPE on the feature factors (Theorem 3.1)
         if self.kv_only:
@@ -163,6 +172,30 @@ class TPAttention(nn.Module):
             a_k, b_k, a_v, b_v = (cache[n][:, :end] for n in ("a_k", "b_k", "a_v", "b_v"))
         k, v = factor_product(a_k, b_k), factor_product(a_v, b_v)  # (B, T_k, h, d) each
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, h, T, d)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+    def forward_kernels(self, x, start_pos: int = 0, cache=None):
+        """forward() through kernels.py: training (no cache) builds Q, K, V from the factors in SDPA's
+        layout, RoPE applied on the way; one-token decoding attends over the factor cache directly."""
+        import kernels
+        from train import causal_attention
+        B, T, _ = x.shape
+        (a_q, a_k, a_v), (b_q, b_k, b_v) = self.factors(x)
+        cos, sin = self.rotary.cos, self.rotary.sin
+        if self.kv_only:
+            q = self.rotary(self.w_q(x).view(B, T, self.h, self.d), start_pos).transpose(1, 2)  # (B, h, T, d)
+        else:
+            q = kernels.tpa_factor_product(a_q, b_q, cos, sin, start_pos)  # (B, h, T, d)
+        if cache is None:
+            k = kernels.tpa_factor_product(a_k, b_k, cos, sin, start_pos)  # (B, h, T, d), rotated
+            v = kernels.tpa_factor_product(a_v, b_v)
+            y = causal_attention(q, k, v)  # (B, h, T, d)
+        else:  # T == 1: store this token's factors (B_K rotated), attend over all cached ones
+            cache["a_k"][:, start_pos], cache["b_k"][:, start_pos] = a_k[:, 0], self.rotary(b_k, start_pos)[:, 0]
+            cache["a_v"][:, start_pos], cache["b_v"][:, start_pos] = a_v[:, 0], b_v[:, 0]
+            y = kernels.tpa_decode(q[:, :, 0], cache["a_k"], cache["b_k"], cache["a_v"], cache["b_v"],
+                                   start_pos + 1)[:, :, None]  # (B, h, 1, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 
