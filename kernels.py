@@ -4,6 +4,7 @@ kernels.py -- Triton versions of the hot paths of the technique files, each an a
     python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
     python kernels.py --bench hyena    # GPU: Hyena vs attention from 256 to 64K tokens (table + plot)
     python kernels.py --bench linearity  # GPU: cosine regulariser and cross-Gram statistics
+    python kernels.py --bench tpa      # GPU: decode us vs cache length (MHA, GQA, TPA); the training kernel
 
 Every kernel here has a plain PyTorch reference in its technique file (named in its docstring), which
 test_all.py compares it with, forward and backward. On a CPU, Triton's interpreter runs these kernels
@@ -22,6 +23,10 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_short_conv  in_proj output (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv, transposed
     hyena_long_conv   x * (h conv u + D u): the causal long convolution as blocked Toeplitz matmuls on
                       tensor cores, with the skip and the gate fused; fp32 accumulation
+
+TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
+    tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
+    tpa_decode          one token's attention over the factor cache, K and V never formed (FlashTPA)
 
 Linearity (linearity.py), hidden states (N, d):
     centred_cross_gram  one batch's Xc^T Xc and Xc^T (Yc - Xc), centred as the tiles load, fp32 products
@@ -1321,6 +1326,84 @@ def bench_linearity():
           f"kernel {tk:.3f} ms ({t64 / tk:.1f}x, {flops / tk / 1e9:.1f} TFLOP/s of fp32 FMA)")
 
 
+def bench_tpa(max_len: int = 65536):
+    """Decoding one token over a cache of 1K..max_len tokens (B = 16, h = 12, d = 64, bf16): MHA and GQA
+    (G = 4) through SDPA vs FlashTPA at ranks (6, 2, 2); then the training kernel (Q, K, V of one layer
+    from factors at the default model's shape, fwd and fwd+bwd) vs eager and compiled PyTorch."""
+    import torch.nn.functional as F
+    import tpa
+    import train
+    from triton.testing import do_bench
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    B, h, d, G, rk, rv = 16, 12, 64, 4, 2, 2
+    print(f"# TPA kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# decode: one query token per sequence, B = {B}, h = {h}, d = {d}, bf16; median us (do_bench); GB/s "
+          f"counts the cache bytes read; % of the 3.35 TB/s H100 SXM datasheet peak")
+    print(f"# values cached per token: MHA {2 * h * d}, GQA (G={G}) {2 * G * d}, TPA ranks (6,2,2) "
+          f"{(rk + rv) * (h + d)}")
+    print("| cache tokens | MHA us | MHA GB/s | GQA us | GQA GB/s | TPA us | TPA GB/s | TPA % peak | TPA vs MHA |")
+    print("|-------------:|-------:|---------:|-------:|---------:|-------:|---------:|-----------:|-----------:|")
+    M = 1024
+    while M <= max_len:
+        q = torch.randn(B, h, 1, d, device=dev, dtype=bf16)
+        k, v = (torch.randn(B, h, M, d, device=dev, dtype=bf16) for _ in range(2))
+        t_mha = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=10, rep=100) * 1e3
+        del k, v
+        kg, vg = (torch.randn(B, G, M, d, device=dev, dtype=bf16) for _ in range(2))
+        t_gqa = do_bench(lambda: F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True), warmup=10, rep=100) * 1e3
+        del kg, vg
+        cache = [torch.randn(B, M, r, n, device=dev, dtype=bf16) for r, n in ((rk, h), (rk, d), (rv, h), (rv, d))]
+        t_tpa = do_bench(lambda: tpa_decode(q[:, :, 0], *cache, M), warmup=10, rep=100) * 1e3
+        del cache
+        gbs = [B * M * n * 2 / (t * 1e-6) / 1e9 for n, t in ((2 * h * d, t_mha), (2 * G * d, t_gqa),
+                                                             ((rk + rv) * (h + d), t_tpa))]
+        print(f"| {M:12d} | {t_mha:6.1f} | {gbs[0]:8.0f} | {t_gqa:6.1f} | {gbs[1]:8.0f} | {t_tpa:6.1f} | "
+              f"{gbs[2]:8.0f} | {100 * gbs[2] / 3350:9.1f}% | {t_mha / t_tpa:9.2f}x |", flush=True)
+        torch.cuda.empty_cache()
+        M *= 4
+
+    # training: the three factor products of one TPA layer at the default model (C 384 -> h 12, d 64)
+    print()
+    print("| op                         | pass    | tokens | eager ms  | compile ms | kernel ms              "
+          "| vs eager | vs compile | GB/s    | % peak |")
+    print("|----------------------------|---------|-------:|----------:|-----------:|-----------------------:"
+          "|---------:|-----------:|--------:|-------:|")
+    Bt, T, ranks = 64, 512, (6, 2, 2)
+    rotary = train.Rotary(d, T, 10000.0).to(dev)
+    a = torch.randn(Bt, T, sum(ranks) * h, device=dev, dtype=bf16, requires_grad=True)
+    b = torch.randn(Bt, T, sum(ranks) * d, device=dev, dtype=bf16, requires_grad=True)
+
+    def split(a, b):
+        return (a.view(Bt, T, sum(ranks), h).split(ranks, dim=2), b.view(Bt, T, sum(ranks), d).split(ranks, dim=2))
+
+    def ref(a, b):  # what TPAttention.forward does without kernels, up to SDPA's inputs
+        (aq, ak, av), (bq, bk, bv) = split(a, b)
+        return (tpa.factor_product(aq, rotary(bq)).transpose(1, 2), tpa.factor_product(ak, rotary(bk)).transpose(1, 2),
+                tpa.factor_product(av, bv).transpose(1, 2))
+
+    def kern(a, b):
+        (aq, ak, av), (bq, bk, bv) = split(a, b)
+        return (tpa_factor_product(aq, bq, rotary.cos, rotary.sin), tpa_factor_product(ak, bk, rotary.cos, rotary.sin),
+                tpa_factor_product(av, bv))
+    grads = [torch.randn(Bt, h, T, d, device=dev, dtype=bf16) for _ in range(3)]
+    compiled = torch.compile(ref)
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f(a, b)
+        return run
+
+    def fwd_bwd(f):
+        return lambda: torch.autograd.backward(f(a, b), grads)
+    fns = {name: (fwd(f), fwd_bwd(f)) for name, f in (("eager", ref), ("compiled", compiled), ("kernel", kern))}
+    n_tok = Bt * T
+    io_fwd = n_tok * (sum(ranks) * (h + d) + 3 * h * d) * 2
+    io_bwd = n_tok * (3 * h * d + 2 * sum(ranks) * (h + d)) * 2
+    _bench_rows("TPA Q/K/V from factors", fns, (io_fwd, io_fwd + io_bwd), n_tok)
+
+
 def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
     + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape."""
@@ -1396,9 +1479,9 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels (GPU).")
-    parser.add_argument("--bench", choices=["mhc", "hyena", "linearity"], required=True,
+    parser.add_argument("--bench", choices=["mhc", "hyena", "linearity", "tpa"], required=True,
                         help="which technique's kernels to time")
-    parser.add_argument("--max-len", type=int, default=65536, help="hyena: longest sequence timed")
+    parser.add_argument("--max-len", type=int, default=65536, help="hyena, tpa: longest sequence / cache timed")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise SystemExit("error: --bench needs a CUDA GPU and Triton")
@@ -1406,6 +1489,8 @@ def main():
         bench_hyena(args.max_len)
     elif args.bench == "linearity":
         bench_linearity()
+    elif args.bench == "tpa":
+        bench_tpa(args.max_len)
     else:
         bench_mhc()
 
