@@ -1013,7 +1013,7 @@ if HAVE_TRITON:
     def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, M, H, D,
                            cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
                            RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+                           BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         # One sequence, one slice of its cache: logits of every head against the cached tokens straight
         # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
         pid_b, split = tl.program_id(0), tl.program_id(1)
@@ -1038,7 +1038,7 @@ if HAVE_TRITON:
                              other=0.0)
                 ak = tl.load(ak_ptr + pid_b * cache_ak + mm[:, None] * (RK * H) + s * H + hh[None, :], mask=mh,
                              other=0.0).to(tl.float32)
-                logits += ak * tl.dot(bk, tl.trans(q.to(bk.dtype)))  # (BLOCK_M, BLOCK_H)
+                logits += ak * tl.dot(bk, tl.trans(q.to(bk.dtype)), input_precision=DOT)  # (BLOCK_M, BLOCK_H)
             logits = tl.where(m_ok[:, None], logits * scale, float("-inf"))
             # online softmax over the cache, per head
             m_new = tl.maximum(m_i, tl.max(logits, axis=0))
@@ -1052,7 +1052,7 @@ if HAVE_TRITON:
                              other=0.0).to(tl.float32)
                 bv = tl.load(bv_ptr + pid_b * cache_bv + mm[:, None] * (RV * D) + u * D + dd[None, :], mask=md,
                              other=0.0)
-                acc += tl.dot(tl.trans((p * av).to(bv.dtype)), bv)  # (BLOCK_H, BLOCK_D)
+                acc += tl.dot(tl.trans((p * av).to(bv.dtype)), bv, input_precision=DOT)  # (BLOCK_H, BLOCK_D)
             m_i = m_new
         part = pid_b * n_splits + split
         tl.store(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :], acc)
@@ -1080,6 +1080,11 @@ if HAVE_TRITON:
                  mask=(hh < H)[:, None] & (dd < D)[None, :])
 
 
+# Tile of the factor-product kernels: tokens per program are chosen so that a (tokens, h, d/2) tile holds
+# about this many elements (forward / backward).
+TPA_PRODUCT = {"fwd_tile": 4096, "bwd_tile": 2048, "num_warps": 4}
+
+
 def _tpa_blocks(h: int, half_d: int, budget: int):
     block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(half_d)
     return max(1, min(16, budget // (block_h * block_d))), block_h, block_d
@@ -1093,10 +1098,10 @@ class TPAProductFunction(torch.autograd.Function):
         B, T, R, H = a.shape
         D = b.size(3)
         out = torch.empty(B, H, T, D, device=a.device, dtype=a.dtype)
-        bt, bh, bd = _tpa_blocks(H, D // 2, 4096)
+        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["fwd_tile"])
         _tpa_product_fwd_kernel[(triton.cdiv(T, bt), B)](a, b, cos, sin, out, T, H, D // 2, start_pos, a.stride(1),
                                                          b.stride(1), 1.0 / R, R=R, ROTATE=rotate, BLOCK_T=bt,
-                                                         BLOCK_H=bh, BLOCK_D=bd)
+                                                         BLOCK_H=bh, BLOCK_D=bd, num_warps=TPA_PRODUCT["num_warps"])
         ctx.save_for_backward(a, b, cos, sin)
         ctx.start_pos, ctx.rotate = start_pos, rotate
         return out
@@ -1108,10 +1113,11 @@ class TPAProductFunction(torch.autograd.Function):
         D = b.size(3)
         da = torch.empty(B, T, R, H, device=a.device, dtype=a.dtype)
         db = torch.empty(B, T, R, D, device=a.device, dtype=b.dtype)
-        bt, bh, bd = _tpa_blocks(H, D // 2, 2048)
+        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["bwd_tile"])
         _tpa_product_bwd_kernel[(triton.cdiv(T, bt), B)](g.contiguous(), a, b, cos, sin, da, db, T, H, D // 2,
                                                          ctx.start_pos, a.stride(1), b.stride(1), 1.0 / R, R=R,
-                                                         ROTATE=ctx.rotate, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
+                                                         ROTATE=ctx.rotate, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd,
+                                                         num_warps=TPA_PRODUCT["num_warps"])
         return da, db, None, None, None, None
 
 
@@ -1149,7 +1155,7 @@ def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | Non
 
 # Decode launch settings: cached tokens per tile, and programs to aim for (the cache of each sequence is
 # split into slices so that a small batch still fills the GPU; the slices are combined by their maxima).
-TPA_DECODE = {"block_m": 64, "num_warps": 4, "programs": 264}
+TPA_DECODE = {"block_m": 64, "num_warps": 4, "num_stages": 3, "programs": 264}
 
 
 def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
@@ -1186,7 +1192,8 @@ def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch
     _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length, H, D, a_k.stride(0), b_k.stride(0),
                                     a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
                                     BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
-                                    num_warps=cfg["num_warps"])
+                                    DOT="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     _tpa_decode_reduce_kernel[(B,)](o, m, l_sum, out, H, D, splits, 1.0 / rv, BLOCK_H=block_h, BLOCK_D=block_d)
     return out
