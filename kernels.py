@@ -1081,8 +1081,8 @@ if HAVE_TRITON:
 
 
 # Tile of the factor-product kernels: tokens per program are chosen so that a (tokens, h, d/2) tile holds
-# about this many elements (forward / backward).
-TPA_PRODUCT = {"fwd_tile": 4096, "bwd_tile": 2048, "num_warps": 4}
+# about this many elements (forward / backward); the fastest fwd+bwd of 18 settings on an H100.
+TPA_PRODUCT = {"fwd_tile": 2048, "bwd_tile": 512, "num_warps": 4}
 
 
 def _tpa_blocks(h: int, half_d: int, budget: int):
@@ -1155,7 +1155,8 @@ def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | Non
 
 # Decode launch settings: cached tokens per tile, and programs to aim for (the cache of each sequence is
 # split into slices so that a small batch still fills the GPU; the slices are combined by their maxima).
-TPA_DECODE = {"block_m": 64, "num_warps": 4, "num_stages": 3, "programs": 264}
+# Measured on an H100 (B 16, h 12, d 64, ranks (6,2,2), 72 settings): fastest at 64K cached tokens as below.
+TPA_DECODE = {"block_m": 128, "num_warps": 8, "num_stages": 2, "programs": 264}
 
 
 def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
