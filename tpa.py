@@ -174,7 +174,6 @@ class TPAttention(nn.Module):
         y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, h, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
-
     def forward_kernels(self, x, start_pos: int = 0, cache=None):
         """forward() through kernels.py: training (no cache) builds Q, K, V from the factors in SDPA's
         layout, RoPE applied on the way; one-token decoding attends over the factor cache directly."""
