@@ -869,10 +869,8 @@ def centred_cross_gram(x: torch.Tensor, y: torch.Tensor):
                                               BLOCK=cfg["block"], BLOCK_K=cfg["block_k"], DOT=cfg["dot"],
                                               num_warps=cfg["num_warps"])
     out = out.sum(0, dtype=torch.float64)
-    # only the upper block triangle of Xc^T Xc was computed: mirror it
-    upper = torch.triu(torch.ones(nb, nb, dtype=torch.bool, device=x.device))
-    upper = upper.repeat_interleave(cfg["block"], 0).repeat_interleave(cfg["block"], 1)[:D, :D]
-    cxx = torch.where(upper, out[:, :D], out[:, :D].T)
+    # only the tiles on and above the diagonal of Xc^T Xc were computed; they hold every entry (i <= j)
+    cxx = torch.triu(out[:, :D]) + torch.triu(out[:, :D], 1).T
     # sums of outer products about a point m' instead of the mean m: sum (a - m')(b - m')^T
     # = sum (a - m)(b - m)^T + N (m - m')(m - m')^T, so subtract N delta delta^T
     dx, dd = mx - mx32.double(), (my - mx) - md32.double()

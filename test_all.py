@@ -116,6 +116,17 @@ INTERPRETER_RUN = ["--batch-size", "2", "--block-size", "16", "--n-embd", "16", 
                    "--eval-batches", "1", "--max-new-tokens", "2"]
 
 
+def check_interpreter_kernels_on_off(gpu_test, tol, arch, *args):
+    """A few fp32 steps of `arch` on TinyStories under Triton's interpreter, kernels off and on from the
+    same seed: the losses agree within tol at every step. On a GPU, `gpu_test` runs instead."""
+    needs_triton()
+    if torch.cuda.is_available():
+        skip(f"CPU (interpreter) variant; {gpu_test} runs instead")
+    off, on = losses_kernels_off_and_on(arch, *args, *INTERPRETER_RUN, data_args=TINY)
+    for step in off:
+        assert abs(off[step] - on[step]) < tol, (off, on)
+
+
 def check_gpu_kernels_on_off(arch, *extra):
     """100 steps of `arch` on the GPU (bf16 autocast) with kernels off and on from the same seed: the
     training losses agree within 2% at every logged step, the final one within 1%."""
@@ -418,12 +429,7 @@ def test_kernel_input_checks():
 def test_mhc_training_kernels_on_vs_off_agree():
     """Two steps of --arch mhc on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-5 (fp32; the interpreter is slow, so the model is tiny)."""
-    needs_triton()
-    if torch.cuda.is_available():
-        skip("CPU (interpreter) variant; test_gpu_mhc_training_kernels_on_vs_off_agree runs instead")
-    off, on = losses_kernels_off_and_on("mhc", "--max-iters", "2", *INTERPRETER_RUN, data_args=TINY)
-    for step in off:
-        assert abs(off[step] - on[step]) < 1e-5, (off, on)
+    check_interpreter_kernels_on_off("test_gpu_mhc_training_kernels_on_vs_off_agree", 1e-5, "mhc", "--max-iters", "2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -610,12 +616,8 @@ def test_kernel_hyena_input_checks():
 def test_hyena_training_kernels_on_vs_off_agree():
     """Three steps of --arch hyena on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-4 (fp32; interpreter, so the model is tiny)."""
-    needs_triton()
-    if torch.cuda.is_available():
-        skip("CPU (interpreter) variant; test_gpu_hyena_training_kernels_on_vs_off_agree runs instead")
-    off, on = losses_kernels_off_and_on("hyena", "--max-iters", "3", *INTERPRETER_RUN, data_args=TINY)
-    for step in off:
-        assert abs(off[step] - on[step]) < 1e-4, (off, on)
+    check_interpreter_kernels_on_off("test_gpu_hyena_training_kernels_on_vs_off_agree", 1e-4, "hyena",
+                                     "--max-iters", "3")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -793,13 +795,8 @@ def test_kernel_tpa_input_checks():
 def test_tpa_training_kernels_on_vs_off_agree():
     """Two steps of --arch tpa on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-5 (fp32, interpreter)."""
-    needs_triton()
-    if torch.cuda.is_available():
-        skip("CPU (interpreter) variant; test_gpu_tpa_training_kernels_on_vs_off_agree runs instead")
-    off, on = losses_kernels_off_and_on("tpa", "--max-iters", "2", "--tpa-head-dim", "8", *INTERPRETER_RUN,
-                                        data_args=TINY)
-    for step in off:
-        assert abs(off[step] - on[step]) < 1e-5, (off, on)
+    check_interpreter_kernels_on_off("test_gpu_tpa_training_kernels_on_vs_off_agree", 1e-5, "tpa", "--max-iters", "2",
+                                     "--tpa-head-dim", "8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -969,13 +966,8 @@ def test_kernel_cosine_regulariser_matches_reference():
 def test_cosine_regulariser_training_kernels_on_vs_off_agree():
     """Three steps of --arch gpt --reg cosine, kernels on (the fused regulariser) vs off from the same
     seed: the losses agree within 1e-5 (fp32, interpreter)."""
-    needs_triton()
-    if torch.cuda.is_available():
-        skip("CPU (interpreter) variant; test_gpu_linearity_kernels_bf16_and_training runs instead")
-    off, on = losses_kernels_off_and_on("gpt", "--reg", "cosine", "--max-iters", "3", *INTERPRETER_RUN,
-                                        data_args=TINY)
-    for step in off:
-        assert abs(off[step] - on[step]) < 1e-5, (off, on)
+    check_interpreter_kernels_on_off("test_gpu_linearity_kernels_bf16_and_training", 1e-5, "gpt", "--reg", "cosine",
+                                     "--max-iters", "3")
 
 
 # ----------------------------------------------------------------------------------------------------
