@@ -192,8 +192,8 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
         self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # the Toeplitz kernel is for training lengths; longer contexts keep the FFT path
-        self.kernel_supported = kernels is not None and cfg.block_size <= kernels.HYENA_CONV["max_len"]
+        # kernels.hyena_long_conv: the Toeplitz kernel at training lengths, the FFT path beyond
+        self.kernel_supported = kernels is not None
 
     def init_weights(self):
         nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity

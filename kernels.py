@@ -45,11 +45,14 @@ except ImportError:  # CPU machines without Triton: the plain paths still work
     HAVE_TRITON = False
 
 
-# Launch settings of the mHC pre kernels, the fastest of those measured on an H100 (fp32 streams, 32k
-# tokens, fwd+bwd: tf32 1.79 ms, tf32x3 2.48 ms, ieee 2.83 ms). dot is the precision of the projection's
-# fp32 dot products: "tf32", as torch runs the plain path's v @ phi when training (allow_tf32), with
-# ~1e-3 relative error; "tf32x3" or "ieee" for fp32 accuracy. The interpreter computes every dot in fp32.
-MHC_PRE = {"block_n": 32, "block_c": 64, "num_warps": 4, "dot": "tf32"}
+# Launch settings of the mHC pre kernels: the fastest of 18 (block_n, block_k, warps) measured on an H100
+# (bf16 streams, n = 4, C = 384, 32k tokens): fwd 0.19 ms, fwd+bwd 0.65 ms of GPU time. dot is the
+# precision of the projection's fp32 dot products: "tf32", as torch runs the plain path's v @ phi when
+# training (allow_tf32), with ~1e-3 relative error; "ieee" for fp32 accuracy. The interpreter computes
+# every dot in fp32. (One setting, block_n = block_k = 64 with 4 warps, gave 1e-2 errors with "tf32" on
+# Triton 3.6 and exact results with "ieee"; the GPU tests run the setting below in both.)
+MHC_PRE = {"block_n": 128, "block_k": 64, "block_c": 64, "num_warps": 4, "dot": "tf32"}
+SINKHORN = {"block_n": 16, "num_warps": 1}
 
 
 def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -139,9 +142,10 @@ class SinkhornFunction(torch.autograd.Function):
         n = logits.size(-1)
         flat = logits.reshape(-1, n, n).contiguous()
         out = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
-        block = 16  # small tiles, many programs: the iterations are a serial chain per token
+        block = SINKHORN["block_n"]  # small tiles, many programs: the iterations are a serial chain per token
         _sinkhorn_fwd_kernel[(triton.cdiv(flat.size(0), block),)](
-            flat, out, flat.size(0), EPS=eps, N_STREAMS=n, ITERS=iters, BLOCK_N=block, num_warps=1)
+            flat, out, flat.size(0), EPS=eps, N_STREAMS=n, ITERS=iters, BLOCK_N=block,
+            num_warps=SINKHORN["num_warps"])
         ctx.save_for_backward(flat)
         ctx.iters, ctx.eps, ctx.shape = iters, eps, logits.shape
         return out.view(logits.shape)
@@ -151,11 +155,11 @@ class SinkhornFunction(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         n = flat.size(-1)
         dlogits = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
-        block = 16
+        block = SINKHORN["block_n"]
         scratch = torch.empty((ctx.iters,) + tuple(flat.shape), device=flat.device, dtype=torch.float32)
         _sinkhorn_bwd_kernel[(triton.cdiv(flat.size(0), block),)](
             flat, grad.reshape(-1, n, n).contiguous(), dlogits, scratch, flat.size(0), EPS=ctx.eps, N_STREAMS=n,
-            ITERS=ctx.iters, BLOCK_N=block, num_warps=1)
+            ITERS=ctx.iters, BLOCK_N=block, num_warps=SINKHORN["num_warps"])
         return dlogits.view(ctx.shape).to(flat.dtype), None, None
 
 
@@ -171,10 +175,14 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
 # ----------------------------------------------------------------------------------------------------
 # mHC pre path: RMSNorm + projection + sigmoid / 2 sigmoid + Sinkhorn + the pre-mix, in one kernel
 #
-# The projection phi (nC, 2n + n^2) is laid out in three groups of G = max(16, n^2) columns (tl.dot
-# needs at least 16): group 0 holds pre's n columns at 0, G/n, 2G/n, ... (zeros between), group 1 the
-# same for post, group 2 res's n^2 columns in row-major order. Reshaping a group (BLOCK_N, G) to
-# (BLOCK_N, n, G/n) and summing the last axis then gives (BLOCK_N, n), and group 2 reshapes to (n, n).
+# The projection phi (nC, 2n + n^2) is laid out in four groups of G = max(16, n^2) columns, W = 4G wide,
+# so that one tl.dot per slice of the row computes all of v phi (tl.dot needs widths >= 16 and powers of
+# 2): group 0 holds pre's n columns at 0, G/n, 2G/n, ... (zeros between), group 1 the same for post,
+# group 2 res's n^2 columns in row-major order, group 3 is padding. Summing a group (BLOCK_N, G) over
+# (n, G/n) gives (BLOCK_N, n); group 2 reshapes to (n, n).
+#
+# Both kernels walk the flattened stream row v = vec(h) (nC,) in slices of BLOCK_K, the streams back to
+# back, so the loop is a plain matmul loop that Triton pipelines; the stream of a column is k // C.
 
 if HAVE_TRITON:
     @triton.jit
@@ -189,54 +197,75 @@ if HAVE_TRITON:
         return tl.sum(tl.reshape(x, (BLOCK_N, N_STREAMS, G // N_STREAMS)), axis=2)
 
     @triton.jit
-    def _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS: tl.constexpr, G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """One pass over the nC row: sum of squares, and u = v phi for the three groups (fp32, ieee)."""
-        K = N_STREAMS * C
-        g_cols = tl.arange(0, G)
-        u_pre = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        u_post = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        u_res = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cmask = cs < C
-            for j in tl.static_range(N_STREAMS):
-                v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_C)
-                sumsq += tl.sum(v * v, axis=1)
-                phi_rows = phi_ptr + (j * C + cs)[:, None] * (3 * G) + g_cols[None, :]  # (BLOCK_C, G)
-                u_pre += tl.dot(v, tl.load(phi_rows, mask=cmask[:, None], other=0.0), input_precision=DOT)
-                u_post += tl.dot(v, tl.load(phi_rows + G, mask=cmask[:, None], other=0.0), input_precision=DOT)
-                u_res += tl.dot(v, tl.load(phi_rows + 2 * G, mask=cmask[:, None], other=0.0),
-                                input_precision=DOT)
-        return u_pre, u_post, u_res, sumsq
+    def _group(u, k: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Group k (BLOCK_N, G) of a (BLOCK_N, 4G) row of the layout."""
+        u4 = tl.reshape(u, (BLOCK_N, 4, G))
+        return tl.sum(tl.where((tl.arange(0, 4) == k)[None, :, None], u4, 0.0), axis=1)
 
     @triton.jit
-    def _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS: tl.constexpr, G: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+    def _ungroup(g0, g1, g2, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(BLOCK_N, G) x 3 -> (BLOCK_N, 4G), groups 0, 1, 2 and zero padding: the inverse of _group."""
+        k = tl.arange(0, 4)[None, :, None]
+        u4 = tl.where(k == 0, g0[:, None, :], tl.where(k == 1, g1[:, None, :], tl.where(k == 2, g2[:, None, :], 0.0)))
+        return tl.reshape(u4, (BLOCK_N, 4 * G))
+
+    @triton.jit
+    def _stream_column(x, j, N_STREAMS: tl.constexpr):
+        """Column j (a runtime value) of x (BLOCK_N, n)."""
+        return tl.sum(tl.where(tl.arange(0, N_STREAMS)[None, :] == j, x, 0.0), axis=1)
+
+    @triton.jit
+    def _mhc_project(h_ptr, phi_ptr, dxin_ptr, rows, rmask, C, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, WITH_DPRE: tl.constexpr):
+        """One pass over the nC row: u = v phi (BLOCK_N, 4G), sum of squares, and (backward) d_pre_j = <dx, h_j>."""
+        K = N_STREAMS * C
+        cols = tl.arange(0, 4 * G)
+        streams = tl.arange(0, N_STREAMS)
+        u = tl.zeros((BLOCK_N, 4 * G), dtype=tl.float32)
+        sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        d_pre = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            m2 = rmask[:, None] & kmask[None, :]
+            v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+            sumsq += tl.sum(v * v, axis=1)
+            phi = tl.load(phi_ptr + ks[:, None] * (4 * G) + cols[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_K, 4G)
+            u += tl.dot(v, phi, input_precision=DOT)
+            if WITH_DPRE:  # column k of the row belongs to stream k // C, channel k % C
+                dx = tl.load(dxin_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0).to(tl.float32)
+                prod = v * dx
+                for j in tl.static_range(N_STREAMS):
+                    d_pre += tl.where(streams[None, :] == j,
+                                      tl.sum(tl.where((ks // C == j)[None, :], prod, 0.0), axis=1)[:, None], 0.0)
+        return u, sumsq, d_pre
+
+    @triton.jit
+    def _mhc_coefficients(u, r, coef_ptr, N_STREAMS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
         """c = r u; z = gate * c + b per group; pre = sigmoid, post = 2 sigmoid, res logits (n, n)."""
         g_cols = tl.arange(0, G)
         gate_pre, gate_post, gate_res = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 2)
         b_pre = tl.load(coef_ptr + 3 + g_cols)
         b_post = tl.load(coef_ptr + 3 + G + g_cols)
         b_res = tl.load(coef_ptr + 3 + 2 * G + g_cols)
-        z_pre = _gather(gate_pre * u_pre * r[:, None] + b_pre[None, :], N_STREAMS, G, BLOCK_N)
-        z_post = _gather(gate_post * u_post * r[:, None] + b_post[None, :], N_STREAMS, G, BLOCK_N)
-        logits = tl.reshape(gate_res * u_res * r[:, None] + b_res[None, :], (BLOCK_N, N_STREAMS, N_STREAMS))
-        return tl.sigmoid(z_pre), 2 * tl.sigmoid(z_post), logits
+        c_pre = _group(u, 0, G, BLOCK_N) * r[:, None]
+        c_post = _group(u, 1, G, BLOCK_N) * r[:, None]
+        c_res = _group(u, 2, G, BLOCK_N) * r[:, None]
+        z_pre = _gather(gate_pre * c_pre + b_pre[None, :], N_STREAMS, G, BLOCK_N)
+        z_post = _gather(gate_post * c_post + b_post[None, :], N_STREAMS, G, BLOCK_N)
+        logits = tl.reshape(gate_res * c_res + b_res[None, :], (BLOCK_N, N_STREAMS, N_STREAMS))
+        return tl.sigmoid(z_pre), 2 * tl.sigmoid(z_post), logits, c_pre, c_post, c_res
 
     @triton.jit
     def _mhc_pre_fwd_kernel(h_ptr, phi_ptr, coef_ptr, xin_ptr, post_ptr, res_ptr, N, C, EPS: tl.constexpr,
                             SK_EPS: tl.constexpr, N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         K = N_STREAMS * C
-        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N,
-                                                   BLOCK_C, DOT)
+        u, sumsq, _ = _mhc_project(h_ptr, phi_ptr, h_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_K, DOT, False)
         r = tl.rsqrt(sumsq / K + EPS)  # RMSNorm of the flattened streams, applied after the matmul
-        pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
+        pre, post, logits, _, _, _ = _mhc_coefficients(u, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         res = _sk_forward(_sk_exp(logits), ITERS, SK_EPS)
         streams = tl.arange(0, N_STREAMS)
         tl.store(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], post, mask=rmask[:, None])
@@ -255,28 +284,17 @@ if HAVE_TRITON:
     @triton.jit
     def _mhc_pre_bwd_kernel(h_ptr, phi_ptr, coef_ptr, dxin_ptr, dpost_ptr, dres_ptr, dh_ptr, du_ptr, dz_ptr,
                             c_ptr, scratch_ptr, N, C, EPS: tl.constexpr, SK_EPS: tl.constexpr,
-                            N_STREAMS: tl.constexpr, G: tl.constexpr,
-                            ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+                            N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         K = N_STREAMS * C
         streams = tl.arange(0, N_STREAMS)
-        g_cols = tl.arange(0, G)
-        # recompute the forward coefficients
-        u_pre, u_post, u_res, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N,
-                                                   BLOCK_C, DOT)
+        # recompute the forward coefficients; in the same pass over h, d pre_j = <d x_in, h_j>
+        u, sumsq, d_pre = _mhc_project(h_ptr, phi_ptr, dxin_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_K,
+                                       DOT, True)
         r = tl.rsqrt(sumsq / K + EPS)
-        pre, post, logits = _mhc_coefficients(u_pre, u_post, u_res, r, coef_ptr, N_STREAMS, G, BLOCK_N)
-        # d pre_j = <d x_in, h_j>
-        d_pre = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            m3 = rmask[:, None, None] & (cs < C)[None, None, :]
-            hv = tl.load(h_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
-                         mask=m3, other=0.0).to(tl.float32)
-            dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=rmask[:, None] & (cs < C)[None, :],
-                         other=0.0).to(tl.float32)
-            d_pre += tl.sum(hv * dx[:, None, :], axis=2)
+        pre, post, logits, c_pre, c_post, c_res = _mhc_coefficients(u, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         d_post = tl.load(dpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
         ij = streams[:, None] * N_STREAMS + streams[None, :]
         offs3 = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
@@ -287,42 +305,36 @@ if HAVE_TRITON:
         d_logits = _sk_backward(_sk_exp(logits), d_res, ITERS, SK_EPS, scratch_ptr, offs3, rmask[:, None, None],
                                 N * N_STREAMS * N_STREAMS)
         dz_res = tl.reshape(d_logits, (BLOCK_N, G))
-        # through z = gate * r * u + b:  du = gate r dz,  dr = sum gate u dz
+        # through z = gate * c + b, c = r u:  du = gate r dz,  dr = sum gate (c / r) dz
         gate_pre, gate_post, gate_res = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 2)
-        du_pre, du_post, du_res = gate_pre * dz_pre * r[:, None], gate_post * dz_post * r[:, None], \
-            gate_res * dz_res * r[:, None]
-        dr = tl.sum(gate_pre * dz_pre * u_pre + gate_post * dz_post * u_post + gate_res * dz_res * u_res, axis=1)
+        dz = _ungroup(dz_pre, dz_post, dz_res, G, BLOCK_N)  # (BLOCK_N, 4G)
+        gz = _ungroup(gate_pre * dz_pre, gate_post * dz_post, gate_res * dz_res, G, BLOCK_N)
+        du = gz * r[:, None]
+        dr = tl.sum(gz * u, axis=1)
         # outputs for the parameter gradients, reduced over tokens in PyTorch
-        out_offs = rows[:, None] * (3 * G) + g_cols[None, :]
-        tl.store(du_ptr + out_offs, du_pre, mask=rmask[:, None])
-        tl.store(du_ptr + out_offs + G, du_post, mask=rmask[:, None])
-        tl.store(du_ptr + out_offs + 2 * G, du_res, mask=rmask[:, None])
-        tl.store(dz_ptr + out_offs, dz_pre, mask=rmask[:, None])
-        tl.store(dz_ptr + out_offs + G, dz_post, mask=rmask[:, None])
-        tl.store(dz_ptr + out_offs + 2 * G, dz_res, mask=rmask[:, None])
-        tl.store(c_ptr + out_offs, u_pre * r[:, None], mask=rmask[:, None])
-        tl.store(c_ptr + out_offs + G, u_post * r[:, None], mask=rmask[:, None])
-        tl.store(c_ptr + out_offs + 2 * G, u_res * r[:, None], mask=rmask[:, None])
-        # dh_j = pre_j dx + du phi_j^T + dr * dr/dv_j,  dr/dv = -r^3 v / K
+        out_offs = rows[:, None] * (4 * G) + tl.arange(0, 4 * G)[None, :]
+        tl.store(du_ptr + out_offs, du.to(du_ptr.dtype.element_ty), mask=rmask[:, None])
+        tl.store(dz_ptr + out_offs, dz, mask=rmask[:, None])
+        tl.store(c_ptr + out_offs, _ungroup(c_pre, c_post, c_res, G, BLOCK_N), mask=rmask[:, None])
+        # dv = du phi^T + pre_{k // C} dx_{k % C} + dr dr/dv,  dr/dv = -r^3 v / K
         dr_coef = -dr * r * r * r / K
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cmask = cs < C
-            m2 = rmask[:, None] & cmask[None, :]
-            dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+        cols = tl.arange(0, 4 * G)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            m2 = rmask[:, None] & kmask[None, :]
+            v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+            dx = tl.load(dxin_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0).to(tl.float32)
+            phi_t = tl.load(phi_ptr + ks[None, :] * (4 * G) + cols[:, None], mask=kmask[None, :], other=0.0)  # (4G, BLOCK_K)
+            pre_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for j in tl.static_range(N_STREAMS):
-                v = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-                phi_t = phi_ptr + (j * C + cs)[None, :] * (3 * G) + g_cols[:, None]  # (G, BLOCK_C)
-                dv = tl.dot(du_pre, tl.load(phi_t, mask=cmask[None, :], other=0.0), input_precision=DOT)
-                dv += tl.dot(du_post, tl.load(phi_t + G, mask=cmask[None, :], other=0.0), input_precision=DOT)
-                dv += tl.dot(du_res, tl.load(phi_t + 2 * G, mask=cmask[None, :], other=0.0), input_precision=DOT)
-                pre_j = tl.sum(tl.where(streams[None, :] == j, pre, 0.0), axis=1)  # (BLOCK_N,)
-                dv += pre_j[:, None] * dx + dr_coef[:, None] * v
-                tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
+                pre_k += tl.where((ks // C == j)[None, :], _stream_column(pre, j, N_STREAMS)[:, None], 0.0)
+            dv = tl.dot(du, phi_t, input_precision=DOT) + pre_k * dx + dr_coef[:, None] * v
+            tl.store(dh_ptr + rows[:, None] * K + ks[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
 
 
 def _spread_layout(n: int):
-    """Column of the spread (3G-wide) layout for each of phi's 2n + n^2 columns [pre | post | res]."""
+    """Column of the spread (4G-wide) layout for each of phi's 2n + n^2 columns [pre | post | res]."""
     G = max(16, n * n)
     step = G // n
     return G, [j * step for j in range(n)] + [G + j * step for j in range(n)] + [2 * G + k for k in range(n * n)]
@@ -336,9 +348,9 @@ class MHCPreFunction(torch.autograd.Function):
         N, n, C = h.shape
         G, index = _spread_layout(n)
         index = torch.tensor(index, device=h.device)
-        phi_spread = torch.zeros(n * C, 3 * G, device=h.device, dtype=torch.float32)
+        phi_spread = h.new_zeros(n * C, 4 * G, dtype=torch.float32)
         phi_spread[:, index] = phi.float()
-        bias_spread = torch.zeros(3 * G, device=h.device, dtype=torch.float32)
+        bias_spread = h.new_zeros(3 * G, dtype=torch.float32)
         bias_spread[index] = torch.cat([b_pre, b_post, b_res.reshape(-1)]).float()
         coef = torch.cat([gates.float(), bias_spread])
         x_in = torch.empty(N, C, device=h.device, dtype=h.dtype)
@@ -347,7 +359,8 @@ class MHCPreFunction(torch.autograd.Function):
         cfg = MHC_PRE
         _mhc_pre_fwd_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             h, phi_spread, coef, x_in, post, res, N, C, EPS=1e-6, SK_EPS=1e-6, N_STREAMS=n, G=G, ITERS=iters,
-            BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], DOT=cfg["dot"], num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], BLOCK_C=cfg["block_c"], DOT=cfg["dot"],
+            num_warps=cfg["num_warps"])
         ctx.save_for_backward(h, phi_spread, coef, index)
         ctx.iters = iters
         return x_in, post, res
@@ -356,20 +369,23 @@ class MHCPreFunction(torch.autograd.Function):
     def backward(ctx, d_xin, d_post, d_res):
         h, phi_spread, coef, index = ctx.saved_tensors
         N, n, C = h.shape
-        G = phi_spread.size(1) // 3
-        d_xin = torch.zeros(N, C, device=h.device) if d_xin is None else d_xin.contiguous()
-        d_post = torch.zeros(N, n, device=h.device) if d_post is None else d_post.float().contiguous()
-        d_res = torch.zeros(N, n, n, device=h.device) if d_res is None else d_res.float().contiguous()
+        W = phi_spread.size(1)
+        d_xin = h.new_zeros(N, C) if d_xin is None else d_xin.contiguous()
+        d_post = h.new_zeros(N, n, dtype=torch.float32) if d_post is None else d_post.float().contiguous()
+        d_res = h.new_zeros(N, n, n, dtype=torch.float32) if d_res is None else d_res.float().contiguous()
         dh = torch.empty_like(h)
-        du, dz, c = (torch.empty(N, 3 * G, device=h.device, dtype=torch.float32) for _ in range(3))
+        # du in h's dtype: d_phi = v^T du is then one tensor-core matmul, as autocast computes a weight's
+        # gradient; dz and c stay fp32 for the gates' and biases' gradients
+        du = torch.empty(N, W, device=h.device, dtype=h.dtype)
+        dz, c = (torch.empty(N, W, device=h.device, dtype=torch.float32) for _ in range(2))
         cfg = MHC_PRE
         scratch = torch.empty(ctx.iters, N, n, n, device=h.device, dtype=torch.float32)
         _mhc_pre_bwd_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, scratch, N, C, EPS=1e-6, SK_EPS=1e-6,
-            N_STREAMS=n, G=G, ITERS=ctx.iters, BLOCK_N=cfg["block_n"], BLOCK_C=cfg["block_c"], DOT=cfg["dot"],
-            num_warps=cfg["num_warps"])
-        d_phi = (h.reshape(N, n * C).float().t() @ du)[:, index]  # (nC, 2n + n^2)
-        dzc = (dz * c).view(N, 3, G).sum(dim=(0, 2))  # per group: sum over tokens of dz * c
+            N_STREAMS=n, G=W // 4, ITERS=ctx.iters, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+            DOT=cfg["dot"], num_warps=cfg["num_warps"])
+        d_phi = (h.reshape(N, n * C).t() @ du)[:, index].float()  # (nC, 2n + n^2)
+        dzc = (dz * c).view(N, 4, W // 4).sum(dim=(0, 2))[:3]  # per group: sum over tokens of dz * c
         d_bias = dz.sum(0)[index]
         return (dh, d_phi, dzc, d_bias[:n], d_bias[n:2 * n], d_bias[2 * n:].view(n, n), None)
 
@@ -501,7 +517,7 @@ def mhc_post_res(h, f, post, res):
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
 # (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
 
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "max_len": 8192}
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 8192}
 
 if HAVE_TRITON:
     @triton.jit
@@ -719,23 +735,105 @@ class LongConvFunction(torch.autograd.Function):
         return du, dx, dh, d_skip.to(skip.dtype)
 
 
+# The long convolution by FFTs, for sequences past the Toeplitz kernel's lengths. The transforms are
+# cuFFT's (torch.fft, fp32, zero-padded to n >= 2L, a power of 2); the Triton kernels below do the
+# pointwise work around them in one pass each, so each FFT's input is written once and nothing else is
+# materialised: the gate and skip after the inverse transform, dL/dx and the padded fp32 x * g before the
+# backward's transform, the skip term after its inverse. O(L log L), so it overtakes attention's O(L^2).
+#     forward:   y = irfft(rfft(u) H)[:L],              out = x (y + D u),   pre = y + D u
+#     backward:  gy = g x,  dx = g pre,                  du = irfft(rfft(gy) conj(H))[:L] + D gy
+#                dh = irfft(sum_b rfft(gy_b) conj(rfft(u_b)))[:L]   (a correlation; dD = dh[0])
+
+if HAVE_TRITON:
+    @triton.jit
+    def _fft_gate_kernel(y_ptr, u_ptr, x_ptr, skip_ptr, out_ptr, pre_ptr, C, L, n, stride_u, stride_x,
+                         BLOCK: tl.constexpr):
+        """out = x * (y + skip u), pre = y + skip u; y (B, C, n) fp32, the first L of each row used."""
+        row, t = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        b, c = row // C, row % C
+        ok = t < L
+        y = tl.load(y_ptr + row * n + t, mask=ok, other=0.0)
+        u = tl.load(u_ptr + b * stride_u + c * L + t, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * stride_x + c * L + t, mask=ok, other=0.0).to(tl.float32)
+        pre = y + tl.load(skip_ptr + c) * u
+        tl.store(out_ptr + row * L + t, (x * pre).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(pre_ptr + row * L + t, pre.to(pre_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _fft_gate_bwd_kernel(g_ptr, x_ptr, pre_ptr, gy_ptr, dx_ptr, C, L, n, stride_x, BLOCK: tl.constexpr):
+        """gy = g * x into a zero-padded (B, C, n) fp32 buffer (the FFT's input); dx = g * pre."""
+        row, t = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        b, c = row // C, row % C
+        ok = t < L
+        g = tl.load(g_ptr + row * L + t, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * stride_x + c * L + t, mask=ok, other=0.0).to(tl.float32)
+        pre = tl.load(pre_ptr + row * L + t, mask=ok, other=0.0).to(tl.float32)
+        tl.store(gy_ptr + row * n + t, g * x, mask=t < n)  # zeros past L
+        tl.store(dx_ptr + row * L + t, (g * pre).to(dx_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _fft_skip_kernel(corr_ptr, gy_ptr, skip_ptr, du_ptr, C, L, n, BLOCK: tl.constexpr):
+        """du = corr + skip * gy; corr and gy (B, C, n) fp32, the first L of each row used."""
+        row, t = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = t < L
+        corr = tl.load(corr_ptr + row * n + t, mask=ok, other=0.0)
+        gy = tl.load(gy_ptr + row * n + t, mask=ok, other=0.0)
+        tl.store(du_ptr + row * L + t, (corr + tl.load(skip_ptr + row % C) * gy).to(du_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+class LongConvFFTFunction(torch.autograd.Function):
+    """Equals hyena.long_conv_gate, by FFTs: same inputs and layout as LongConvFunction."""
+
+    @staticmethod
+    def forward(ctx, u, x, h, skip):
+        B, C, L = u.shape
+        n = 1 << (2 * L - 1).bit_length()  # >= 2L: the circular convolution's wrap-around falls past L
+        block = 1024
+        u_f = torch.fft.rfft(u.float(), n=n)  # (B, C, n/2 + 1)
+        h_f = torch.fft.rfft(h, n=n)  # (C, n/2 + 1)
+        y = torch.fft.irfft(u_f * h_f, n=n)  # (B, C, n) fp32
+        out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
+        _fft_gate_kernel[(B * C, triton.cdiv(L, block))](y, u, x, skip, out, pre, C, L, n, u.stride(0),
+                                                         x.stride(0), BLOCK=block)
+        ctx.save_for_backward(x, skip, pre, u_f, h_f)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, skip, pre, u_f, h_f = ctx.saved_tensors
+        B, C, L = pre.shape
+        n = 2 * (u_f.size(-1) - 1)
+        block = 1024
+        gy = torch.empty(B, C, n, device=g.device, dtype=torch.float32)
+        dx = torch.empty_like(pre)
+        _fft_gate_bwd_kernel[(B * C, triton.cdiv(n, block))](g.contiguous(), x, pre, gy, dx, C, L, n, x.stride(0),
+                                                             BLOCK=block)
+        g_f = torch.fft.rfft(gy)  # (B, C, n/2 + 1)
+        corr = torch.fft.irfft(g_f * h_f.conj(), n=n)  # (B, C, n): sum_t gy_t h_{t-s} at s < L
+        du = torch.empty_like(pre)
+        _fft_skip_kernel[(B * C, triton.cdiv(L, block))](corr, gy, skip, du, C, L, n, BLOCK=block)
+        dh = torch.fft.irfft((g_f * u_f.conj()).sum(0), n=n)[:, :L]  # (C, L): sum_{b,t} gy_t u_{t-k}
+        return du, dx, dh, dh[:, 0].clone().to(skip.dtype)
+
+
 def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """x * (h conv u + skip * u), causal, fp32 accumulation: u, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)
     in u's dtype. Reference: hyena.long_conv_gate (FFT) and hyena.direct_causal_conv (the definition).
-    Lengths up to HYENA_CONV["max_len"] (O(L^2) work: longer sequences belong to the FFT path)."""
+    Lengths up to HYENA_CONV["toeplitz_max_len"] run the blocked-Toeplitz kernel (O(L^2) tensor-core
+    work, fewest bytes at training lengths); longer ones the FFT path (cuFFT + fused pointwise kernels)."""
     _runnable(u, "hyena_long_conv")
     _check("u", u)
     B, C, L = u.shape
     _check("x", x, (B, C, L), (u.dtype,))
     _check("h", h, (C, L), (torch.float32,))
     _check("skip", skip, (C,), (torch.float32,))
-    if L > HYENA_CONV["max_len"]:
-        raise ValueError(f"hyena_long_conv: length {L} > {HYENA_CONV['max_len']}; use the FFT path")
     for name, t in (("u", u), ("x", x)):
         if t.stride(2) != 1 or t.stride(1) != L:
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
-    return LongConvFunction.apply(u, x, h.contiguous(), skip.contiguous())
+    conv = LongConvFunction if L <= HYENA_CONV["toeplitz_max_len"] else LongConvFFTFunction
+    return conv.apply(u, x, h.contiguous(), skip.contiguous())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1202,6 +1300,22 @@ def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch
 # Benchmarks (GPU): python kernels.py --bench mhc
 
 
+def gpu_ms(fn, iters: int = 20) -> float:
+    """GPU time of one call of fn, ms: the summed duration of the kernels it launches (torch.profiler),
+    without the CPU's launch and autograd cost. do_bench's wall-clock median includes that cost, which
+    dominates calls of a few tens of microseconds; the benchmarks print both."""
+    from torch.profiler import profile, ProfilerActivity
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernels_us / iters / 1e3
+
+
 def _bench_rows(name, fns, nbytes, tokens):
     """fns: {variant: (forward, forward+backward)} callables. Prints one row per pass."""
     from triton.testing import do_bench
@@ -1412,56 +1526,72 @@ def bench_tpa(max_len: int = 65536):
 
 def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
-    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape."""
+    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape.
+    Each is timed twice: wall clock (do_bench) and GPU time (gpu_ms); at B = 1 and short lengths the
+    wall clock is the CPU's launch and autograd cost for every column, so the ratios use GPU time."""
     import os
     import torch.nn.functional as F
     import hyena
     from triton.testing import do_bench
     dev = "cuda"
     print(f"# Hyena order 2 vs attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; fwd+bwd median ms (do_bench), bf16 inputs")
-    print("# plain = hyena.long_conv_gate (FFT in fp32), compiled = torch.compile of it, kernel = "
-          "hyena_long_conv (blocked Toeplitz); attention = F.scaled_dot_product_attention(is_causal=True)")
-    print("| B  | D   | L      | attention | plain FFT | compiled | kernel   | kernel vs plain | kernel vs attention |")
-    print("|----|-----|-------:|----------:|----------:|---------:|---------:|----------------:|--------------------:|")
-    saved = HYENA_CONV["max_len"]
-    HYENA_CONV["max_len"] = max_len  # time the kernel at every length, also where the model uses the FFT
-    compiled_conv = torch.compile(hyena.long_conv_gate)
+          f"triton {triton.__version__}; fwd+bwd ms, wall clock (do_bench median) / GPU time (kernels' sum)")
+    print("# attention = F.scaled_dot_product_attention(is_causal=True); plain = hyena.long_conv_gate (torch.fft, "
+          "fp32); Toeplitz and FFT = the two kernel paths; kernel = hyena_long_conv (Toeplitz up to "
+          f"{HYENA_CONV['toeplitz_max_len']} tokens, FFT beyond)")
+    print("| B  | D   | L      | attention wall / GPU | plain wall / GPU | Toeplitz GPU | FFT path GPU | kernel wall "
+          "| kernel vs plain (GPU) | kernel vs attention (GPU) |")
+    print("|----|-----|-------:|---------------------:|-----------------:|-------------:|-------------:|------------:"
+          "|----------------------:|--------------------------:|")
+    saved = HYENA_CONV["toeplitz_max_len"]
     results = []
 
     def order2(conv, v, x1, x2, h, skip):
         return conv(conv(v, x1, h[0], skip[0]), x2, h[1], skip[1])
 
-    def timed(fn, inputs, grad):
+    def fwd_bwd(fn, inputs, grad):
         def run():
-            out = fn()
-            torch.autograd.backward(out, grad)
+            torch.autograd.backward(fn(), grad)
             for t in inputs:
                 t.grad = None
-        return do_bench(run, warmup=10, rep=100)
+        return run
+
+    def path(limit):  # hyena_long_conv with the Toeplitz/FFT switch at `limit`
+        def conv(*args):
+            HYENA_CONV["toeplitz_max_len"] = limit
+            try:
+                return hyena_long_conv(*args)
+            finally:
+                HYENA_CONV["toeplitz_max_len"] = saved
+        return conv
 
     shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len] + [(64, 384, 512)]
-    try:
-        for B, D, L in shapes:
-            torch.manual_seed(0)
-            streams = torch.randn(B, 3 * D, L, device=dev, dtype=torch.bfloat16).requires_grad_()
-            v, x1, x2 = streams.chunk(3, dim=1)
-            h = (torch.randn(2, D, L, device=dev) * 0.02).requires_grad_()
-            skip = torch.randn(2, D, device=dev, requires_grad=True)
-            g = torch.randn(B, D, L, device=dev, dtype=torch.bfloat16)
-            q, k, val = (torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                         for _ in range(3))
-            g_att = torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16)
-            row = [timed(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True), (q, k, val), g_att)]
-            for conv in (hyena.long_conv_gate, compiled_conv, hyena_long_conv):
-                row.append(timed(lambda: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g))
-            att, plain, comp, kern = row
-            results.append((B, D, L, row))
-            print(f"| {B:2d} | {D:3d} | {L:6d} | {att:9.3f} | {plain:9.3f} | {comp:8.3f} | {kern:8.3f} | "
-                  f"{plain / kern:14.1f}x | {att / kern:18.2f}x |", flush=True)
-            torch.cuda.empty_cache()
-    finally:
-        HYENA_CONV["max_len"] = saved
+    for B, D, L in shapes:
+        torch.manual_seed(0)
+        streams = torch.randn(B, 3 * D, L, device=dev, dtype=torch.bfloat16).requires_grad_()
+        v, x1, x2 = streams.chunk(3, dim=1)
+        h = (torch.randn(2, D, L, device=dev) * 0.02).requires_grad_()
+        skip = torch.randn(2, D, device=dev, requires_grad=True)
+        g = torch.randn(B, D, L, device=dev, dtype=torch.bfloat16)
+        q, k, val = (torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                     for _ in range(3))
+        g_att = torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16)
+        att = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True), (q, k, val), g_att)
+        runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g)
+                for name, conv in (("plain", hyena.long_conv_gate), ("kernel", hyena_long_conv))}
+        if L <= 16384:  # O(L^2): beyond this it only shows what the FFT path avoids
+            runs["toeplitz"] = fwd_bwd(lambda: order2(path(1 << 30), v, x1, x2, h, skip), (streams, h, skip), g)
+        runs["fft"] = fwd_bwd(lambda: order2(path(0), v, x1, x2, h, skip), (streams, h, skip), g)
+        wall = {name: do_bench(fn, warmup=10, rep=100) for name, fn in [("attention", att)] + list(runs.items())
+                if name in ("attention", "plain", "kernel")}
+        gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}
+        toe = f"{gpu['toeplitz']:12.3f}" if "toeplitz" in gpu else f"{'-':>12s}"
+        results.append((B, D, L, gpu))
+        print(f"| {B:2d} | {D:3d} | {L:6d} | {wall['attention']:9.3f} / {gpu['attention']:8.3f} "
+              f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
+              f"| {gpu['plain'] / gpu['kernel']:20.1f}x | {gpu['attention'] / gpu['kernel']:24.2f}x |", flush=True)
+        del streams, h, skip, g, q, k, val, g_att
+        torch.cuda.empty_cache()
     if plot:
         try:
             import matplotlib
@@ -1470,12 +1600,14 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
         except ImportError:
             print("(matplotlib is not installed: no plot)")
             return
-        lengths = [L for B, _, L, _ in results if B == 1]
         fig, ax = plt.subplots(figsize=(6, 4))
-        for i, name in enumerate(["attention (SDPA)", "Hyena, plain FFT", "Hyena, compiled FFT", "Hyena, kernel"]):
-            ax.loglog(lengths, [r[i] for B, _, _, r in results if B == 1], marker="o", label=name)
+        for key, name in (("attention", "attention (SDPA)"), ("plain", "Hyena, plain (torch.fft)"),
+                          ("toeplitz", "Hyena, Toeplitz kernel"), ("fft", "Hyena, FFT path kernels"),
+                          ("kernel", "Hyena, kernels (dispatched)")):
+            pts = [(L, gpu[key]) for B, _, L, gpu in results if B == 1 and key in gpu]
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xlabel("sequence length")
-        ax.set_ylabel("fwd+bwd ms (B=1, D=768, bf16)")
+        ax.set_ylabel("fwd+bwd GPU ms (B=1, D=768, bf16)")
         ax.set_title(torch.cuda.get_device_name())
         ax.legend()
         os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
