@@ -1401,12 +1401,16 @@ def test_gpu_mhc_training_kernels_on_vs_off_agree():
 
 def test_gpu_hyena_kernels_bf16_at_training_shapes():
     """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
-    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension)."""
+    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the FFT path at the
+    training shape and at 20,000 tokens (past the Toeplitz kernel's lengths, not a power of 2)."""
     needs_cuda()
     check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
     check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2)
     check_kernel_hyena(1, 64, 4096, "cuda", torch.bfloat16, 2e-2)
     check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4)
+    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, fft=True)
+    check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, fft=True)
+    check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, fft=True)
 
 
 def test_gpu_hyena_training_kernels_on_vs_off_agree():
