@@ -517,7 +517,12 @@ def mhc_post_res(h, f, post, res):
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
 # (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
 
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 8192}
+# Which long-conv path runs: the Toeplitz kernel needs enough (time block, sequence) columns to fill the
+# GPU and loses to the FFT path at long L (O(L^2)). Measured on an H100 (`kernels.py --bench hyena`, GPU
+# time): at B = 1 the FFT path is faster at every length from 256; at B = 64, L = 512 (training) the
+# Toeplitz kernel is 3x faster.
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 2048,
+              "toeplitz_min_tokens": 8192}
 
 if HAVE_TRITON:
     @triton.jit
@@ -820,8 +825,8 @@ class LongConvFFTFunction(torch.autograd.Function):
 def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """x * (h conv u + skip * u), causal, fp32 accumulation: u, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)
     in u's dtype. Reference: hyena.long_conv_gate (FFT) and hyena.direct_causal_conv (the definition).
-    Lengths up to HYENA_CONV["toeplitz_max_len"] run the blocked-Toeplitz kernel (O(L^2) tensor-core
-    work, fewest bytes at training lengths); longer ones the FFT path (cuFFT + fused pointwise kernels)."""
+    Training batches of short sequences run the blocked-Toeplitz kernel (O(L^2) tensor-core work, fewest
+    bytes); long or few sequences the FFT path (cuFFT + fused pointwise kernels). See HYENA_CONV."""
     _runnable(u, "hyena_long_conv")
     _check("u", u)
     B, C, L = u.shape
@@ -832,7 +837,8 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
         if t.stride(2) != 1 or t.stride(1) != L:
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
-    conv = LongConvFunction if L <= HYENA_CONV["toeplitz_max_len"] else LongConvFFTFunction
+    toeplitz = L <= HYENA_CONV["toeplitz_max_len"] and B * L >= HYENA_CONV["toeplitz_min_tokens"]
+    conv = LongConvFunction if toeplitz else LongConvFFTFunction
     return conv.apply(u, x, h.contiguous(), skip.contiguous())
 
 
@@ -1540,13 +1546,13 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
     print(f"# Hyena order 2 vs attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}; fwd+bwd ms, wall clock (do_bench median) / GPU time (kernels' sum)")
     print("# attention = F.scaled_dot_product_attention(is_causal=True); plain = hyena.long_conv_gate (torch.fft, "
-          "fp32); Toeplitz and FFT = the two kernel paths; kernel = hyena_long_conv (Toeplitz up to "
-          f"{HYENA_CONV['toeplitz_max_len']} tokens, FFT beyond)")
+          "fp32); Toeplitz and FFT = the two kernel paths; kernel = hyena_long_conv, which picks one by "
+          f"kernels.HYENA_CONV {HYENA_CONV}")
     print("| B  | D   | L      | attention wall / GPU | plain wall / GPU | Toeplitz GPU | FFT path GPU | kernel wall "
           "| kernel vs plain (GPU) | kernel vs attention (GPU) |")
     print("|----|-----|-------:|---------------------:|-----------------:|-------------:|-------------:|------------:"
           "|----------------------:|--------------------------:|")
-    saved = HYENA_CONV["toeplitz_max_len"]
+    saved = dict(HYENA_CONV)
     results = []
 
     def order2(conv, v, x1, x2, h, skip):
@@ -1559,16 +1565,17 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
                 t.grad = None
         return run
 
-    def path(limit):  # hyena_long_conv with the Toeplitz/FFT switch at `limit`
+    def path(toeplitz: bool):  # hyena_long_conv forced onto one path
         def conv(*args):
-            HYENA_CONV["toeplitz_max_len"] = limit
+            HYENA_CONV.update(toeplitz_max_len=1 << 30 if toeplitz else 0, toeplitz_min_tokens=0)
             try:
                 return hyena_long_conv(*args)
             finally:
-                HYENA_CONV["toeplitz_max_len"] = saved
+                HYENA_CONV.update(saved)
         return conv
 
-    shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len] + [(64, 384, 512)]
+    shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len]
+    shapes += [(8, 384, 512), (8, 384, 2048), (32, 384, 512), (64, 384, 512)]  # batches at the model's width
     for B, D, L in shapes:
         torch.manual_seed(0)
         streams = torch.randn(B, 3 * D, L, device=dev, dtype=torch.bfloat16).requires_grad_()
@@ -1583,8 +1590,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
         runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g)
                 for name, conv in (("plain", hyena.long_conv_gate), ("kernel", hyena_long_conv))}
         if L <= 16384:  # O(L^2): beyond this it only shows what the FFT path avoids
-            runs["toeplitz"] = fwd_bwd(lambda: order2(path(1 << 30), v, x1, x2, h, skip), (streams, h, skip), g)
-        runs["fft"] = fwd_bwd(lambda: order2(path(0), v, x1, x2, h, skip), (streams, h, skip), g)
+            runs["toeplitz"] = fwd_bwd(lambda: order2(path(True), v, x1, x2, h, skip), (streams, h, skip), g)
+        runs["fft"] = fwd_bwd(lambda: order2(path(False), v, x1, x2, h, skip), (streams, h, skip), g)
         wall = {name: do_bench(fn, warmup=10, rep=100) for name, fn in [("attention", att)] + list(runs.items())
                 if name in ("attention", "plain", "kernel")}
         gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}

@@ -295,8 +295,60 @@ class MHCStream(HyperStream):
 # ----------------------------------------------------------------------------------------------------
 # Self-demo (CPU, seconds)
 
+def plot_gains(metrics_paths: list[str], out: str) -> None:
+    """Amax gain over training from train.py's metrics.jsonl of hc/mhc runs (the rows it writes at each
+    evaluation): a table of each run's largest values, and, with matplotlib, a plot of the composite's
+    forward gain and the largest single sub-layer's against the step."""
+    import json
+    import os
+    runs = {}
+    for path in metrics_paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no metrics file {path} (train.py writes OUT_DIR/metrics.jsonl)")
+        with open(path) as f:
+            rows = [r for r in map(json.loads, f) if "gain_fwd" in r]
+        if not rows:
+            raise SystemExit(f"error: {path} has no Amax gain rows (was it an --arch hc or mhc run?)")
+        runs[os.path.basename(os.path.dirname(os.path.abspath(path)))] = rows
+    print("| run | evaluations | composite gain fwd (max) | composite gain bwd (max) | largest sub-layer fwd (max) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rows in runs.items():
+        print(f"| {name} | {len(rows)} | {max(r['gain_fwd'] for r in rows):.3f} | "
+              f"{max(r['gain_bwd'] for r in rows):.3f} | {max(max(r['layer_gain_fwd']) for r in rows):.3f} |")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        line, = ax.plot(steps, [r["gain_fwd"] for r in rows], marker="o", label=f"{name}: composite")
+        ax.plot(steps, [max(r["layer_gain_fwd"]) for r in rows], ls="--", color=line.get_color(),
+                label=f"{name}: largest sub-layer")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("forward Amax gain (max abs row sum)")
+    ax.legend()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    print(f"plot: {out}")
+
+
 if __name__ == "__main__":
+    import argparse
     from types import SimpleNamespace
+
+    parser = argparse.ArgumentParser(description="CPU self-demo of HC/mHC; or plot Amax gains of training runs.")
+    parser.add_argument("--gains", nargs="+", metavar="METRICS_JSONL",
+                        help="plot the Amax gain curves of these runs (e.g. out/hc/metrics.jsonl out/mhc/metrics.jsonl)")
+    parser.add_argument("--out", default="out/amax_gain.png", help="where --gains writes its plot")
+    args = parser.parse_args()
+    if args.gains:
+        plot_gains(args.gains, args.out)
+        raise SystemExit(0)
 
     torch.manual_seed(0)
     n, depth = 4, 48

@@ -300,6 +300,7 @@ def test_mhc_coefficients_are_constrained_per_token():
 def test_residual_gains_are_logged_for_hc_and_mhc():
     """Short CPU runs of hc and mhc log per-layer and composite Amax gains at every evaluation; mHC's
     forward gain is 1 (its rows are exact)."""
+    paths = []
     for arch in ("hc", "mhc"):
         cwd = tempfile.mkdtemp(dir=WORK)
         out = expect_ok(run_train(*TINY, "--arch", arch, "--max-iters", "6", "--eval-interval", "3", cwd=cwd))
@@ -308,6 +309,14 @@ def test_residual_gains_are_logged_for_hc_and_mhc():
         assert "residual gain (Amax)" in out
         if arch == "mhc":
             assert abs(records[-1]["gain_fwd"] - 1) < 1e-4, records[-1]
+        paths.append(os.path.join(cwd, "out", arch, "metrics.jsonl"))
+    # `python mhc.py --gains` tabulates (and plots, with matplotlib) the logged curves of both runs
+    r = subprocess.run([sys.executable, os.path.join(HERE, "mhc.py"), "--gains", *paths, "--out",
+                        os.path.join(cwd, "gain.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "| hc | 2 |" in r.stdout and "| mhc | 2 | 1.000 |" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, os.path.join(HERE, "mhc.py"), "--gains", os.path.join(cwd, "none.jsonl")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no metrics file" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,15 +536,19 @@ def test_recall_task():
                           data=False), "pairs need")
 
 
+def force_hyena_path(toeplitz: bool, block=None):
+    """Make hyena_long_conv take one path whatever the shape (restore kernels.HYENA_CONV afterwards)."""
+    kernels.HYENA_CONV.update(toeplitz_max_len=1 << 30 if toeplitz else 0, toeplitz_min_tokens=0)
+    if block:
+        kernels.HYENA_CONV.update(block=block, block_n=block)
+
+
 def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
     """hyena_long_conv (the Toeplitz kernel, or with fft=True the FFT path) and hyena_short_conv vs the
     plain paths (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the
     model."""
     saved = dict(kernels.HYENA_CONV)
-    if block:
-        kernels.HYENA_CONV.update(block=block, block_n=block)
-    if fft:
-        kernels.HYENA_CONV["toeplitz_max_len"] = 0
+    force_hyena_path(not fft, block)
     try:
         both = torch.randn(B, 2 * C, L, device=device).to(dtype).requires_grad_()
         u, x = both[:, :C], both[:, C:]
@@ -581,7 +594,7 @@ def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
     u = torch.randn(2, 3, 45, device=device, requires_grad=True)
     x, h, skip = torch.randn(2, 3, 45, device=device), torch.randn(3, 45, device=device), torch.randn(3, device=device)
     saved = dict(kernels.HYENA_CONV)
-    kernels.HYENA_CONV.update(block=16, block_n=16)
+    force_hyena_path(True, block=16)
     try:
         out = kernels.hyena_long_conv(u, x, h, skip)
         out[1, :, 20].sum().backward()
