@@ -1272,8 +1272,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                 return 130
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 check_finite()
+                t_eval = time.time()
                 eval_and_checkpoint(step)
-                t_last = time.time()  # evaluation time is not training time
+                t_last += time.time() - t_eval  # evaluation time is not training time
     if step == start_step:  # nothing to train (e.g. resuming a finished run): still report
         eval_and_checkpoint(step)
     if master and recall:
