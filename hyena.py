@@ -192,7 +192,7 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
         self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # kernels.hyena_long_conv: the Toeplitz kernel at training lengths, the FFT path beyond
+        # kernels.hyena_long_conv: the Toeplitz kernel for training batches, the FFT path otherwise
         self.kernel_supported = kernels is not None
 
     def init_weights(self):
