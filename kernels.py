@@ -519,8 +519,9 @@ def mhc_post_res(h, f, post, res):
 
 # Which long-conv path runs: the Toeplitz kernel needs enough (time block, sequence) columns to fill the
 # GPU and loses to the FFT path at long L (O(L^2)). Measured on an H100 (`kernels.py --bench hyena`, GPU
-# time): at B = 1 the FFT path is faster at every length from 256; at B = 64, L = 512 (training) the
-# Toeplitz kernel is 3x faster.
+# time): at B = 1 the FFT path is faster at every length from 256; at B = 64 and 32, L = 512 (training)
+# the Toeplitz kernel is 3x faster. The rule is coarse: at B = 8, L = 512 it picks the FFT path, which
+# was 1.3x slower than the Toeplitz kernel there.
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 2048,
               "toeplitz_min_tokens": 8192}
 
@@ -740,11 +741,13 @@ class LongConvFunction(torch.autograd.Function):
         return du, dx, dh, d_skip.to(skip.dtype)
 
 
-# The long convolution by FFTs, for sequences past the Toeplitz kernel's lengths. The transforms are
-# cuFFT's (torch.fft, fp32, zero-padded to n >= 2L, a power of 2); the Triton kernels below do the
-# pointwise work around them in one pass each, so each FFT's input is written once and nothing else is
-# materialised: the gate and skip after the inverse transform, dL/dx and the padded fp32 x * g before the
-# backward's transform, the skip term after its inverse. O(L log L), so it overtakes attention's O(L^2).
+# The long convolution by FFTs, for long sequences and small batches. The transforms are cuFFT's
+# (torch.fft, fp32, zero-padded to n >= 2L, a power of 2); the Triton kernels below fuse the pointwise
+# work around them into one pass each: the skip and gate after the forward's inverse transform (also
+# keeping pre for dL/dx), dL/dx and the zero-padded fp32 x * g before the backward's transform, the skip
+# term after its inverse. The transforms and the spectra's products remain separate passes over HBM
+# (see the README's table: fusing them too is FlashFFTConv's step). O(L log L), so it overtakes
+# attention's O(L^2) at long L.
 #     forward:   y = irfft(rfft(u) H)[:L],              out = x (y + D u),   pre = y + D u
 #     backward:  gy = g x,  dx = g pre,                  du = irfft(rfft(gy) conj(H))[:L] + D gy
 #                dh = irfft(sum_b rfft(gy_b) conj(rfft(u_b)))[:L]   (a correlation; dD = dh[0])
@@ -1535,7 +1538,7 @@ def bench_tpa(max_len: int = 65536):
 
 def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
-    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then the training shape.
+    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then batches at the model's width.
     Each is timed twice: wall clock (do_bench) and GPU time (gpu_ms); at B = 1 and short lengths the
     wall clock is the CPU's launch and autograd cost for every column, so the ratios use GPU time."""
     import os
