@@ -825,11 +825,13 @@ class LongConvFFTFunction(torch.autograd.Function):
         return du, dx, dh, dh[:, 0].clone().to(skip.dtype)
 
 
-def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor,
+                    path: str | None = None) -> torch.Tensor:
     """x * (h conv u + skip * u), causal, fp32 accumulation: u, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)
     in u's dtype. Reference: hyena.long_conv_gate (FFT) and hyena.direct_causal_conv (the definition).
     Training batches of short sequences run the blocked-Toeplitz kernel (O(L^2) tensor-core work, fewest
-    bytes); long or few sequences the FFT path (cuFFT + fused pointwise kernels). See HYENA_CONV."""
+    bytes); long or few sequences the FFT path (cuFFT + fused pointwise kernels). See HYENA_CONV.
+    path: "toeplitz" or "fft" to take that path whatever the shape (tests, benchmarks); None picks."""
     _runnable(u, "hyena_long_conv")
     _check("u", u)
     B, C, L = u.shape
@@ -840,8 +842,12 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
         if t.stride(2) != 1 or t.stride(1) != L:
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
-    toeplitz = L <= HYENA_CONV["toeplitz_max_len"] and B * L >= HYENA_CONV["toeplitz_min_tokens"]
-    conv = LongConvFunction if toeplitz else LongConvFFTFunction
+    if path is None:
+        path = "toeplitz" if L <= HYENA_CONV["toeplitz_max_len"] and B * L >= HYENA_CONV["toeplitz_min_tokens"] \
+            else "fft"
+    if path not in ("toeplitz", "fft"):
+        raise ValueError(f"hyena_long_conv: path must be 'toeplitz', 'fft' or None (got {path!r})")
+    conv = LongConvFunction if path == "toeplitz" else LongConvFFTFunction
     return conv.apply(u, x, h.contiguous(), skip.contiguous())
 
 
@@ -1555,7 +1561,6 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
           "| kernel vs plain (GPU) | kernel vs attention (GPU) |")
     print("|----|-----|-------:|---------------------:|-----------------:|-------------:|-------------:|------------:"
           "|----------------------:|--------------------------:|")
-    saved = dict(HYENA_CONV)
     results = []
 
     def order2(conv, v, x1, x2, h, skip):
@@ -1568,14 +1573,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
                 t.grad = None
         return run
 
-    def path(toeplitz: bool):  # hyena_long_conv forced onto one path
-        def conv(*args):
-            HYENA_CONV.update(toeplitz_max_len=1 << 30 if toeplitz else 0, toeplitz_min_tokens=0)
-            try:
-                return hyena_long_conv(*args)
-            finally:
-                HYENA_CONV.update(saved)
-        return conv
+    def path(name):  # hyena_long_conv forced onto one path
+        return lambda *args: hyena_long_conv(*args, path=name)
 
     shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len]
     shapes += [(8, 384, 512), (8, 384, 2048), (32, 384, 512), (64, 384, 512)]  # batches at the model's width
@@ -1593,10 +1592,10 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
         runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g)
                 for name, conv in (("plain", hyena.long_conv_gate), ("kernel", hyena_long_conv))}
         if L <= 16384:  # O(L^2): beyond this it only shows what the FFT path avoids
-            runs["toeplitz"] = fwd_bwd(lambda: order2(path(True), v, x1, x2, h, skip), (streams, h, skip), g)
-        runs["fft"] = fwd_bwd(lambda: order2(path(False), v, x1, x2, h, skip), (streams, h, skip), g)
-        wall = {name: do_bench(fn, warmup=10, rep=100) for name, fn in [("attention", att)] + list(runs.items())
-                if name in ("attention", "plain", "kernel")}
+            runs["toeplitz"] = fwd_bwd(lambda: order2(path("toeplitz"), v, x1, x2, h, skip), (streams, h, skip), g)
+        runs["fft"] = fwd_bwd(lambda: order2(path("fft"), v, x1, x2, h, skip), (streams, h, skip), g)
+        wall = {name: do_bench(fn, warmup=10, rep=100)
+                for name, fn in (("attention", att), ("plain", runs["plain"]), ("kernel", runs["kernel"]))}
         gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}
         toe = f"{gpu['toeplitz']:12.3f}" if "toeplitz" in gpu else f"{'-':>12s}"
         results.append((B, D, L, gpu))

@@ -536,19 +536,13 @@ def test_recall_task():
                           data=False), "pairs need")
 
 
-def force_hyena_path(toeplitz: bool, block=None):
-    """Make hyena_long_conv take one path whatever the shape (restore kernels.HYENA_CONV afterwards)."""
-    kernels.HYENA_CONV.update(toeplitz_max_len=1 << 30 if toeplitz else 0, toeplitz_min_tokens=0)
-    if block:
-        kernels.HYENA_CONV.update(block=block, block_n=block)
-
-
 def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
     """hyena_long_conv (the Toeplitz kernel, or with fft=True the FFT path) and hyena_short_conv vs the
     plain paths (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the
     model."""
     saved = dict(kernels.HYENA_CONV)
-    force_hyena_path(not fft, block)
+    if block:
+        kernels.HYENA_CONV.update(block=block, block_n=block)
     try:
         both = torch.randn(B, 2 * C, L, device=device).to(dtype).requires_grad_()
         u, x = both[:, :C], both[:, C:]
@@ -556,7 +550,7 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
         skip = torch.randn(C, device=device, requires_grad=True)
         g = torch.randn(B, C, L, device=device).to(dtype)
         ref = hyena.long_conv_gate(u, x, h, skip)
-        out = kernels.hyena_long_conv(u, x, h, skip)
+        out = kernels.hyena_long_conv(u, x, h, skip, path="fft" if fft else "toeplitz")
         assert out.dtype == dtype and rel_err(out, ref) < tol, rel_err(out, ref)
         for name, a, b in zip(["u and x", "h", "skip"], torch.autograd.grad(out, (both, h, skip), g),
                               torch.autograd.grad(ref, (both, h, skip), g)):
@@ -594,9 +588,9 @@ def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
     u = torch.randn(2, 3, 45, device=device, requires_grad=True)
     x, h, skip = torch.randn(2, 3, 45, device=device), torch.randn(3, 45, device=device), torch.randn(3, device=device)
     saved = dict(kernels.HYENA_CONV)
-    force_hyena_path(True, block=16)
+    kernels.HYENA_CONV.update(block=16, block_n=16)
     try:
-        out = kernels.hyena_long_conv(u, x, h, skip)
+        out = kernels.hyena_long_conv(u, x, h, skip, path="toeplitz")
         out[1, :, 20].sum().backward()
     finally:
         kernels.HYENA_CONV.update(saved)
@@ -606,14 +600,15 @@ def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
 
 
 def test_kernel_hyena_input_checks():
-    """Wrong dtypes, shapes and strides are refused with clear errors; kernels on a
+    """Wrong dtypes, shapes, strides and path names are refused with clear errors; kernels on a
     CPU without the interpreter are refused by train.py."""
     needs_triton()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     u, h, skip = torch.randn(1, 2, 8, device=dev), torch.randn(2, 8, device=dev), torch.randn(2, device=dev)
     for args, err in (((u.double(), u.double(), h, skip), "float64"),
                       ((u, u, torch.randn(3, 8, device=dev), skip), "shape"),
-                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous")):
+                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous"),
+                      ((u, u, h, skip, "cufft"), "path must be")):
         try:
             kernels.hyena_long_conv(*args)
             raise AssertionError(f"accepted: {err}")
