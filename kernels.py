@@ -1542,7 +1542,7 @@ def bench_tpa(max_len: int = 65536):
     _bench_rows("TPA Q/K/V from factors", fns, (io_fwd, io_fwd + io_bwd), n_tok)
 
 
-def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
+def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", json_path: str | None = None):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
     + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then batches at the model's width.
     Each is timed twice: wall clock (do_bench) and GPU time (gpu_ms); at B = 1 and short lengths the
@@ -1603,6 +1603,14 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png"):
               f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
               f"| {gpu['plain'] / gpu['kernel']:20.1f}x | {gpu['attention'] / gpu['kernel']:24.2f}x |", flush=True)
         torch.cuda.empty_cache()
+    if json_path:  # for compare.py's claims table
+        import json
+        with open(json_path + ".tmp", "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "unit": "fwd+bwd GPU ms",
+                       "rows": [{"B": B, "D": D, "L": L, "gpu_ms": gpu} for B, D, L, gpu in results]}, f, indent=1)
+        os.replace(json_path + ".tmp", json_path)
+        print(f"json: {json_path}")
     if plot:
         try:
             import matplotlib
@@ -1631,11 +1639,13 @@ def main():
     parser.add_argument("--bench", choices=["mhc", "hyena", "linearity", "tpa"], required=True,
                         help="which technique's kernels to time")
     parser.add_argument("--max-len", type=int, default=65536, help="hyena, tpa: longest sequence / cache timed")
+    parser.add_argument("--plot", default="out/hyena_speed.png", help="hyena: where to write the plot")
+    parser.add_argument("--json", default=None, metavar="PATH", help="hyena: also write the GPU times here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise SystemExit("error: --bench needs a CUDA GPU and Triton")
     if args.bench == "hyena":
-        bench_hyena(args.max_len)
+        bench_hyena(args.max_len, args.plot, args.json)
     elif args.bench == "linearity":
         bench_linearity()
     elif args.bench == "tpa":

@@ -373,6 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", choices=["on", "off"], default="off",
                         help="per-batch statistics from the Triton cross-Gram kernel (fp32) instead of float64 "
                              "torch; on an H100 the two are equally fast, on GPUs with slow float64 use on")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the profile (and the pruning table) to this JSON file")
     parser.add_argument("--bench", action="store_true",
                         help="instead: time the official recipe (fp32 SVD per pair on the CPU) against the "
                              "streaming score over --tokens training tokens (default 1M), and compare with float64")
@@ -457,6 +459,12 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"| {r['k']} | {str(r['blocks']):15s} | {r['removed']:11.2f} | {r['linear']:14.2f} | "
                   f"{r['distilled']:19.2f} |")
+    if args.json:
+        train.write_json_atomic(args.json, {
+            "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T,
+            "reg": tcfg.get("reg", "none"), "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile],
+            "prune": rows if args.prune else None})
+        print(f"json: {args.json}")
     return 0
 
 

@@ -198,7 +198,7 @@ def test_causality():
             other = idx.clone()
             other[0, s] = (other[0, s] + 1) % 100
             changed, _ = model(other)
-            if arch == "hyena":
+            if "hyena" in arch:
                 torch.testing.assert_close(changed[:, :s], base[:, :s], atol=1e-5, rtol=0)
             else:
                 assert torch.equal(changed[:, :s], base[:, :s]), f"{arch}: position < {s} saw token {s}"
@@ -272,7 +272,8 @@ def test_amax_gain_and_composite():
 def test_hc_and_mhc_start_as_the_plain_residual_model():
     """At init (every sub-layer active, same weights as the gpt model), hc static, hc dynamic and mhc give
     the gpt model's logits and every hidden state within 1e-5: the n streams are equal, each is the plain
-    residual, and collapse takes their mean (hc: exactly equal, its pre is one-hot and res = I)."""
+    residual, and collapse takes their mean (hc: exactly equal, its pre is one-hot and res = I).
+    Likewise mhc+tpa and mhc+hyena give the tpa and hyena models' logits."""
     idx = torch.randint(100, (2, 16))
     ref_logits, _, ref_hidden = small_model()(idx, return_hidden=True)
     for arch, extra in (("hc", {"hc_mode": "static"}), ("hc", {"hc_mode": "dynamic"}), ("mhc", {})):
@@ -282,6 +283,11 @@ def test_hc_and_mhc_start_as_the_plain_residual_model():
             torch.testing.assert_close(h, r, atol=1e-5, rtol=1e-5, msg=f"{arch} {extra}")
         if arch == "hc":
             assert torch.equal(logits, ref_logits)
+    # The combinations: mHC streams around another mixer start as that mixer's plain model.
+    for combo, mixer in (("mhc+tpa", "tpa"), ("mhc+hyena", "hyena")):
+        ref_logits, _ = small_model(arch=mixer)(idx)
+        logits, _ = small_model(arch=combo, active_streams=False)(idx)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, msg=combo)
 
 
 def test_mhc_coefficients_are_constrained_per_token():

@@ -64,6 +64,9 @@ ARCHS = {
     "tpa": ("tpa", "plain"),  # Tensor Product Attention (tpa.py), ranks --tpa-rank-q/k/v
     "tpa-kvonly": ("tpa-kvonly", "plain"),  # TPA for keys and values only (tpa.py)
     "hyena": ("hyena", "plain"),  # Hyena (hyena.py): implicit long convolutions and gates, --hyena-order
+    # Combinations, beyond the papers: one technique per plug-in point.
+    "mhc+tpa": ("tpa", "mhc"),  # mHC streams around a TPA mixer
+    "mhc+hyena": ("hyena", "mhc"),  # mHC streams around a Hyena mixer
 }
 
 
@@ -954,6 +957,13 @@ def sample_text(model, enc, prompt: str, n: int, cfg: TrainConfig, device, autoc
 CKPT_FORMAT = 1
 
 
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: str, model, optimizer, mcfg: GPTConfig, cfg: TrainConfig, step: int, extra: dict):
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -1142,6 +1152,14 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
            else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        # What produced this run, for whoever reads its metrics later (compare.py's results table).
+        write_json_atomic(os.path.join(cfg.out_dir, "run.json"), {
+            "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
+            "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
+            "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
+            "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
+            "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None})
         metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         kept = []
         if cfg.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
