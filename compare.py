@@ -121,10 +121,11 @@ def linearity_runs(runs: list[str], args) -> list[str]:
         if os.path.isfile(out):
             log(f"[linearity] {name}: done earlier ({out})")
             continue
-        cmd = [sys.executable, "linearity.py", os.path.join(run_dir, "ckpt.pt"), "--json", out]
+        cmd = [sys.executable, "linearity.py", os.path.join(run_dir, "ckpt.pt"), "--json", out,
+               "--tokens", str(args.linearity_tokens)]
         if name in PRUNED:
             n_layer = read_json(os.path.join(run_dir, "run.json"))["model_config"]["n_layer"]
-            cmd += ["--prune", str(min(3, n_layer))]
+            cmd += ["--prune", str(min(3, n_layer)), "--distill-steps", str(args.distill_steps)]
         log(f"[linearity] {name}: {' '.join(cmd[1:])}")
         rc = run_logged(cmd, os.path.join(run_dir, "linearity.log"), show=("error",))
         if rc != 0:
@@ -262,7 +263,8 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
     # HC / mHC
     if "hc" in runs and runs["hc"]["gains"]:
         g = max(r["gain_fwd"] for r in runs["hc"]["gains"])
-        row("hc_gain", f"hc, 6 layers: max {g:.2f} over training", "grows (> 1.5)" if g > 1.5 else "no (<= 1.5)")
+        row("hc_gain", f"hc, {runs['hc']['info']['model_config']['n_layer']} layers: max {g:.2f} over training",
+            "grows (> 1.5)" if g > 1.5 else "no (<= 1.5)")
     else:
         row("hc_gain", "not run (hc)", "—")
     for name in ("mhc", "mhc+tpa"):
@@ -496,6 +498,8 @@ def parse_args(argv=None):
     p.add_argument("--max-iters", type=int, default=300,
                    help="steps per TinyStories run: 9.8M tokens, ~9 epochs of the 1M-token sample")
     p.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
+    p.add_argument("--linearity-tokens", type=int, default=200_000, help="linearity.py --tokens (validation)")
+    p.add_argument("--distill-steps", type=int, default=200, help="linearity.py --prune's distillation steps")
     p.add_argument("--recall-lengths", default="128,512", help="sequence lengths of the recall runs")
     p.add_argument("--recall-steps", type=int, default=3000, help="steps per recall run")
     p.add_argument("--out", default="out/compare", help="where the runs and the report go")
@@ -517,14 +521,15 @@ def parse_args(argv=None):
         p.error("--recall-lengths takes a comma list of integers, e.g. 128,512")
     if any(L < 32 for L in args.recall_lengths):
         p.error("--recall-lengths: 8 pairs and their 8 queries need at least 32 tokens")
-    for name in ("max_iters", "eval_interval", "recall_steps"):
+    for name in ("max_iters", "eval_interval", "recall_steps", "distill_steps", "linearity_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.recall_steps < 4:
         p.error("--recall-steps must be at least 4 (it is evaluated 4 times)")
     if args.readme and not os.path.isfile(args.readme):
         p.error(f"--readme {args.readme}: no such file")
-    args.plot = args.plot or os.path.join(args.out, "loss_curves.png")
+    args.out = os.path.abspath(args.out)  # the commands run in this file's folder
+    args.plot = os.path.abspath(args.plot or os.path.join(args.out, "loss_curves.png"))
     return args, extra
 
 

@@ -985,6 +985,143 @@ def test_cosine_regulariser_training_kernels_on_vs_off_agree():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Teaching: the comparison command, the exercises' checks, the self-demos
+
+
+def test_compare_runs_every_stage_and_writes_the_report():
+    """compare.py trains two archs (one a combination, mhc+tpa) at equal tokens, scores and prunes
+    their linearity, runs recall for gpt and hyena, writes results.md with the claims table, replaces
+    the README block between its markers and nothing else, skips finished runs when rerun, and refuses
+    bad arguments and a README without markers."""
+    needs_data()
+    cwd = tempfile.mkdtemp(dir=WORK)
+    readme = os.path.join(cwd, "README.md")
+    with open(readme, "w") as f:
+        f.write(f"# title\n\nbefore\n{compare_mod().BEGIN}\nold results\n{compare_mod().END}\nafter\n")
+    out = os.path.join(cwd, "cmp")
+    base = [sys.executable, os.path.join(HERE, "compare.py"), "--out", out, "--runs", "gpt,mhc+tpa",
+            "--max-iters", "2", "--eval-interval", "2", "--recall-lengths", "32", "--recall-steps", "4",
+            "--distill-steps", "2", "--linearity-tokens", "2048"]
+    passthrough = ["--", *TINY, "--data", DATA, "--cache-dir", TOKENS]
+    r = subprocess.run(base + ["--stages", "train,linearity,recall,speed,report", "--readme", readme] + passthrough,
+                       cwd=cwd, capture_output=True, text=True, timeout=900)
+    text = expect_ok(r)
+    with open(os.path.join(out, "results.md")) as f:
+        results = f.read()
+    assert "| gpt | attention | plain |" in results and "| mhc+tpa | tpa | mhc |" in results, results
+    assert re.search(r"\| mHC \| mHC's composite gain stays near 1 .*\| mhc\+tpa: max 1\.0\d\d .*\| yes", results), results
+    assert "| TPA | KV cache" in results and "Pruning the k most linear blocks" in results, results
+    assert "| gpt | 0 | [] |" in results and re.search(r"\| hyena \| \d+\.\d%", results), results
+    assert "not run (hc)" in results and "Not run yet" not in results  # hc was not asked for
+    with open(readme) as f:
+        new = f.read()
+    assert new.startswith("# title\n\nbefore\n") and new.endswith("after\n") and "old results" not in new
+    assert "| mhc+tpa | tpa | mhc |" in new
+    for name in ("gpt", "mhc+tpa"):
+        info = json.load(open(os.path.join(out, name, "run.json")))
+        assert info["tokens_per_step"] == 4 * 32 and info["model_config"]["n_embd"] == 32
+        assert os.path.isfile(os.path.join(out, name, "linearity.json"))
+    assert "[speed] needs a CUDA GPU; skipped" in text or torch.cuda.is_available()
+    # a rerun skips what is finished
+    r = subprocess.run(base + ["--stages", "train,recall"] + passthrough, cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+    assert expect_ok(r).count("finished earlier") == 4, r.stdout
+    # bad input
+    expect_fail(subprocess.run(base + ["--runs", "gpt,nope"], capture_output=True, text=True), "unknown run", "nope")
+    expect_fail(subprocess.run(base + ["--stages", "train,fly"], capture_output=True, text=True), "--stages")
+    with open(readme, "w") as f:
+        f.write("no markers\n")
+    expect_fail(subprocess.run(base + ["--stages", "report", "--readme", readme], capture_output=True, text=True),
+                "marker")
+
+
+def compare_mod():
+    import compare
+    return compare
+
+
+def test_exercises_have_checks_that_pass_and_fail():
+    """At least three exercises per technique; each check fails before the work is done (no answer, a
+    wrong answer, the code unchanged, the runs missing) and passes after it (the right answer, the
+    change made, here by patching the module in memory)."""
+    import exercises
+    ids = list(exercises.EXERCISES)
+    for technique in ("mhc", "hyena", "tpa", "linearity"):
+        assert sum(i.startswith(technique + ".") for i in ids) >= 3, technique
+    for ex_id, fn in exercises.EXERCISES.items():
+        assert fn.kind in ("change", "predict", "run"), ex_id
+        assert fn.kind == "predict" or "python " in fn.__doc__, f"{ex_id}: a command to run"
+
+    def outcome(ex_id, answer=None):
+        try:
+            return exercises.EXERCISES[ex_id](answer)[0]
+        except exercises.NotReady:
+            return "not ready"
+
+    # predictions: the right answers (worked out by hand, as a student would) pass, others do not
+    cfg = train.GPTConfig(arch="tpa")
+    mib = [v * 2 * 65536 * cfg.n_layer / 2**20 for v in (2 * cfg.n_embd, 2 * 2 * (12 + 64))]  # MHA, TPA h=12
+    right = {"mhc.2": "4", "mhc.3": "rows", "hyena.2": "199", "tpa.1": str(2 * (20 + 64)),
+             "tpa.2": f"{mib[0]:.1f},{mib[1]:.1f}", "linearity.1": "no,yes"}
+    wrong = {"mhc.2": "20", "mhc.3": "both", "hyena.2": "200", "tpa.1": "768", "tpa.2": "576,100",
+             "linearity.1": "yes,yes"}
+    for ex_id in right:
+        assert outcome(ex_id) == "not ready", ex_id  # no --answer
+        assert outcome(ex_id, right[ex_id]) is True, (ex_id, right[ex_id])
+        assert outcome(ex_id, wrong[ex_id]) is False, (ex_id, wrong[ex_id])
+    # changes: unchanged code is not ready; the change made in memory passes
+    assert outcome("mhc.1") == "not ready" and outcome("hyena.1") == "not ready"
+    original_sinkhorn, original_filter = mhc.sinkhorn_knopp, hyena.ImplicitFilter.forward
+    try:
+        mhc.sinkhorn_knopp = lambda logits, iters=20, eps=1e-6: logits.float().softmax(-1)
+        def window_off(self, L):  # exp(-t * 0) = 1: what replacing the window by ones does
+            self.deltas.zero_()
+            return original_filter(self, L)
+        hyena.ImplicitFilter.forward = window_off
+        assert outcome("mhc.1") is True and outcome("hyena.1") is True
+    finally:
+        mhc.sinkhorn_knopp, hyena.ImplicitFilter.forward = original_sinkhorn, original_filter
+    # runs: not ready without them; with (tiny) runs, the prediction is judged against their numbers
+    needs_data()
+    cwd, here = tempfile.mkdtemp(dir=WORK), os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert all(outcome(i, "up") == "not ready" for i in ("hyena.3", "tpa.3", "linearity.2", "linearity.3"))
+        for w in ("14", "1"):
+            expect_ok(run_train(*TINY, "--arch", "hyena", "--task", "recall", "--recall-pairs", "1", "--block-size",
+                                "16", "--max-iters", "4", "--eval-interval", "4", "--hyena-w", w, "--out-dir",
+                                f"out/ex-hyena-w{w}", cwd=cwd, data=False))
+        results = {a: outcome("hyena.3", a) for a in ("14", "1")}
+        assert sorted(results.values(), key=str) == [False, True], results  # exactly one prediction is right
+        for name, extra in (("gpt", []), ("gpt-cosine", ["--reg", "cosine"])):
+            expect_ok(run_train(*TINY, "--arch", "gpt", "--max-iters", "3", "--eval-interval", "3", *extra,
+                                "--out-dir", f"out/{name}", cwd=cwd))
+        assert sorted(str(outcome("linearity.3", a)) for a in ("up", "down")) == ["False", "True"]
+        assert sorted(str(outcome("linearity.2", str(k))) for k in range(2)) == ["False", "True"]
+    finally:
+        os.chdir(here)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "exercises.py")], capture_output=True, text=True)
+    assert r.returncode == 0 and all(i in r.stdout for i in ids), r.stdout
+    r = subprocess.run([sys.executable, os.path.join(HERE, "exercises.py"), "hyena.2", "--answer", "199"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, os.path.join(HERE, "exercises.py"), "mhc.9"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no exercise 'mhc.9'" in r.stderr
+
+
+def test_every_technique_self_demo_runs_in_under_30_seconds():
+    """`python mhc.py`, `hyena.py`, `tpa.py`, `linearity.py`: each CPU self-demo exits 0 within 30 s."""
+    for name in ("mhc", "hyena", "tpa", "linearity"):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, os.path.join(HERE, f"{name}.py")], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        elapsed = time.time() - t0
+        assert r.returncode == 0 and r.stdout.strip(), f"{name}.py: exit {r.returncode}\n{r.stdout}{r.stderr}"
+        assert elapsed < 30, f"{name}.py took {elapsed:.1f} s"
+        print(f"{name}.py self-demo: {elapsed:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Data
 
 
