@@ -241,6 +241,8 @@ class MHCConnection(nn.Module):
     def __init__(self, cfg, index: int):
         super().__init__()
         n, C = cfg.hc_rate, cfg.n_embd
+        if n < 2:  # H_pre starts at 1/n = sigmoid(b_pre): n = 1 would need b_pre = +inf
+            raise ValueError(f"mHC needs at least 2 streams (hc_rate {n})")
         self.n, self.iters = n, cfg.sinkhorn_iters
         self.phi = nn.Parameter(torch.empty(n * C, n * n + 2 * n))
         self.gates = nn.Parameter(torch.empty(3))  # a_pre, a_post, a_res

@@ -1437,6 +1437,7 @@ def test_bad_arguments_are_refused():
         (["--data", empty_file], ["empty"]),
         (["--data", empty_dir], ["found no train"]),
         (["--arch", "mhc", "--hc-rate", "0"], ["--hc-rate must be at least 1"]),
+        (["--arch", "mhc+tpa", "--hc-rate", "1"], ["--hc-rate 1", "mhc needs at least 2 streams"]),
         (["--arch", "hc", "--hc-mode", "sometimes"], ["invalid choice", "static"]),
         (["--arch", "tpa", "--tpa-rank-k", "0"], ["--tpa-rank-k must be at least 1"]),
         (["--arch", "tpa", "--tpa-head-dim", "7"], ["--tpa-head-dim must be even"]),

@@ -883,6 +883,9 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
     for name, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    if ARCHS.get(mcfg.arch, ("", ""))[1] == "mhc" and mcfg.hc_rate < 2:
+        raise UserError(f"--hc-rate {mcfg.hc_rate}: mhc needs at least 2 streams (its H_pre starts at 1/n = "
+                        "sigmoid(b_pre), which for n = 1 needs b_pre = +inf); hc runs with 1")
     if mcfg.hyena_emb_dim < 3 or mcfg.hyena_emb_dim % 2 == 0:
         raise UserError(f"--hyena-emb-dim must be odd and at least 3 (1 + 2 bands; got {mcfg.hyena_emb_dim})")
     if mcfg.tpa_head_dim < 2 or mcfg.tpa_head_dim % 2:
