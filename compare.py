@@ -445,21 +445,34 @@ def plot_curves(run_names: list[str], args) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("(matplotlib is not installed: no loss-curve plot)")
+        log("(matplotlib is not installed: no plot of the loss and pruning curves)")
         return False
     runs = {n: s for n in run_names if (s := summarise(n, os.path.join(args.out, n)))}
     if not runs:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pruned = {n: s["linearity"]["prune"] for n, s in runs.items() if s["linearity"] and s["linearity"]["prune"]}
+    fig, axes = plt.subplots(1, 2 if pruned else 1, figsize=(12 if pruned else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
     for n, s in runs.items():
         tps = s["info"]["tokens_per_step"] / 1e6
         ax.plot([r["step"] * tps for r in s["evals"]], [r["val_loss"] for r in s["evals"]], marker="o", ms=3,
                 label=n)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss")
-    ax.set_yscale("log")
     ax.set_title(f"TinyStories, equal tokens ({next(iter(runs.values()))['info']['device']})")
     ax.legend(ncol=2, fontsize=8)
+    if pruned:  # the pruning curves: perplexity vs blocks pruned, three ways
+        ax = axes[0, 1]
+        for i, (n, rows) in enumerate(pruned.items()):
+            ks = [r["k"] for r in rows]
+            for key, style in (("removed", ":"), ("linear", "--"), ("distilled", "-")):
+                ax.plot(ks, [r[key] for r in rows], style, color=f"C{i}", marker="o", ms=3, label=f"{n}: {key}")
+        ax.set_xlabel("blocks pruned (most linear first)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["k"] for rows in pruned.values() for r in rows}))
+        ax.set_title("pruning: removed / linear fit / fit + distilled")
+        ax.legend(fontsize=7)
     os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
     fig.savefig(args.plot, dpi=120, bbox_inches="tight")
     log(f"plot: {args.plot}")
