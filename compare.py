@@ -190,7 +190,9 @@ def summarise(name: str, run_dir: str) -> dict | None:
         "accuracy": evals[-1].get("recall_accuracy") if evals else None,
         "ms": statistics.median(r["ms_per_step"] for r in steady) if steady else math.nan,
         "tok_s": statistics.median(r["tokens_per_s"] for r in steady) if steady else math.nan,
-        "mem": max((r.get("peak_mem_gib", math.nan) for r in logs), default=math.nan),
+        # peak memory of training alone: logged before the first (uncompiled, more hungry) evaluation
+        "mem": max((r.get("peak_mem_gib", math.nan) for r in logs if not evals or r["step"] < evals[0]["step"]),
+                   default=math.nan),
         "cache": cache_values_per_token(info["model_config"]),
         "linearity": read_json(os.path.join(run_dir, "linearity.json")),
     }
@@ -290,8 +292,8 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
         b1 = sorted((r for r in speed["rows"] if r["B"] == 1), key=lambda r: r["L"])
         cross = next((r["L"] for r in b1 if r["gpu_ms"]["kernel"] < r["gpu_ms"]["attention"]), None)
         cross_plain = next((r["L"] for r in b1 if r["gpu_ms"]["plain"] < r["gpu_ms"]["attention"]), None)
-        row("hyena_cross", f"our kernels faster from {cross or 'never'} tokens (plain PyTorch from "
-            f"{cross_plain or 'never'}); B=1, D=768, fwd+bwd GPU time, {speed['device']}",
+        row("hyena_cross", f"our kernels faster from {f'{cross:,}' if cross else 'never'} tokens (plain PyTorch "
+            f"from {f'{cross_plain:,}' if cross_plain else 'never'}); B=1, D=768, fwd+bwd GPU time, {speed['device']}",
             "yes (<= 8192)" if cross and cross <= 8192 else "no (> 8192)")
         last = b1[-1]
         ratio = last["gpu_ms"]["attention"] / last["gpu_ms"]["kernel"]
@@ -380,7 +382,7 @@ def report(run_names: list[str], args, target: str) -> str:
     evals = sorted({r["step"] for s in runs.values() for r in s["evals"]})
     shown = [e for e in evals if e % max(1, (evals[-1] // 3 if evals else 1)) == 0][-3:] if evals else []
     head = "| run | token mixer | residual stream | params (M) | " + " | ".join(f"val @{e}" for e in shown)
-    head += " | best val | ms/step | tokens/s | peak mem (GiB) | cache values / token / layer |"
+    head += " | best val | ms/step | tokens/s | peak mem, training (GiB) | cache values / token / layer |"
     lines += [head, "|---|---|---|---:|" + "---:|" * len(shown) + "---:|---:|---:|---:|---:|"]
     for n, s in runs.items():
         mixer, stream = train.ARCHS[s["info"]["arch"]]
