@@ -201,8 +201,8 @@ def hyena_sin_frequency(answer=None):
     """The Sin activation's frequency and a small recall task.
 
     The filter FFN's Sin starts at frequency w = 14 (the paper: high frequencies let a small FFN draw
-    sharp filters). On a one-pair recall task with 16 tokens, the filter is short. Run both (CPU, about
-    a minute each):
+    sharp filters). On a one-pair recall task with 16 tokens, the filter is short. Run both (CPU, ~15 s
+    each on 2 cores):
         python train.py --arch hyena --task recall --recall-pairs 1 --block-size 16 --device cpu --max-iters 300 --hyena-w 14 --out-dir out/ex-hyena-w14
         python train.py --arch hyena --task recall --recall-pairs 1 --block-size 16 --device cpu --max-iters 300 --hyena-w 1 --out-dir out/ex-hyena-w1
     Which reaches the higher recall accuracy? --answer 14|1 (predict before looking at the logs)"""
