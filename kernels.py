@@ -517,13 +517,13 @@ def mhc_post_res(h, f, post, res):
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
 # (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
 
-# Which long-conv path runs: the Toeplitz kernel needs enough (time block, sequence) columns to fill the
-# GPU and loses to the FFT path at long L (O(L^2)). Measured on an H100 (`kernels.py --bench hyena`, GPU
-# time): at B = 1 the FFT path is faster at every length from 256; at B = 64 and 32, L = 512 (training)
-# the Toeplitz kernel is 3x faster. The rule is coarse: at B = 8, L = 512 it picks the FFT path, which
-# was 1.3x slower than the Toeplitz kernel there.
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 2048,
-              "toeplitz_min_tokens": 8192}
+# Which long-conv path runs: the Toeplitz kernel needs enough (sequence, channel) rows to fill the GPU
+# and loses to the FFT path at long L (O(L^2) work). Measured on an H100 (`kernels.py --bench hyena`,
+# fwd+bwd GPU ms, Toeplitz / FFT path): B = 1, C = 768 (768 rows): FFT faster at every length from 256
+# (0.23 / 0.16 at 256); B = 8, C = 384 (3072 rows): 0.26 / 0.34 at L = 512, 1.47 / 1.36 at 2048;
+# B = 32 and 64 at L = 512: 0.47 / 1.32 and 0.85 / 2.50. Hence: Toeplitz for L <= 1024 and B C >= 3072.
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 1024,
+              "toeplitz_min_rows": 3072}
 
 if HAVE_TRITON:
     @triton.jit
@@ -843,7 +843,7 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
     if path is None:
-        path = "toeplitz" if L <= HYENA_CONV["toeplitz_max_len"] and B * L >= HYENA_CONV["toeplitz_min_tokens"] \
+        path = "toeplitz" if L <= HYENA_CONV["toeplitz_max_len"] and B * C >= HYENA_CONV["toeplitz_min_rows"] \
             else "fft"
     if path not in ("toeplitz", "fft"):
         raise ValueError(f"hyena_long_conv: path must be 'toeplitz', 'fft' or None (got {path!r})")

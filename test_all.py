@@ -627,6 +627,24 @@ def test_kernel_hyena_input_checks():
         expect_fail(r, "--kernels on needs a CUDA GPU")
 
 
+def test_kernel_hyena_path_rule():
+    """hyena_long_conv picks the path the H100 measurements favour (kernels.HYENA_CONV's comment): the
+    Toeplitz kernel for L <= 1024 with B C >= 3072 (sequence, channel) rows, otherwise the FFT path."""
+    needs_triton()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = []
+    kernels.LongConvFunction.apply = staticmethod(lambda *a: chosen.append("toeplitz"))
+    kernels.LongConvFFTFunction.apply = staticmethod(lambda *a: chosen.append("fft"))
+    try:
+        for B, C, L, path in ((1, 768, 512, "fft"), (8, 384, 512, "toeplitz"), (8, 384, 2048, "fft"),
+                              (64, 384, 512, "toeplitz"), (4, 384, 512, "fft"), (64, 384, 1025, "fft")):
+            u = torch.empty(B, C, L, device=dev)
+            kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
+            assert chosen[-1] == path, (B, C, L, chosen[-1])
+    finally:
+        del kernels.LongConvFunction.apply, kernels.LongConvFFTFunction.apply  # the inherited ones again
+
+
 def test_hyena_training_kernels_on_vs_off_agree():
     """Three steps of --arch hyena on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-4 (fp32; interpreter, so the model is tiny)."""
