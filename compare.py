@@ -552,7 +552,7 @@ def parse_args(argv=None):
     p.add_argument("--recall-lengths", default="128,512", help="sequence lengths of the recall runs")
     p.add_argument("--recall-steps", type=int, default=3000, help="steps per recall run")
     p.add_argument("--out", default="out/compare", help="where the runs and the report go")
-    p.add_argument("--plot", default=None, help="loss-curve plot (default OUT/loss_curves.png)")
+    p.add_argument("--plot", default=None, help="where the plot of loss and pruning curves goes (None: OUT/loss_curves.png)")
     p.add_argument("--readme", default=None, metavar="README.md",
                    help="also replace the block between this file's compare.py markers with the report")
     args = p.parse_args(argv)
