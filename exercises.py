@@ -133,8 +133,9 @@ def mhc_which_sums(answer=None):
 
     The n streams start as n copies of the embedding, so h_i = x for every stream i. One write-back
     is h' = H_res h + H_post^T out (`mhc.write_back`). For h' to be n copies of x + out-mixing again,
-    which sums of H_res must be 1: "rows", "columns" or "both"? (The spec says any doubly-stochastic
-    H_res is a no-op at step 0; which half of that is actually needed?) --answer rows|columns|both"""
+    which sums of H_res must be 1: "rows", "columns" or "both"? (Sinkhorn makes H_res doubly
+    stochastic, and any such H_res is a no-op at step 0; which half of that is actually needed?)
+    --answer rows|columns|both"""
     import mhc
     given = need_answer(answer, "rows, columns or both")
     if given not in ("rows", "columns", "both"):
