@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -338,15 +337,13 @@ def checkpoint_profile(path: str, split: str):
         raise NotReady(f"no checkpoint {path}: train it first")
     ckpt = train.load_checkpoint(path)
     model, cfg = train.model_from_checkpoint(ckpt, path)
-    tc = ckpt["train_config"]
-    texts = train.resolve_text(tc.get("data"), "out/data", tc.get("download_mb", 512))
-    train_path, val_path = train.prepare_tokens(*texts, tc.get("cache_dir", "out/tokens"),
-                                                tc.get("lowercase", "auto"), log=lambda msg: None)
+    train_path, val_path = linearity.token_files(ckpt, cache_dir=ckpt["train_config"].get("cache_dir", "out/tokens"),
+                                                 log=lambda msg: None)
     T = cfg.block_size
     val = train.TokenData(val_path)
-    starts = list(range(0, len(val) - T - 1, T))[:math.ceil(LINEARITY_TOKENS / T)]
+    starts = linearity.window_starts(val, T, LINEARITY_TOKENS)
     data = val if split == "val" else train.TokenData(train_path)
-    starts = starts if split == "val" else list(range(0, len(data) - T - 1, T))[:len(starts)]
+    starts = starts if split == "val" else linearity.window_starts(data, T, len(starts) * T)
     batches = [data.windows(starts[i:i + 16], T)[0] for i in range(0, len(starts), 16)]
     return linearity.layer_profile(model, batches, torch.device("cpu")), ckpt
 

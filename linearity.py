@@ -261,6 +261,24 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
 
 
 # ----------------------------------------------------------------------------------------------------
+# The text a checkpoint is scored on (the command line below, and exercises.py)
+
+
+def token_files(ckpt: dict, data: str | None = None, cache_dir: str = "out/tokens", log=print) -> tuple[str, str]:
+    """(train, validation) token files of the text a train.py checkpoint was trained on, or of `data`."""
+    import train
+    tcfg = ckpt["train_config"]
+    texts = train.resolve_text(data or tcfg.get("data"), "out/data", tcfg.get("download_mb", 512), log=log)
+    return train.prepare_tokens(*texts, cache_dir, tcfg.get("lowercase", "auto"), log=log)
+
+
+def window_starts(data, T: int, tokens: int) -> list[int]:
+    """Starts of the consecutive T-token windows from the beginning of data that hold `tokens` tokens
+    (fewer where data is shorter): the windows every score and pruning table here is computed on."""
+    return list(range(0, len(data) - T - 1, T))[:math.ceil(tokens / T)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Benchmark: the official recipe vs the streaming score (python linearity.py CHECKPOINT --bench)
 
 
@@ -289,7 +307,7 @@ def bench(model, data, tokens: int, batch_size: int, device) -> int:
     closed form in float64 (torch), and the same with the fp32 cross-Gram kernel."""
     import time
     T = model.cfg.block_size
-    starts = list(range(0, len(data) - T - 1, T))[:math.ceil(tokens / T)]
+    starts = window_starts(data, T, tokens)
     if len(starts) * T < tokens:
         print(f"error: the training text has {len(data):,} tokens, fewer than --tokens {tokens:,}", file=sys.stderr)
         return 1
@@ -399,10 +417,7 @@ def main(argv=None) -> int:
         if args.prune and train.ARCHS[mcfg.arch][1] != "plain":
             raise train.UserError(f"--prune replaces blocks on a single residual stream; {mcfg.arch}'s blocks "
                                   "act on n streams")
-        tcfg = ckpt["train_config"]
-        data = args.data or tcfg.get("data")
-        texts = train.resolve_text(data, "out/data", tcfg.get("download_mb", 512))
-        train_path, val_path = train.prepare_tokens(*texts, args.cache_dir, tcfg.get("lowercase", "auto"))
+        train_path, val_path = token_files(ckpt, args.data, args.cache_dir)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -421,7 +436,7 @@ def main(argv=None) -> int:
         tokens = args.tokens if args.tokens != parser.get_default("tokens") else 1_000_000
         return bench(model, train.TokenData(train_path), tokens, args.batch_size, device)
     val = train.TokenData(val_path)
-    starts = list(range(0, len(val) - T - 1, T))[:math.ceil(args.tokens / T)]
+    starts = window_starts(val, T, args.tokens)
     if len(starts) * T <= mcfg.n_embd:
         print(f"error: the validation set has too few tokens ({len(val)}) for hidden size {mcfg.n_embd}",
               file=sys.stderr)
@@ -449,7 +464,7 @@ def main(argv=None) -> int:
     if args.prune:
         # fit and distil on training text, measure on the validation windows used above
         fit = train.TokenData(train_path)
-        fit_starts = list(range(0, len(fit) - T - 1, T))[:len(starts)]
+        fit_starts = window_starts(fit, T, len(starts) * T)  # as many windows as the validation's
         fit_batches = [fit.windows(fit_starts[i:i + args.batch_size], T)
                        for i in range(0, len(fit_starts), args.batch_size)]
         rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
@@ -462,7 +477,7 @@ def main(argv=None) -> int:
     if args.json:
         train.write_json_atomic(args.json, {
             "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T,
-            "reg": tcfg.get("reg", "none"), "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile],
+            "reg": ckpt["train_config"].get("reg", "none"), "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile],
             "prune": rows if args.prune else None})
         print(f"json: {args.json}")
     return 0

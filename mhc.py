@@ -295,7 +295,8 @@ class MHCStream(HyperStream):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Self-demo (CPU, seconds)
+# The gain curves of training runs (python mhc.py --gains METRICS...)
+
 
 def plot_gains(metrics_paths: list[str], out: str) -> None:
     """Amax gain over training from train.py's metrics.jsonl of hc/mhc runs (the rows it writes at each
@@ -338,6 +339,9 @@ def plot_gains(metrics_paths: list[str], out: str) -> None:
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"plot: {out}")
 
+
+# ----------------------------------------------------------------------------------------------------
+# Self-demo (CPU, seconds), or --gains
 
 if __name__ == "__main__":
     import argparse

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # the Triton kernels run under the interpreter (fp32) on a CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import compare  # noqa: E402
 import hyena  # noqa: E402
 import kernels  # noqa: E402
 import linearity  # noqa: E402
@@ -1015,7 +1016,7 @@ def test_compare_runs_every_stage_and_writes_the_report():
     cwd = tempfile.mkdtemp(dir=WORK)
     readme = os.path.join(cwd, "README.md")
     with open(readme, "w") as f:
-        f.write(f"# title\n\nbefore\n{compare_mod().BEGIN}\nold results\n{compare_mod().END}\nafter\n")
+        f.write(f"# title\n\nbefore\n{compare.BEGIN}\nold results\n{compare.END}\nafter\n")
     out = os.path.join(cwd, "cmp")
     base = [sys.executable, os.path.join(HERE, "compare.py"), "--out", out, "--runs", "gpt,mhc+tpa",
             "--max-iters", "2", "--eval-interval", "2", "--recall-lengths", "32", "--recall-steps", "4",
@@ -1051,11 +1052,6 @@ def test_compare_runs_every_stage_and_writes_the_report():
         f.write("no markers\n")
     expect_fail(subprocess.run(base + ["--stages", "report", "--readme", readme], capture_output=True, text=True),
                 "marker")
-
-
-def compare_mod():
-    import compare
-    return compare
 
 
 def test_exercises_have_checks_that_pass_and_fail():
