@@ -21,8 +21,10 @@ scratch buffer the same program reads back at once, then walked backwards: O(ite
 
 Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_short_conv  in_proj output (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv, transposed
-    hyena_long_conv   x * (h conv u + D u): the causal long convolution as blocked Toeplitz matmuls on
-                      tensor cores, with the skip and the gate fused; fp32 accumulation
+    hyena_long_conv   x * (h conv u + D u), the causal long convolution with the skip and the gate fused,
+                      by one of three paths: blocked Toeplitz matmuls (training batches of short
+                      sequences), one Monarch-FFT kernel per pass (the transforms as tensor-core matmuls,
+                      FlashFFTConv's design; up to 8K tokens), or cuFFT with fused pointwise kernels
 
 TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
     tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
@@ -825,6 +827,220 @@ class LongConvFFTFunction(torch.autograd.Function):
         return du, dx, dh, dh[:, 0].clone().to(skip.dtype)
 
 
+# The long convolution in one kernel per (sequence, channel): FlashFFTConv's idea, the transforms as
+# matrix products on tensor cores (a Monarch decomposition of the DFT), the input read once and the
+# output written once. Notation: n = N1 N2 >= 2L (a power of 2), time index t = N2 t1 + t2, frequency
+# k = k1 + N1 k2, w = exp(-2 pi i / n). Cooley-Tukey's four steps (the "four-step FFT") as matmuls:
+#     A = F1 X           X (N1, N2) the signal as a matrix, F1 (N1, N1) the size-N1 DFT; t1 < N1/2 only:
+#                        zero padding past L makes X's lower half 0, so F1's right half is never read
+#     A *= T             twiddles T[k1, t2] = w^(k1 t2)
+#     Y = A F2           F2 (N2, N2), the size-N2 DFT: Y[k1, k2] is the spectrum at k1 + N1 k2
+#     Y *= S             S the filter's spectrum in that layout (conj(S) for a correlation)
+#     z = Re(conj(F1) (conj(T) * (Y conj(F2)))) / n   the inverse, the same steps backwards; t1 < N1/2 only
+# Every step but the first and last works on rows k1 independently, so a program walks blocks of k1
+# rows as flash attention walks key blocks, accumulating z (N1/2, N2). Real signals have Hermitian
+# spectra (row N1 - k1 mirrors row k1), so only rows 0..N1/2 are visited, the rows in between counted
+# twice: half the products. (The transforms work on a real signal as a complex one: no further
+# real-to-complex halving; it would need extra permutations.)
+#     forward:  out = x (u conv h + D u),    pre = u conv h + D u
+#     backward: gy = g x, dx = g pre, du = gy corr h + D gy,   dh[k] = sum_{b,t} gy_t u_{t-k} (spectrum
+#               gy_f conj(u_f)), all in one kernel: gy's spectrum serves both; dh is added atomically
+#               over the batch (stored when B = 1)
+# Products: "bf16" rounds each product's operands to bf16 (fp32 accumulation, FlashFFTConv's precision),
+# "tf32" keeps ~10 bits, "ieee" full fp32 (for fp32 inputs). Measured on an H100: see the README's table.
+MONARCH = {"block_k": 16, "num_warps": 4, "num_stages": 1, "half": "bf16", "fused_backward": True, "max_len": 8192}
+
+
+def _monarch_shape(L: int) -> tuple[int, int]:
+    """(N1, N2) of the transform for length L: n = N1 N2 the smallest power of 2 >= 2L (>= 512: tensor-core
+    products need 16 rows of X and 16 columns); N2 = sqrt(n) rounded down to a power of 2, at most 64: the
+    fastest split on the H100 at every length from 256 to 8192 tokens, within noise (64 x 64 products
+    keep the registers in check; 128 x 128 at n = 16384 was 15% slower than 256 x 64)."""
+    n = max(512, 1 << (2 * L - 1).bit_length())
+    n2 = min(64, 1 << ((n.bit_length() - 1) // 2))
+    return n // n2, n2
+
+
+_MONARCH_TABLES = {}
+
+
+def _monarch_tables(n1: int, n2: int, device) -> tuple[torch.Tensor, ...]:
+    """F1's left half (N1, N1/2), the twiddles (N1, N2) and F2 (N2, N2), real and imaginary parts in fp32,
+    from float64 angles (integer products reduced mod n first). Cached per shape and device. (Computing
+    them in the kernel with tl.cos / tl.sin instead made it 2x slower on the H100.)"""
+    key = (n1, n2, str(device))
+    if key not in _MONARCH_TABLES:
+        n = n1 * n2
+
+        def unit(num, den):  # w^num for the DFT of size den, as (cos, -sin) of 2 pi num / den
+            ang = 2 * torch.pi * (num % den).double() / den
+            return torch.cos(ang).float().to(device), (-torch.sin(ang)).float().to(device)
+
+        k1 = torch.arange(n1)
+        f1 = unit(k1[:, None] * torch.arange(n1 // 2)[None, :], n1)
+        tw = unit(k1[:, None] * torch.arange(n2)[None, :], n)
+        f2 = unit(torch.arange(n2)[:, None] * torch.arange(n2)[None, :], n2)
+        _MONARCH_TABLES[key] = (*f1, *tw, *f2)
+    return _MONARCH_TABLES[key]
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _cdot(a, b, DOT: tl.constexpr):
+        # one real product of the complex chain, fp32 accumulation
+        if DOT == "bf16":
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+
+    @triton.jit
+    def _monarch_rows(x, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
+        """Spectrum rows k1 of one block of a real signal X (N1/2, N2): (Yr, Yi) (BLOCK_K, N2)."""
+        # A = F1[k1, :N1/2] X
+        ar = _cdot(f1r, x, DOT)
+        ai = _cdot(f1i, x, DOT)
+        # A *= T
+        tr = ar * twr - ai * twi
+        ti = ar * twi + ai * twr
+        # Y = A F2
+        yr = _cdot(tr, f2r, DOT) - _cdot(ti, f2i, DOT)
+        yi = _cdot(tr, f2i, DOT) + _cdot(ti, f2r, DOT)
+        return yr, yi
+
+    @triton.jit
+    def _monarch_rows_inverse(yr, yi, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
+        """These rows' share of Re(inverse DFT) at t1 < N1/2: (N1/2, N2). (F1 and F2 are symmetric.)"""
+        # B = Y conj(F2)
+        br = _cdot(yr, f2r, DOT) + _cdot(yi, f2i, DOT)
+        bi = _cdot(yi, f2r, DOT) - _cdot(yr, f2i, DOT)
+        # B *= conj(T)
+        cr = br * twr + bi * twi
+        ci = bi * twr - br * twi
+        # Re(conj(F1)[:N1/2, k1] B)
+        return _cdot(tl.trans(f1r), cr, DOT) + _cdot(tl.trans(f1i), ci, DOT)
+
+    @triton.jit
+    def _monarch_conv_kernel(u_ptr, x_ptr, g_ptr, pre_ptr, s_ptr, skip_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr,
+                             f2r_ptr, f2i_ptr, out_ptr, out2_ptr, dh_ptr, dskip_ptr, B, C, L, stride_u, stride_x, N1: tl.constexpr, N2: tl.constexpr,
+                             BLOCK_K: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr):
+        """One (sequence, channel) row. MODE 0: out = x (u conv h + D u), out2 = pre. MODE 1: out = du =
+        gy corr h + D gy, out2 = dx = g pre, with gy = g x. MODE 2: dh (C, L) and dD (C,) fp32 += this
+        row's share (stored when B = 1, atomically added otherwise). MODE 3: 1 and 2 in one pass."""
+        H1: tl.constexpr = N1 // 2
+        N: tl.constexpr = N1 * N2
+        pid = tl.program_id(0)
+        c, b = pid // B, pid % B  # a channel's sequences run side by side: its spectrum stays in the L2
+        r1, r2 = tl.arange(0, H1), tl.arange(0, N2)
+        t = r1[:, None] * N2 + r2[None, :]  # (N1/2, N2): the time index of each entry of X and z
+        ok = t < L
+        u_row = u_ptr + b * stride_u + c * L
+        x_row = x_ptr + b * stride_x + c * L
+        row = (b * C + c) * L  # g, pre and the outputs are contiguous (B, C, L)
+        # the operands held through the loop in the products' precision (registers decide the occupancy)
+        OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
+        if MODE == 0:
+            sig = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
+        else:
+            g = tl.load(g_ptr + row + t, mask=ok, other=0.0).to(tl.float32)
+            sig = (g * tl.load(x_row + t, mask=ok, other=0.0).to(tl.float32)).to(OP)  # gy
+            if MODE != 2:
+                pre = tl.load(pre_ptr + row + t, mask=ok, other=0.0).to(tl.float32)
+                tl.store(out2_ptr + row + t, (g * pre).to(out2_ptr.dtype.element_ty), mask=ok)
+            if MODE >= 2:
+                sig2 = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
+        f2 = r2[:, None] * N2 + r2[None, :]
+        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
+        z = tl.zeros((H1, N2), dtype=tl.float32)  # the convolution or correlation with h
+        z_dh = tl.zeros((H1, N2), dtype=tl.float32)  # the correlation with u
+        for k0 in range(0, H1 + 1, BLOCK_K):  # rows 0..N1/2 (the last block reaches past N1/2: weight 0)
+            k1 = k0 + tl.arange(0, BLOCK_K)
+            f1 = k1[:, None] * H1 + r1[None, :]
+            f1r, f1i = tl.load(f1r_ptr + f1), tl.load(f1i_ptr + f1)
+            tw = k1[:, None] * N2 + r2[None, :]
+            twr, twi = tl.load(twr_ptr + tw), tl.load(twi_ptr + tw)
+            yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, DOT)
+            # Hermitian symmetry: rows strictly between 0 and N1/2 stand for their mirror rows too; and the
+            # inverse's 1 / n
+            weight = tl.where((k1 == 0) | (k1 == H1), 1.0, tl.where(k1 < H1, 2.0, 0.0))[:, None] / N
+            if MODE != 2:
+                # S[k] at k = k1 + N1 k2 from the half spectrum: S[k] = conj(S[n - k]) past n/2
+                k = k1[:, None] + N1 * r2[None, :]
+                mirror = k > N // 2
+                sp = s_ptr + c * (N + 2) + 2 * tl.where(mirror, N - k, k)
+                hr = tl.load(sp)
+                hi = tl.load(sp + 1)
+                if MODE == 0:
+                    hi = tl.where(mirror, -hi, hi)
+                else:  # correlation: the conjugate spectrum
+                    hi = tl.where(mirror, hi, -hi)
+                sr = yr * hr - yi * hi
+                si = yr * hi + yi * hr
+                z += _monarch_rows_inverse(sr * weight, si * weight, f1r, f1i, twr, twi, f2r, f2i, DOT)
+            if MODE >= 2:
+                # the correlation's spectrum gy_f conj(u_f)
+                vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, DOT)
+                sr = yr * vr + yi * vi
+                si = yi * vr - yr * vi
+                z_dh += _monarch_rows_inverse(sr * weight, si * weight, f1r, f1i, twr, twi, f2r, f2i, DOT)
+        if MODE >= 2:
+            d_skip = tl.sum(tl.sum(tl.where(t == 0, z_dh, 0.0), axis=1), axis=0)  # dD = sum gy u: the lag-0 tap
+            if B == 1:
+                tl.store(dh_ptr + c * L + t, z_dh, mask=ok)
+                tl.store(dskip_ptr + c, d_skip)
+            else:
+                tl.atomic_add(dh_ptr + c * L + t, z_dh, mask=ok)
+                tl.atomic_add(dskip_ptr + c, d_skip)
+        if MODE != 2:
+            skip = tl.load(skip_ptr + c)
+            x = tl.load(x_row + t, mask=ok, other=0.0).to(tl.float32)
+            if MODE == 0:
+                pre = z + skip * tl.load(u_row + t, mask=ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + row + t, (x * pre).to(out_ptr.dtype.element_ty), mask=ok)
+                tl.store(out2_ptr + row + t, pre.to(out2_ptr.dtype.element_ty), mask=ok)
+            else:
+                # du = corr + D gy (gy again in fp32: the loop's copy may be rounded)
+                tl.store(out_ptr + row + t, (z + skip * g * x).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class LongConvMonarchFunction(torch.autograd.Function):
+    """Equals hyena.long_conv_gate, one kernel per pass (forward; du, dx, dh and dD together): same inputs
+    and layout as LongConvFunction; L <= MONARCH["max_len"]."""
+
+    @staticmethod
+    def forward(ctx, u, x, h, skip):
+        B, C, L = u.shape
+        n1, n2 = _monarch_shape(L)
+        # the filters' half spectrum (C, n/2 + 1) as (real, imaginary) pairs; the kernel reads the other
+        # half as its mirror image, conj(S[n - k])
+        spectrum = torch.view_as_real(torch.fft.rfft(h, n=n1 * n2))
+        out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
+        dot = "ieee" if u.dtype == torch.float32 else MONARCH["half"]
+        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=min(MONARCH["block_k"], n1 // 2), DOT=dot,
+                          num_warps=MONARCH["num_warps"], num_stages=MONARCH["num_stages"])
+        tables = _monarch_tables(n1, n2, u.device)
+        _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum, skip, *tables, out, pre, pre, pre, B, C, L,
+                                       u.stride(0), x.stride(0), MODE=0, **ctx.launch)
+        ctx.save_for_backward(u, x, skip, pre, spectrum)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        u, x, skip, pre, spectrum = ctx.saved_tensors
+        B, C, L = u.shape
+        g = g.contiguous()
+        du, dx = torch.empty_like(pre), torch.empty_like(pre)
+        new = torch.empty if B == 1 else torch.zeros  # one program per channel stores; several add
+        dh, d_skip = new(C, L, device=u.device, dtype=torch.float32), new(C, device=u.device, dtype=torch.float32)
+        tables = _monarch_tables(ctx.launch["N1"], ctx.launch["N2"], u.device)
+        args = (u, x, g, pre, spectrum, skip, *tables, du, dx, dh, d_skip, B, C, L, u.stride(0), x.stride(0))
+        if MONARCH["fused_backward"]:
+            _monarch_conv_kernel[(B * C,)](*args, MODE=3, **ctx.launch)
+        else:
+            _monarch_conv_kernel[(B * C,)](*args, MODE=1, **ctx.launch)
+            _monarch_conv_kernel[(B * C,)](*args, MODE=2, **ctx.launch)
+        return du, dx, dh, d_skip
+
+
 def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: torch.Tensor,
                     path: str | None = None) -> torch.Tensor:
     """x * (h conv u + skip * u), causal, fp32 accumulation: u, x (B, C, L), h (C, L), skip (C,) -> (B, C, L)
@@ -843,11 +1059,15 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
     if path is None:
-        path = "toeplitz" if L <= HYENA_CONV["toeplitz_max_len"] and B * C >= HYENA_CONV["toeplitz_min_rows"] \
-            else "fft"
-    if path not in ("toeplitz", "fft"):
-        raise ValueError(f"hyena_long_conv: path must be 'toeplitz', 'fft' or None (got {path!r})")
-    conv = LongConvFunction if path == "toeplitz" else LongConvFFTFunction
+        if L <= HYENA_CONV["toeplitz_max_len"] and B * C >= HYENA_CONV["toeplitz_min_rows"]:
+            path = "toeplitz"
+        else:
+            path = "monarch" if L <= MONARCH["max_len"] else "fft"
+    conv = {"toeplitz": LongConvFunction, "monarch": LongConvMonarchFunction, "fft": LongConvFFTFunction}.get(path)
+    if conv is None:
+        raise ValueError(f"hyena_long_conv: path must be 'toeplitz', 'monarch', 'fft' or None (got {path!r})")
+    if path == "monarch" and L > MONARCH["max_len"]:
+        raise ValueError(f"hyena_long_conv: the monarch path takes L <= {MONARCH['max_len']} (got {L})")
     return conv.apply(u, x, h.contiguous(), skip.contiguous())
 
 
@@ -1555,12 +1775,12 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     print(f"# Hyena order 2 vs attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}; fwd+bwd ms, wall clock (do_bench median) / GPU time (kernels' sum)")
     print("# attention = F.scaled_dot_product_attention(is_causal=True); plain = hyena.long_conv_gate (torch.fft, "
-          "fp32); Toeplitz and FFT = the two kernel paths; kernel = hyena_long_conv, which picks one by "
-          f"kernels.HYENA_CONV {HYENA_CONV}")
-    print("| B  | D   | L      | attention wall / GPU | plain wall / GPU | Toeplitz GPU | FFT path GPU | kernel wall "
-          "| kernel vs plain (GPU) | kernel vs attention (GPU) |")
-    print("|----|-----|-------:|---------------------:|-----------------:|-------------:|-------------:|------------:"
-          "|----------------------:|--------------------------:|")
+          "fp32); Toeplitz, Monarch and FFT = the three kernel paths; kernel = hyena_long_conv, which picks one by "
+          f"kernels.HYENA_CONV {HYENA_CONV} and MONARCH {MONARCH}")
+    print("| B  | D   | L      | attention wall / GPU | plain wall / GPU | Toeplitz GPU | Monarch GPU | FFT path GPU "
+          "| kernel wall | kernel vs plain (GPU) | kernel vs attention (GPU) |")
+    print("|----|-----|-------:|---------------------:|-----------------:|-------------:|------------:|-------------:"
+          "|------------:|----------------------:|--------------------------:|")
     results = []
 
     def order2(conv, v, x1, x2, h, skip):
@@ -1580,27 +1800,31 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     shapes += [(8, 384, 512), (8, 384, 2048), (32, 384, 512), (64, 384, 512)]  # batches at the model's width
     for B, D, L in shapes:
         torch.manual_seed(0)
-        streams = torch.randn(B, 3 * D, L, device=dev, dtype=torch.bfloat16).requires_grad_()
-        v, x1, x2 = streams.chunk(3, dim=1)
-        h = (torch.randn(2, D, L, device=dev) * 0.02).requires_grad_()
-        skip = torch.randn(2, D, device=dev, requires_grad=True)
+        # separate leaf tensors, as q, k, v are for attention: the timings are the operators', without
+        # autograd's gathering of gradients into a shared parent
+        v, x1, x2 = (torch.randn(B, D, L, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        h = [(torch.randn(D, L, device=dev) * 0.02).requires_grad_() for _ in range(2)]
+        skip = [torch.randn(D, device=dev, requires_grad=True) for _ in range(2)]
+        leaves = (v, x1, x2, *h, *skip)
         g = torch.randn(B, D, L, device=dev, dtype=torch.bfloat16)
         q, k, val = (torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
                      for _ in range(3))
         g_att = torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16)
         att = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True), (q, k, val), g_att)
-        runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), (streams, h, skip), g)
+        runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), leaves, g)
                 for name, conv in (("plain", hyena.long_conv_gate), ("kernel", hyena_long_conv))}
         if L <= 16384:  # O(L^2): beyond this it only shows what the FFT path avoids
-            runs["toeplitz"] = fwd_bwd(lambda: order2(path("toeplitz"), v, x1, x2, h, skip), (streams, h, skip), g)
-        runs["fft"] = fwd_bwd(lambda: order2(path("fft"), v, x1, x2, h, skip), (streams, h, skip), g)
+            runs["toeplitz"] = fwd_bwd(lambda: order2(path("toeplitz"), v, x1, x2, h, skip), leaves, g)
+        if L <= MONARCH["max_len"]:
+            runs["monarch"] = fwd_bwd(lambda: order2(path("monarch"), v, x1, x2, h, skip), leaves, g)
+        runs["fft"] = fwd_bwd(lambda: order2(path("fft"), v, x1, x2, h, skip), leaves, g)
         wall = {name: do_bench(fn, warmup=10, rep=100)
                 for name, fn in (("attention", att), ("plain", runs["plain"]), ("kernel", runs["kernel"]))}
         gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}
-        toe = f"{gpu['toeplitz']:12.3f}" if "toeplitz" in gpu else f"{'-':>12s}"
+        toe, mon = (f"{gpu[k]:{w}.3f}" if k in gpu else f"{'-':>{w}s}" for k, w in (("toeplitz", 12), ("monarch", 11)))
         results.append((B, D, L, gpu))
         print(f"| {B:2d} | {D:3d} | {L:6d} | {wall['attention']:9.3f} / {gpu['attention']:8.3f} "
-              f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
+              f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {mon} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
               f"| {gpu['plain'] / gpu['kernel']:20.1f}x | {gpu['attention'] / gpu['kernel']:24.2f}x |", flush=True)
         torch.cuda.empty_cache()
     if json_path:  # for compare.py's claims table
@@ -1621,7 +1845,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
             return
         fig, ax = plt.subplots(figsize=(6, 4))
         for key, name in (("attention", "attention (SDPA)"), ("plain", "Hyena, plain (torch.fft)"),
-                          ("toeplitz", "Hyena, Toeplitz kernel"), ("fft", "Hyena, FFT path kernels"),
+                          ("toeplitz", "Hyena, Toeplitz kernel"), ("monarch", "Hyena, Monarch kernel"),
+                          ("fft", "Hyena, FFT path kernels"),
                           ("kernel", "Hyena, kernels (dispatched)")):
             pts = [(L, gpu[key]) for B, _, L, gpu in results if B == 1 and key in gpu]
             ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)

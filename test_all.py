@@ -543,9 +543,8 @@ def test_recall_task():
                           data=False), "pairs need")
 
 
-def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
-    """hyena_long_conv (the Toeplitz kernel, or with fft=True the FFT path) and hyena_short_conv vs the
-    plain paths (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the
+def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz"):
+    """hyena_long_conv on one path ("toeplitz", "monarch" or "fft") and hyena_short_conv vs the plain paths (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the
     model."""
     saved = dict(kernels.HYENA_CONV)
     if block:
@@ -557,7 +556,7 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
         skip = torch.randn(C, device=device, requires_grad=True)
         g = torch.randn(B, C, L, device=device).to(dtype)
         ref = hyena.long_conv_gate(u, x, h, skip)
-        out = kernels.hyena_long_conv(u, x, h, skip, path="fft" if fft else "toeplitz")
+        out = kernels.hyena_long_conv(u, x, h, skip, path=path)
         assert out.dtype == dtype and rel_err(out, ref) < tol, rel_err(out, ref)
         for name, a, b in zip(["u and x", "h", "skip"], torch.autograd.grad(out, (both, h, skip), g),
                               torch.autograd.grad(ref, (both, h, skip), g)):
@@ -577,14 +576,18 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, fft=False):
 
 def test_kernel_hyena_matches_reference():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
-    backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The FFT
-    path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2 lengths."""
+    backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
+    kernel (transform lengths 512 to 4096: one to four blocks of spectrum rows, several sequences adding
+    their dh) and the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2
+    lengths."""
     needs_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for B, C, L in ((2, 3, 63), (1, 2, 40), (3, 2, 17)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, block=16)
+    for B, C, L in ((2, 3, 63), (1, 2, 256), (3, 2, 300), (1, 2, 1500)):
+        check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="monarch")
     for B, C, L in ((2, 3, 63), (1, 2, 64), (3, 2, 1500)):
-        check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, fft=True)
+        check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
 
 
 def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
@@ -604,6 +607,12 @@ def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
     assert u.grad[1, :, 21:].abs().max() == 0 and u.grad[0].abs().max() == 0
     exact = x.double() * hyena.direct_causal_conv(u.double(), h.double(), skip.double())
     assert rel_err(out, exact) < 1e-6
+    # the Monarch kernel's transforms mix all times, so the future reaches the past only by rounding
+    u.grad = None
+    out = kernels.hyena_long_conv(u, x, h, skip, path="monarch")
+    assert rel_err(out, exact) < 1e-6
+    out[1, :, 20].sum().backward()
+    assert u.grad[1, :, 21:].abs().max() < 1e-6 * u.grad[1].abs().max() and u.grad[0].abs().max() == 0
 
 
 def test_kernel_hyena_input_checks():
@@ -612,10 +621,12 @@ def test_kernel_hyena_input_checks():
     needs_triton()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     u, h, skip = torch.randn(1, 2, 8, device=dev), torch.randn(2, 8, device=dev), torch.randn(2, device=dev)
+    too_long = torch.randn(1, 2, kernels.MONARCH["max_len"] + 1, device=dev)
     for args, err in (((u.double(), u.double(), h, skip), "float64"),
                       ((u, u, torch.randn(3, 8, device=dev), skip), "shape"),
                       ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous"),
-                      ((u, u, h, skip, "cufft"), "path must be")):
+                      ((u, u, h, skip, "cufft"), "path must be"),
+                      ((too_long, too_long, too_long[0], skip, "monarch"), "monarch path takes")):
         try:
             kernels.hyena_long_conv(*args)
             raise AssertionError(f"accepted: {err}")
@@ -630,20 +641,25 @@ def test_kernel_hyena_input_checks():
 
 def test_kernel_hyena_path_rule():
     """hyena_long_conv picks the path the H100 measurements favour (kernels.HYENA_CONV's comment): the
-    Toeplitz kernel for L <= 1024 with B C >= 3072 (sequence, channel) rows, otherwise the FFT path."""
+    Toeplitz kernel for L <= 1024 with B C >= 3072 (sequence, channel) rows, otherwise the Monarch kernel
+    up to MONARCH's max_len, and the FFT path beyond."""
     needs_triton()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = []
     kernels.LongConvFunction.apply = staticmethod(lambda *a: chosen.append("toeplitz"))
     kernels.LongConvFFTFunction.apply = staticmethod(lambda *a: chosen.append("fft"))
+    kernels.LongConvMonarchFunction.apply = staticmethod(lambda *a: chosen.append("monarch"))
+    longest = kernels.MONARCH["max_len"]
     try:
-        for B, C, L, path in ((1, 768, 512, "fft"), (8, 384, 512, "toeplitz"), (8, 384, 2048, "fft"),
-                              (64, 384, 512, "toeplitz"), (4, 384, 512, "fft"), (64, 384, 1025, "fft")):
+        for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "toeplitz"), (8, 384, 2048, "monarch"),
+                              (64, 384, 512, "toeplitz"), (4, 384, 512, "monarch"), (64, 384, 1025, "monarch"),
+                              (1, 8, longest, "monarch"), (1, 8, longest + 1, "fft")):
             u = torch.empty(B, C, L, device=dev)
             kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
             assert chosen[-1] == path, (B, C, L, chosen[-1])
     finally:
         del kernels.LongConvFunction.apply, kernels.LongConvFFTFunction.apply  # the inherited ones again
+        del kernels.LongConvMonarchFunction.apply
 
 
 def test_hyena_training_kernels_on_vs_off_agree():
@@ -1569,16 +1585,22 @@ def test_gpu_mhc_training_kernels_on_vs_off_agree():
 
 def test_gpu_hyena_kernels_bf16_at_training_shapes():
     """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
-    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the FFT path at the
-    training shape and at 20,000 tokens (past the Toeplitz kernel's lengths, not a power of 2)."""
+    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the Monarch kernel at
+    B = 1, C = 768, L = 4096 and B = 8, L = 2048 in bf16 (bf16 products) and at its longest length and an
+    odd one in fp32; the FFT path at the training shape and at 20,000 tokens (past both kernels' lengths,
+    not a power of 2)."""
     needs_cuda()
     check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
     check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2)
     check_kernel_hyena(1, 64, 4096, "cuda", torch.bfloat16, 2e-2)
     check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4)
-    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, fft=True)
-    check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, fft=True)
-    check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, fft=True)
+    check_kernel_hyena(1, 768, 4096, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(8, 384, 2048, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(2, 16, kernels.MONARCH["max_len"] - 5, "cuda", torch.float32, 1e-4, path="monarch")
+    check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4, path="monarch")
+    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, path="fft")
+    check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, path="fft")
+    check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, path="fft")
 
 
 def test_gpu_hyena_training_kernels_on_vs_off_agree():
