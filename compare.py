@@ -471,11 +471,8 @@ def report(run_names: list[str], args, target: str) -> str:
 
 
 def plot_curves(run_names: list[str], args) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = train.pyplot()
+    if plt is None:
         log("(matplotlib is not installed: no plot of the loss and pruning curves)")
         return False
     runs = {n: s for n in run_names if (s := summarise(n, os.path.join(args.out, n)))}

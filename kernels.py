@@ -1843,11 +1843,9 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
         os.replace(json_path + ".tmp", json_path)
         print(f"json: {json_path}")
     if plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        import train
+        plt = train.pyplot()
+        if plt is None:
             print("(matplotlib is not installed: no plot)")
             return
         fig, ax = plt.subplots(figsize=(6, 4))

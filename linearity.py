@@ -397,15 +397,11 @@ def main(argv=None) -> int:
                         help="instead: time the official recipe (fp32 SVD per pair on the CPU) against the "
                              "streaming score over --tokens training tokens (default 1M), and compare with float64")
     args = parser.parse_args(argv)
-    if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 1
     import train  # the CLI needs the model and the data; the functions above do not
+    plt = train.pyplot() if args.plot else None
+    if args.plot and plt is None:
+        print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        return 1
     try:
         ckpt = train.load_checkpoint(args.checkpoint)
         model, mcfg = train.model_from_checkpoint(ckpt, args.checkpoint)

@@ -318,11 +318,9 @@ def plot_gains(metrics_paths: list[str], out: str) -> None:
     for name, rows in runs.items():
         print(f"| {name} | {len(rows)} | {max(r['gain_fwd'] for r in rows):.3f} | "
               f"{max(r['gain_bwd'] for r in rows):.3f} | {max(max(r['layer_gain_fwd']) for r in rows):.3f} |")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    import train  # here, not at the top: train.py imports this file
+    plt = train.pyplot()
+    if plt is None:
         print("(matplotlib is not installed: no plot)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))

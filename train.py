@@ -983,6 +983,18 @@ def save_checkpoint(path: str, model, optimizer, mcfg: GPTConfig, cfg: TrainConf
             os.remove(tmp)
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or None where matplotlib (an optional extra) is not
+    installed; every plotting command of the repository asks here and says what it skips."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} (train first, or pass --out-dir)")
