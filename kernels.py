@@ -829,19 +829,23 @@ class LongConvFFTFunction(torch.autograd.Function):
 
 # The long convolution in one kernel per (sequence, channel): FlashFFTConv's idea, the transforms as
 # matrix products on tensor cores (a Monarch decomposition of the DFT), the input read once and the
-# output written once. Notation: n = N1 N2 >= 2L (a power of 2), time index t = N2 t1 + t2, frequency
-# k = k1 + N1 k2, w = exp(-2 pi i / n). Cooley-Tukey's four steps (the "four-step FFT") as matmuls:
-#     A = F1 X           X (N1, N2) the signal as a matrix, F1 (N1, N1) the size-N1 DFT; t1 < N1/2 only:
-#                        zero padding past L makes X's lower half 0, so F1's right half is never read
-#     A *= T             twiddles T[k1, t2] = w^(k1 t2)
-#     Y = A F2           F2 (N2, N2), the size-N2 DFT: Y[k1, k2] is the spectrum at k1 + N1 k2
-#     Y *= S             S the filter's spectrum in that layout (conj(S) for a correlation)
-#     z = Re(conj(F1) (conj(T) * (Y conj(F2)))) / n   the inverse, the same steps backwards; t1 < N1/2 only
+# output written once. Notation: n = N1 N2 >= 2L (a power of 2), time index t = N2 t1 + t2, H1 = N1 / 2.
+# Our choice: the transform evaluates the spectrum half a bin off the usual grid, at frequencies
+# (k + 1/2) / n (an "odd" DFT; a product of two such spectra is a negacyclic convolution, which equals
+# the linear one when n >= 2L because nothing wraps). For a real signal the spectrum at bin k is then the
+# conjugate of bin n - 1 - k: every bin has a distinct mirror, so exactly half the bins (rows k1 < N1/2
+# below) carry the whole transform. The usual DFT has two self-mirrored bins (0 and n/2), which cost one
+# more 16-row block of work: a third more at 1K-2K tokens, a fifth at 4K.
+# With k = k1 + N1 k2 and e(a) = exp(-2 pi i a), the four-step FFT as matmuls:
+#     A = F1 X           X (N1/2, N2) the signal's non-zero half as a matrix (zero padding past L makes
+#                        rows t1 >= N1/2 zero), F1[k1, t1] = e(t1 (k1 + 1/2) / N1)
+#     A *= T             twiddles T[k1, t2] = e(t2 (k1 + 1/2) / n)
+#     Y = A F2           F2[t2, k2] = e(t2 k2 / N2), the size-N2 DFT: Y[k1, k2] is the spectrum at bin k
+#     Y *= S             S the filter's spectrum computed the same way (conj(S) for a correlation)
+#     z = (2/n) Re(conj(F1)^T (conj(T) * (Y conj(F2))))   the inverse, the same steps backwards, rows
+#                        k1 < N1/2 only: the other half are the conjugate mirrors, hence 2 Re
 # Every step but the first and last works on rows k1 independently, so a program walks blocks of k1
-# rows as flash attention walks key blocks, accumulating z (N1/2, N2). Real signals have Hermitian
-# spectra (row N1 - k1 mirrors row k1), so only rows 0..N1/2 are visited, the rows in between counted
-# twice: half the products. (The transforms work on a real signal as a complex one: no further
-# real-to-complex halving; it would need extra permutations.)
+# rows as flash attention walks key blocks, accumulating z (N1/2, N2).
 #     forward:  out = x (u conv h + D u),    pre = u conv h + D u
 #     backward: gy = g x, dx = g pre, du = gy corr h + D gy,   dh[k] = sum_{b,t} gy_t u_{t-k} (spectrum
 #               gy_f conj(u_f)), all in one kernel: gy's spectrum serves both; dh is added atomically
@@ -852,7 +856,8 @@ class LongConvFFTFunction(torch.autograd.Function):
 # backward): 16-row blocks, 4 warps, 1 stage and the fused backward were fastest from 2K to 8K tokens (bigger
 # blocks spill registers); at 512-1K two warps or 32-row blocks were up to 25% faster in one sweep and
 # slower in the next. "tf32" products were 1.4-2.1x slower than "bf16", for 4e-3 instead of 5e-3 error.
-MONARCH = {"block_k": 16, "num_warps": 4, "num_stages": 1, "half": "bf16", "fused_backward": True, "max_len": 8192}
+MONARCH = {"block_k": 16, "num_warps": 4, "num_stages": 1, "half": "bf16", "fused_backward": True, "max_len": 8192,
+           "gauss": False}
 
 
 def _monarch_shape(L: int) -> tuple[int, int]:
@@ -869,20 +874,21 @@ _MONARCH_TABLES = {}
 
 
 def _monarch_tables(n1: int, n2: int, device) -> tuple[torch.Tensor, ...]:
-    """F1's left half (N1, N1/2), the twiddles (N1, N2) and F2 (N2, N2), real and imaginary parts in fp32,
-    from float64 angles (integer products reduced mod n first). Cached per shape and device. (Computing
-    them in the kernel with tl.cos / tl.sin instead made it 2x slower on the H100.)"""
+    """F1 (N1/2, N1/2) (the rows k1 < N1/2 and columns t1 < N1/2 that are ever used), the twiddles
+    (N1/2, N2) and F2 (N2, N2), real and imaginary parts in fp32, from float64 angles (integer products
+    reduced first). Cached per shape and device. (Computing them in the kernel with tl.cos / tl.sin
+    instead made it 2x slower on the H100.)"""
     key = (n1, n2, str(device))
     if key not in _MONARCH_TABLES:
-        n = n1 * n2
+        n, h1 = n1 * n2, n1 // 2
 
-        def unit(num, den):  # w^num for the DFT of size den, as (cos, -sin) of 2 pi num / den
+        def unit(num, den):  # e(num / den) as (cos, -sin) of 2 pi num / den
             ang = 2 * torch.pi * (num % den).double() / den
             return torch.cos(ang).float().to(device), (-torch.sin(ang)).float().to(device)
 
-        k1 = torch.arange(n1)
-        f1 = unit(k1[:, None] * torch.arange(n1 // 2)[None, :], n1)
-        tw = unit(k1[:, None] * torch.arange(n2)[None, :], n)
+        odd = 2 * torch.arange(h1) + 1  # 2 (k1 + 1/2): the half-bin shift in integers
+        f1 = unit(odd[:, None] * torch.arange(h1)[None, :], 2 * n1)
+        tw = unit(odd[:, None] * torch.arange(n2)[None, :], 2 * n)
         f2 = unit(torch.arange(n2)[:, None] * torch.arange(n2)[None, :], n2)
         _MONARCH_TABLES[key] = (*f1, *tw, *f2)
     return _MONARCH_TABLES[key]
@@ -898,8 +904,9 @@ if HAVE_TRITON:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
 
     @triton.jit
-    def _monarch_rows(x, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
-        """Spectrum rows k1 of one block of a real signal X (N1/2, N2): (Yr, Yi) (BLOCK_K, N2)."""
+    def _monarch_rows(x, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT: tl.constexpr, GAUSS: tl.constexpr):
+        """Spectrum rows k1 of one block of a real signal X (N1/2, N2): (Yr, Yi) (BLOCK_K, N2).
+        f2s = F2r + F2i and f2d = F2i - F2r serve Gauss's three-product complex multiply (GAUSS)."""
         # A = F1[k1, :N1/2] X
         ar = _cdot(f1r, x, DOT)
         ai = _cdot(f1i, x, DOT)
@@ -907,31 +914,78 @@ if HAVE_TRITON:
         tr = ar * twr - ai * twi
         ti = ar * twi + ai * twr
         # Y = A F2
-        yr = _cdot(tr, f2r, DOT) - _cdot(ti, f2i, DOT)
-        yi = _cdot(tr, f2i, DOT) + _cdot(ti, f2r, DOT)
+        if GAUSS:  # (tr + i ti)(F2r + i F2i) from three products: P = (tr + ti) F2r
+            p = _cdot(tr + ti, f2r, DOT)
+            yr = p - _cdot(ti, f2s, DOT)
+            yi = p + _cdot(tr, f2d, DOT)
+        else:
+            yr = _cdot(tr, f2r, DOT) - _cdot(ti, f2i, DOT)
+            yi = _cdot(tr, f2i, DOT) + _cdot(ti, f2r, DOT)
         return yr, yi
 
     @triton.jit
-    def _monarch_rows_inverse(yr, yi, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
-        """These rows' share of Re(inverse DFT) at t1 < N1/2: (N1/2, N2). (F1 and F2 are symmetric.)"""
+    def _monarch_rows_inverse(yr, yi, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT: tl.constexpr,
+                              GAUSS: tl.constexpr):
+        """These rows' share of Re(inverse transform) at t1 < N1/2: (N1/2, N2). (F2 is symmetric.)"""
         # B = Y conj(F2)
-        br = _cdot(yr, f2r, DOT) + _cdot(yi, f2i, DOT)
-        bi = _cdot(yi, f2r, DOT) - _cdot(yr, f2i, DOT)
+        if GAUSS:  # (yr + i yi)(F2r - i F2i) from three products
+            p = _cdot(yr + yi, f2r, DOT)
+            br = p + _cdot(yi, f2d, DOT)
+            bi = p - _cdot(yr, f2s, DOT)
+        else:
+            br = _cdot(yr, f2r, DOT) + _cdot(yi, f2i, DOT)
+            bi = _cdot(yi, f2r, DOT) - _cdot(yr, f2i, DOT)
         # B *= conj(T)
         cr = br * twr + bi * twi
         ci = bi * twr - br * twi
-        # Re(conj(F1)[:N1/2, k1] B)
+        # Re(conj(F1)^T B)
         return _cdot(tl.trans(f1r), cr, DOT) + _cdot(tl.trans(f1i), ci, DOT)
 
     @triton.jit
-    def _monarch_conv_kernel(u_ptr, x_ptr, g_ptr, pre_ptr, s_ptr, skip_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr,
-                             f2r_ptr, f2i_ptr, out_ptr, out2_ptr, dh_ptr, dskip_ptr, B, C, L, stride_u, stride_x, N1: tl.constexpr, N2: tl.constexpr,
-                             BLOCK_K: tl.constexpr, MODE: tl.constexpr, DOT: tl.constexpr):
+    def _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1: tl.constexpr, N2: tl.constexpr):
+        """The rows k1 of F1 (BLOCK_K, N1/2) and of the twiddles (BLOCK_K, N2)."""
+        f1 = k1[:, None] * H1 + r1[None, :]
+        tw = k1[:, None] * N2 + r2[None, :]
+        return tl.load(f1r_ptr + f1), tl.load(f1i_ptr + f1), tl.load(twr_ptr + tw), tl.load(twi_ptr + tw)
+
+    @triton.jit
+    def _monarch_f2(f2r_ptr, f2i_ptr, r2, N2: tl.constexpr, OP: tl.constexpr, GAUSS: tl.constexpr):
+        """F2 (N2, N2) in the products' precision: (F2r, F2i, F2r + F2i, F2i - F2r); with GAUSS the
+        second is unused, without it the last two."""
+        f2 = r2[:, None] * N2 + r2[None, :]
+        f2r, f2i = tl.load(f2r_ptr + f2), tl.load(f2i_ptr + f2)
+        return f2r.to(OP), f2i.to(OP), (f2r + f2i).to(OP), (f2i - f2r).to(OP)
+
+    @triton.jit
+    def _monarch_spectrum_kernel(h_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, f2r_ptr, f2i_ptr, sr_ptr, si_ptr, L,
+                                 N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                                 GAUSS: tl.constexpr):
+        """The filter's spectrum (C, N1/2, N2), real and imaginary parts, for one channel and one block of
+        rows k1, times the inverse's 2/n."""
+        H1: tl.constexpr = N1 // 2
+        c, k0 = tl.program_id(0), tl.program_id(1) * BLOCK_K
+        r1, r2 = tl.arange(0, H1), tl.arange(0, N2)
+        t = r1[:, None] * N2 + r2[None, :]
+        OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
+        h = tl.load(h_ptr + c * L + t, mask=t < L, other=0.0).to(OP)
+        f2r, f2i, f2s, f2d = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP, GAUSS)
+        k1 = k0 + tl.arange(0, BLOCK_K)
+        f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
+        yr, yi = _monarch_rows(h, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+        s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
+        tl.store(sr_ptr + s, yr * (2.0 / (N1 * N2)))
+        tl.store(si_ptr + s, yi * (2.0 / (N1 * N2)))
+
+    @triton.jit
+    def _monarch_conv_kernel(u_ptr, x_ptr, g_ptr, pre_ptr, sr_ptr, si_ptr, skip_ptr, f1r_ptr, f1i_ptr, twr_ptr,
+                             twi_ptr, f2r_ptr, f2i_ptr, out_ptr, out2_ptr, dh_ptr, dskip_ptr, B, C, L, stride_u,
+                             stride_x, N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
+                             DOT: tl.constexpr, GAUSS: tl.constexpr):
         """One (sequence, channel) row. MODE 0: out = x (u conv h + D u), out2 = pre. MODE 1: out = du =
         gy corr h + D gy, out2 = dx = g pre, with gy = g x. MODE 2: dh (C, L) and dD (C,) fp32 += this
-        row's share (stored when B = 1, atomically added otherwise). MODE 3: 1 and 2 in one pass."""
+        row's share (stored when B = 1, atomically added otherwise). MODE 3: 1 and 2 in one pass.
+        (sr, si): the filter's spectrum from _monarch_spectrum_kernel."""
         H1: tl.constexpr = N1 // 2
-        N: tl.constexpr = N1 * N2
         pid = tl.program_id(0)
         c, b = pid // B, pid % B  # a channel's sequences run side by side: its spectrum stays in the L2
         r1, r2 = tl.arange(0, H1), tl.arange(0, N2)
@@ -952,40 +1006,29 @@ if HAVE_TRITON:
                 tl.store(out2_ptr + row + t, (g * pre).to(out2_ptr.dtype.element_ty), mask=ok)
             if MODE >= 2:
                 sig2 = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
-        f2 = r2[:, None] * N2 + r2[None, :]
-        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
+        f2r, f2i, f2s, f2d = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP, GAUSS)
         z = tl.zeros((H1, N2), dtype=tl.float32)  # the convolution or correlation with h
         z_dh = tl.zeros((H1, N2), dtype=tl.float32)  # the correlation with u
-        for k0 in range(0, H1 + 1, BLOCK_K):  # rows 0..N1/2 (the last block reaches past N1/2: weight 0)
+        for k0 in range(0, H1, BLOCK_K):
             k1 = k0 + tl.arange(0, BLOCK_K)
-            f1 = k1[:, None] * H1 + r1[None, :]
-            f1r, f1i = tl.load(f1r_ptr + f1), tl.load(f1i_ptr + f1)
-            tw = k1[:, None] * N2 + r2[None, :]
-            twr, twi = tl.load(twr_ptr + tw), tl.load(twi_ptr + tw)
-            yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, DOT)
-            # Hermitian symmetry: rows strictly between 0 and N1/2 stand for their mirror rows too; and the
-            # inverse's 1 / n
-            weight = tl.where((k1 == 0) | (k1 == H1), 1.0, tl.where(k1 < H1, 2.0, 0.0))[:, None] / N
+            f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
+            yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
             if MODE != 2:
-                # S[k] at k = k1 + N1 k2 from the half spectrum: S[k] = conj(S[n - k]) past n/2
-                k = k1[:, None] + N1 * r2[None, :]
-                mirror = k > N // 2
-                sp = s_ptr + c * (N + 2) + 2 * tl.where(mirror, N - k, k)
-                hr = tl.load(sp)
-                hi = tl.load(sp + 1)
-                if MODE == 0:
-                    hi = tl.where(mirror, -hi, hi)
-                else:  # correlation: the conjugate spectrum
-                    hi = tl.where(mirror, hi, -hi)
-                sr = yr * hr - yi * hi
-                si = yr * hi + yi * hr
-                z += _monarch_rows_inverse(sr * weight, si * weight, f1r, f1i, twr, twi, f2r, f2i, DOT)
+                s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
+                hr, hi = tl.load(sr_ptr + s), tl.load(si_ptr + s)  # includes the inverse's 2/n
+                if MODE == 0:  # Y S
+                    sr = yr * hr - yi * hi
+                    si = yr * hi + yi * hr
+                else:  # Y conj(S): the correlation
+                    sr = yr * hr + yi * hi
+                    si = yi * hr - yr * hi
+                z += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
             if MODE >= 2:
-                # the correlation's spectrum gy_f conj(u_f)
-                vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, DOT)
-                sr = yr * vr + yi * vi
-                si = yi * vr - yr * vi
-                z_dh += _monarch_rows_inverse(sr * weight, si * weight, f1r, f1i, twr, twi, f2r, f2i, DOT)
+                # the correlation's spectrum gy_f conj(u_f), times the inverse's 2/n
+                vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+                sr = (yr * vr + yi * vi) * (2.0 / (N1 * N2))
+                si = (yi * vr - yr * vi) * (2.0 / (N1 * N2))
+                z_dh += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
         if MODE >= 2:
             d_skip = tl.sum(tl.sum(tl.where(t == 0, z_dh, 0.0), axis=1), axis=0)  # dD = sum gy u: the lag-0 tap
             if B == 1:
@@ -1007,23 +1050,23 @@ if HAVE_TRITON:
 
 
 class LongConvMonarchFunction(torch.autograd.Function):
-    """Equals hyena.long_conv_gate, one kernel per pass (forward; du, dx, dh and dD together): same inputs
-    and layout as LongConvFunction; L <= MONARCH["max_len"]."""
+    """Equals hyena.long_conv_gate, one kernel per pass (forward; du, dx, dh and dD together) after the
+    filters' spectrum: same inputs and layout as LongConvFunction; L <= MONARCH["max_len"]."""
 
     @staticmethod
     def forward(ctx, u, x, h, skip):
         B, C, L = u.shape
         n1, n2 = _monarch_shape(L)
-        # the filters' half spectrum (C, n/2 + 1) as (real, imaginary) pairs; the kernel reads the other
-        # half as its mirror image, conj(S[n - k])
-        spectrum = torch.view_as_real(torch.fft.rfft(h, n=n1 * n2))
-        out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
+        block_k = min(MONARCH["block_k"], n1 // 2)
         dot = "ieee" if u.dtype == torch.float32 else MONARCH["half"]
-        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=min(MONARCH["block_k"], n1 // 2), DOT=dot,
-                          num_warps=MONARCH["num_warps"], num_stages=MONARCH["num_stages"])
+        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=block_k, DOT=dot, GAUSS=MONARCH["gauss"], num_warps=MONARCH["num_warps"],
+                          num_stages=MONARCH["num_stages"])
         tables = _monarch_tables(n1, n2, u.device)
-        _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum, skip, *tables, out, pre, pre, pre, B, C, L,
-                                       u.stride(0), x.stride(0), MODE=0, **ctx.launch)
+        spectrum = torch.empty(2, C, n1 // 2, n2, device=u.device, dtype=torch.float32)  # (re/im, C, N1/2, N2)
+        _monarch_spectrum_kernel[(C, n1 // 2 // block_k)](h, *tables, spectrum[0], spectrum[1], L, **ctx.launch)
+        out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
+        _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum[0], spectrum[1], skip, *tables, out, pre, pre, pre,
+                                       B, C, L, u.stride(0), x.stride(0), MODE=0, **ctx.launch)
         ctx.save_for_backward(u, x, skip, pre, spectrum)
         return out
 
@@ -1036,7 +1079,8 @@ class LongConvMonarchFunction(torch.autograd.Function):
         new = torch.empty if B == 1 else torch.zeros  # one program per channel stores; several add
         dh, d_skip = new(C, L, device=u.device, dtype=torch.float32), new(C, device=u.device, dtype=torch.float32)
         tables = _monarch_tables(ctx.launch["N1"], ctx.launch["N2"], u.device)
-        args = (u, x, g, pre, spectrum, skip, *tables, du, dx, dh, d_skip, B, C, L, u.stride(0), x.stride(0))
+        args = (u, x, g, pre, spectrum[0], spectrum[1], skip, *tables, du, dx, dh, d_skip, B, C, L, u.stride(0),
+                x.stride(0))
         if MONARCH["fused_backward"]:
             _monarch_conv_kernel[(B * C,)](*args, MODE=3, **ctx.launch)
         else:
