@@ -519,13 +519,15 @@ def mhc_post_res(h, f, post, res):
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
 # (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
 
-# Which long-conv path runs: the Toeplitz kernel needs enough (sequence, channel) rows to fill the GPU
-# and loses to the FFT path at long L (O(L^2) work). Measured on an H100 (`kernels.py --bench hyena`,
-# fwd+bwd GPU ms, Toeplitz / FFT path): B = 1, C = 768 (768 rows): FFT faster at every length from 256
-# (0.23 / 0.16 at 256); B = 8, C = 384 (3072 rows): 0.26 / 0.34 at L = 512, 1.47 / 1.36 at 2048;
-# B = 32 and 64 at L = 512: 0.47 / 1.32 and 0.85 / 2.50. Hence: Toeplitz for L <= 1024 and B C >= 3072.
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 1024,
-              "toeplitz_min_rows": 3072}
+# Which long-conv path runs: the Toeplitz kernel does O(L^2) work but in dense tiles with few bytes; the
+# Monarch kernel (below) does O(L log L) work in small dependent products, fast per row but with a fixed
+# cost per (sequence, channel) row. Measured on an H100 (order-2 fwd+bwd GPU ms, Toeplitz / Monarch, C =
+# 384 and 768): Monarch wins at every batch at L = 1024 (1.5x at 64 x 384 rows) and at small batches
+# everywhere (5-11x at B = 1); Toeplitz wins with many rows at short L: L = 256, 12288 rows 0.18 / 0.23
+# (C = 384; a tie at C = 768), 24576 rows 0.28 / 0.46; L = 512, 24576 rows 0.77 / 0.82 (C = 384; a tie at
+# C = 768), 49152 rows 1.54 / 1.62. Hence: Toeplitz for L <= 512 and B C >= 48 L rows.
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
+              "toeplitz_rows_per_token": 48}
 
 if HAVE_TRITON:
     @triton.jit
@@ -851,23 +853,31 @@ class LongConvFFTFunction(torch.autograd.Function):
 #               gy_f conj(u_f)), all in one kernel: gy's spectrum serves both; dh is added atomically
 #               over the batch (stored when B = 1)
 # Products: "bf16" rounds each product's operands to bf16 (fp32 accumulation, FlashFFTConv's precision),
-# "tf32" keeps ~10 bits, "ieee" full fp32 (for fp32 inputs). Launch settings from sweeps on an H100 (B = 1,
-# D = 768, order-2 fwd+bwd, 256-8192 tokens; block_k 16/32/64, 2/4/8 warps, 1-3 stages, split and fused
-# backward): 16-row blocks, 4 warps, 1 stage and the fused backward were fastest from 2K to 8K tokens (bigger
-# blocks spill registers); at 512-1K two warps or 32-row blocks were up to 25% faster in one sweep and
-# slower in the next. "tf32" products were 1.4-2.1x slower than "bf16", for 4e-3 instead of 5e-3 error.
-MONARCH = {"block_k": 16, "num_warps": 4, "num_stages": 1, "half": "bf16", "fused_backward": True, "max_len": 8192,
-           "gauss": False}
+# "tf32" keeps ~10 bits, "ieee" full fp32 (for fp32 inputs). Launch settings per transform size n from
+# sweeps on an H100 (B = 1, D = 768, order-2 fwd+bwd, 512-16384 tokens; N1 x N2 splits, 16/32-row blocks,
+# 2/4/8/16 warps; repeated timings agreed within 1%): N2 about sqrt(n), at most 64 up to n = 16384 and
+# 128 at 32768, where N1 = 512's (N1/2, N2) accumulators spilled registers (4.5 ms, 2.8 for 256 x 128);
+# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768. Tried and dropped:
+# Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
+# rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
+# split backward (MODE 1 then 2: within 2% of the fused one).
+MONARCH = {
+    # transform size n: (N2, rows of the spectrum per block, warps)
+    "launch": {512: (16, 16, 2), 1024: (32, 16, 2), 2048: (32, 32, 2), 4096: (64, 16, 4), 8192: (64, 32, 4),
+               16384: (64, 16, 4), 32768: (128, 16, 8)},
+    "num_stages": 1,
+    "half": "bf16",  # the products' precision for bf16 / fp16 inputs
+    "fused_backward": True,  # du, dx, dh, dD in one kernel (False: two, MODE 1 then 2)
+    "max_len": 16384,
+}
 
 
-def _monarch_shape(L: int) -> tuple[int, int]:
-    """(N1, N2) of the transform for length L: n = N1 N2 the smallest power of 2 >= 2L (>= 512: tensor-core
-    products need 16 rows of X and 16 columns); N2 = sqrt(n) rounded down to a power of 2, at most 64: the
-    fastest split on the H100 at every length from 256 to 8192 tokens, within noise (64 x 64 products
-    keep the registers in check; 128 x 128 at n = 16384 was 15% slower than 256 x 64)."""
+def _monarch_shape(L: int) -> tuple[int, int, int, int]:
+    """(N1, N2, BLOCK_K, num_warps) for length L: n = N1 N2 the smallest power of 2 >= 2L, at least 512
+    (tensor-core products need 16 rows and columns of X (N1/2, N2))."""
     n = max(512, 1 << (2 * L - 1).bit_length())
-    n2 = min(64, 1 << ((n.bit_length() - 1) // 2))
-    return n // n2, n2
+    n2, block_k, warps = MONARCH["launch"][n]
+    return n // n2, n2, block_k, warps
 
 
 _MONARCH_TABLES = {}
@@ -904,9 +914,8 @@ if HAVE_TRITON:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
 
     @triton.jit
-    def _monarch_rows(x, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT: tl.constexpr, GAUSS: tl.constexpr):
-        """Spectrum rows k1 of one block of a real signal X (N1/2, N2): (Yr, Yi) (BLOCK_K, N2).
-        f2s = F2r + F2i and f2d = F2i - F2r serve Gauss's three-product complex multiply (GAUSS)."""
+    def _monarch_rows(x, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
+        """Spectrum rows k1 of one block of a real signal X (N1/2, N2): (Yr, Yi) (BLOCK_K, N2)."""
         # A = F1[k1, :N1/2] X
         ar = _cdot(f1r, x, DOT)
         ai = _cdot(f1i, x, DOT)
@@ -914,27 +923,16 @@ if HAVE_TRITON:
         tr = ar * twr - ai * twi
         ti = ar * twi + ai * twr
         # Y = A F2
-        if GAUSS:  # (tr + i ti)(F2r + i F2i) from three products: P = (tr + ti) F2r
-            p = _cdot(tr + ti, f2r, DOT)
-            yr = p - _cdot(ti, f2s, DOT)
-            yi = p + _cdot(tr, f2d, DOT)
-        else:
-            yr = _cdot(tr, f2r, DOT) - _cdot(ti, f2i, DOT)
-            yi = _cdot(tr, f2i, DOT) + _cdot(ti, f2r, DOT)
+        yr = _cdot(tr, f2r, DOT) - _cdot(ti, f2i, DOT)
+        yi = _cdot(tr, f2i, DOT) + _cdot(ti, f2r, DOT)
         return yr, yi
 
     @triton.jit
-    def _monarch_rows_inverse(yr, yi, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT: tl.constexpr,
-                              GAUSS: tl.constexpr):
+    def _monarch_rows_inverse(yr, yi, f1r, f1i, twr, twi, f2r, f2i, DOT: tl.constexpr):
         """These rows' share of Re(inverse transform) at t1 < N1/2: (N1/2, N2). (F2 is symmetric.)"""
         # B = Y conj(F2)
-        if GAUSS:  # (yr + i yi)(F2r - i F2i) from three products
-            p = _cdot(yr + yi, f2r, DOT)
-            br = p + _cdot(yi, f2d, DOT)
-            bi = p - _cdot(yr, f2s, DOT)
-        else:
-            br = _cdot(yr, f2r, DOT) + _cdot(yi, f2i, DOT)
-            bi = _cdot(yi, f2r, DOT) - _cdot(yr, f2i, DOT)
+        br = _cdot(yr, f2r, DOT) + _cdot(yi, f2i, DOT)
+        bi = _cdot(yi, f2r, DOT) - _cdot(yr, f2i, DOT)
         # B *= conj(T)
         cr = br * twr + bi * twi
         ci = bi * twr - br * twi
@@ -949,17 +947,8 @@ if HAVE_TRITON:
         return tl.load(f1r_ptr + f1), tl.load(f1i_ptr + f1), tl.load(twr_ptr + tw), tl.load(twi_ptr + tw)
 
     @triton.jit
-    def _monarch_f2(f2r_ptr, f2i_ptr, r2, N2: tl.constexpr, OP: tl.constexpr, GAUSS: tl.constexpr):
-        """F2 (N2, N2) in the products' precision: (F2r, F2i, F2r + F2i, F2i - F2r); with GAUSS the
-        second is unused, without it the last two."""
-        f2 = r2[:, None] * N2 + r2[None, :]
-        f2r, f2i = tl.load(f2r_ptr + f2), tl.load(f2i_ptr + f2)
-        return f2r.to(OP), f2i.to(OP), (f2r + f2i).to(OP), (f2i - f2r).to(OP)
-
-    @triton.jit
     def _monarch_spectrum_kernel(h_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, f2r_ptr, f2i_ptr, sr_ptr, si_ptr, L,
-                                 N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                                 GAUSS: tl.constexpr):
+                                 N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         """The filter's spectrum (C, N1/2, N2), real and imaginary parts, for one channel and one block of
         rows k1, times the inverse's 2/n."""
         H1: tl.constexpr = N1 // 2
@@ -968,10 +957,11 @@ if HAVE_TRITON:
         t = r1[:, None] * N2 + r2[None, :]
         OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
         h = tl.load(h_ptr + c * L + t, mask=t < L, other=0.0).to(OP)
-        f2r, f2i, f2s, f2d = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP, GAUSS)
+        f2 = r2[:, None] * N2 + r2[None, :]
+        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
         k1 = k0 + tl.arange(0, BLOCK_K)
         f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
-        yr, yi = _monarch_rows(h, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+        yr, yi = _monarch_rows(h, f1r, f1i, twr, twi, f2r, f2i, DOT)
         s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
         tl.store(sr_ptr + s, yr * (2.0 / (N1 * N2)))
         tl.store(si_ptr + s, yi * (2.0 / (N1 * N2)))
@@ -980,7 +970,7 @@ if HAVE_TRITON:
     def _monarch_conv_kernel(u_ptr, x_ptr, g_ptr, pre_ptr, sr_ptr, si_ptr, skip_ptr, f1r_ptr, f1i_ptr, twr_ptr,
                              twi_ptr, f2r_ptr, f2i_ptr, out_ptr, out2_ptr, dh_ptr, dskip_ptr, B, C, L, stride_u,
                              stride_x, N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-                             DOT: tl.constexpr, GAUSS: tl.constexpr):
+                             DOT: tl.constexpr):
         """One (sequence, channel) row. MODE 0: out = x (u conv h + D u), out2 = pre. MODE 1: out = du =
         gy corr h + D gy, out2 = dx = g pre, with gy = g x. MODE 2: dh (C, L) and dD (C,) fp32 += this
         row's share (stored when B = 1, atomically added otherwise). MODE 3: 1 and 2 in one pass.
@@ -1006,13 +996,14 @@ if HAVE_TRITON:
                 tl.store(out2_ptr + row + t, (g * pre).to(out2_ptr.dtype.element_ty), mask=ok)
             if MODE >= 2:
                 sig2 = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
-        f2r, f2i, f2s, f2d = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP, GAUSS)
+        f2 = r2[:, None] * N2 + r2[None, :]
+        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
         z = tl.zeros((H1, N2), dtype=tl.float32)  # the convolution or correlation with h
         z_dh = tl.zeros((H1, N2), dtype=tl.float32)  # the correlation with u
         for k0 in range(0, H1, BLOCK_K):
             k1 = k0 + tl.arange(0, BLOCK_K)
             f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
-            yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+            yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, DOT)
             if MODE != 2:
                 s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
                 hr, hi = tl.load(sr_ptr + s), tl.load(si_ptr + s)  # includes the inverse's 2/n
@@ -1022,13 +1013,13 @@ if HAVE_TRITON:
                 else:  # Y conj(S): the correlation
                     sr = yr * hr + yi * hi
                     si = yi * hr - yr * hi
-                z += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+                z += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, DOT)
             if MODE >= 2:
                 # the correlation's spectrum gy_f conj(u_f), times the inverse's 2/n
-                vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+                vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, DOT)
                 sr = (yr * vr + yi * vi) * (2.0 / (N1 * N2))
                 si = (yi * vr - yr * vi) * (2.0 / (N1 * N2))
-                z_dh += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, f2s, f2d, DOT, GAUSS)
+                z_dh += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, DOT)
         if MODE >= 2:
             d_skip = tl.sum(tl.sum(tl.where(t == 0, z_dh, 0.0), axis=1), axis=0)  # dD = sum gy u: the lag-0 tap
             if B == 1:
@@ -1056,11 +1047,9 @@ class LongConvMonarchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x, h, skip):
         B, C, L = u.shape
-        n1, n2 = _monarch_shape(L)
-        block_k = min(MONARCH["block_k"], n1 // 2)
+        n1, n2, block_k, warps = _monarch_shape(L)
         dot = "ieee" if u.dtype == torch.float32 else MONARCH["half"]
-        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=block_k, DOT=dot, GAUSS=MONARCH["gauss"], num_warps=MONARCH["num_warps"],
-                          num_stages=MONARCH["num_stages"])
+        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=block_k, DOT=dot, num_warps=warps, num_stages=MONARCH["num_stages"])
         tables = _monarch_tables(n1, n2, u.device)
         spectrum = torch.empty(2, C, n1 // 2, n2, device=u.device, dtype=torch.float32)  # (re/im, C, N1/2, N2)
         _monarch_spectrum_kernel[(C, n1 // 2 // block_k)](h, *tables, spectrum[0], spectrum[1], L, **ctx.launch)
@@ -1110,7 +1099,7 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
             raise ValueError(f"hyena_long_conv: {name} must have time contiguous and channel stride L "
                              f"(got strides {t.stride()})")
     if path is None:
-        if L <= HYENA_CONV["toeplitz_max_len"] and B * C >= HYENA_CONV["toeplitz_min_rows"]:
+        if L <= HYENA_CONV["toeplitz_max_len"] and B * C >= HYENA_CONV["toeplitz_rows_per_token"] * L:
             path = "toeplitz"
         else:
             path = "monarch" if L <= MONARCH["max_len"] else "fft"

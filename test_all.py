@@ -577,7 +577,7 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz")
 def test_kernel_hyena_matches_reference():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
     backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
-    kernel (transform lengths 512 to 4096: one to four blocks of spectrum rows, several sequences adding
+    kernel (transform lengths 512 to 4096: one or two blocks of spectrum rows, several sequences adding
     their dh) and the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2
     lengths."""
     needs_triton()
@@ -641,7 +641,7 @@ def test_kernel_hyena_input_checks():
 
 def test_kernel_hyena_path_rule():
     """hyena_long_conv picks the path the H100 measurements favour (kernels.HYENA_CONV's comment): the
-    Toeplitz kernel for L <= 1024 with B C >= 3072 (sequence, channel) rows, otherwise the Monarch kernel
+    Toeplitz kernel for L <= 512 with B C >= 48 L (sequence, channel) rows, otherwise the Monarch kernel
     up to MONARCH's max_len, and the FFT path beyond."""
     needs_triton()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -651,8 +651,8 @@ def test_kernel_hyena_path_rule():
     kernels.LongConvMonarchFunction.apply = staticmethod(lambda *a: chosen.append("monarch"))
     longest = kernels.MONARCH["max_len"]
     try:
-        for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "toeplitz"), (8, 384, 2048, "monarch"),
-                              (64, 384, 512, "toeplitz"), (4, 384, 512, "monarch"), (64, 384, 1025, "monarch"),
+        for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "monarch"), (64, 384, 512, "toeplitz"),
+                              (32, 384, 256, "toeplitz"), (16, 384, 256, "monarch"), (64, 384, 513, "monarch"),
                               (1, 8, longest, "monarch"), (1, 8, longest + 1, "fft")):
             u = torch.empty(B, C, L, device=dev)
             kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
@@ -1586,8 +1586,8 @@ def test_gpu_mhc_training_kernels_on_vs_off_agree():
 def test_gpu_hyena_kernels_bf16_at_training_shapes():
     """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
     and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the Monarch kernel at
-    B = 1, C = 768, L = 4096 and B = 8, L = 2048 in bf16 (bf16 products) and at its longest length and an
-    odd one in fp32; the FFT path at the training shape and at 20,000 tokens (past both kernels' lengths,
+    B = 1, C = 768, L = 4096, B = 8, L = 2048, B = 4, L = 1000 and B = 1, L = 16384 in bf16 (bf16 products;
+    each a different launch setting) and at its longest length and an odd one in fp32; the FFT path at the training shape and at 20,000 tokens (past both kernels' lengths,
     not a power of 2)."""
     needs_cuda()
     check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
@@ -1596,6 +1596,8 @@ def test_gpu_hyena_kernels_bf16_at_training_shapes():
     check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4)
     check_kernel_hyena(1, 768, 4096, "cuda", torch.bfloat16, 2e-2, path="monarch")
     check_kernel_hyena(8, 384, 2048, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(4, 64, 1000, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(1, 128, 16384, "cuda", torch.bfloat16, 2e-2, path="monarch")
     check_kernel_hyena(2, 16, kernels.MONARCH["max_len"] - 5, "cuda", torch.float32, 1e-4, path="monarch")
     check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4, path="monarch")
     check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, path="fft")
