@@ -872,11 +872,15 @@ MONARCH = {
 }
 
 
-def _monarch_shape(L: int) -> tuple[int, int, int, int]:
+def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int]:
     """(N1, N2, BLOCK_K, num_warps) for length L: n = N1 N2 the smallest power of 2 >= 2L, at least 512
-    (tensor-core products need 16 rows and columns of X (N1/2, N2))."""
+    (tensor-core products need 16 rows and columns of X (N1/2, N2)). fp32 operands take twice the
+    shared memory: at n = 32768 the 128-wide split would need 288 KB (an H100 has 227), so fp32 inputs
+    keep N2 = 64 there (slower; fp32 is for checking)."""
     n = max(512, 1 << (2 * L - 1).bit_length())
     n2, block_k, warps = MONARCH["launch"][n]
+    if fp32:
+        n2 = min(n2, 64)
     return n // n2, n2, block_k, warps
 
 
@@ -1047,7 +1051,7 @@ class LongConvMonarchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x, h, skip):
         B, C, L = u.shape
-        n1, n2, block_k, warps = _monarch_shape(L)
+        n1, n2, block_k, warps = _monarch_shape(L, fp32=u.dtype == torch.float32)
         dot = "ieee" if u.dtype == torch.float32 else MONARCH["half"]
         ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=block_k, DOT=dot, num_warps=warps, num_stages=MONARCH["num_stages"])
         tables = _monarch_tables(n1, n2, u.device)
