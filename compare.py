@@ -304,8 +304,7 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
             f"yes (within ±{NOISE})" if abs(d) <= NOISE else f"better (< -{NOISE})" if d < 0 else f"no (> +{NOISE})")
     if speed:
         b1 = sorted((r for r in speed["rows"] if r["B"] == 1), key=lambda r: r["L"])
-        cross = next((r["L"] for r in b1 if r["gpu_ms"]["kernel"] < r["gpu_ms"]["attention"]), None)
-        cross_plain = next((r["L"] for r in b1 if r["gpu_ms"]["plain"] < r["gpu_ms"]["attention"]), None)
+        cross, cross_plain = faster_from(b1, "kernel"), faster_from(b1, "plain")
         row("hyena_cross", f"our kernels faster from {f'{cross:,}' if cross else 'never'} tokens (plain PyTorch "
             f"from {f'{cross_plain:,}' if cross_plain else 'never'}); B=1, D=768, fwd+bwd GPU time, {speed['device']}",
             "yes (<= 8192)" if cross and cross <= 8192 else "no (> 8192)")
@@ -380,6 +379,17 @@ def load_recall(args) -> tuple[dict, dict | None]:
                 table.setdefault(length, {})[arch] = s["accuracy"]
                 info = s["info"]
     return table, info
+
+
+def faster_from(rows: list[dict], key: str) -> int | None:
+    """The crossover: the shortest length L from which column `key` beats attention at every longer
+    length of hyena_speed.json's rows (sorted by L), or None."""
+    start = None
+    for r in reversed(rows):
+        if r["gpu_ms"][key] >= r["gpu_ms"]["attention"]:
+            break
+        start = r["L"]
+    return start
 
 
 def report(run_names: list[str], args, target: str) -> str:

@@ -857,14 +857,16 @@ class LongConvFFTFunction(torch.autograd.Function):
 # sweeps on an H100 (B = 1, D = 768, order-2 fwd+bwd, 512-16384 tokens; N1 x N2 splits, 16/32-row blocks,
 # 2/4/8/16 warps; repeated timings agreed within 1%): N2 about sqrt(n), at most 64 up to n = 16384 and
 # 128 at 32768, where N1 = 512's (N1/2, N2) accumulators spilled registers (4.5 ms, 2.8 for 256 x 128);
-# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768. Tried and dropped:
+# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768; from n = 8192 the
+# forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with 16 (at 8K
+# tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32). Tried and dropped:
 # Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
 # rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
 # split backward (MODE 1 then 2: within 2% of the fused one).
 MONARCH = {
-    # transform size n: (N2, rows of the spectrum per block, warps)
-    "launch": {512: (16, 16, 2), 1024: (32, 16, 2), 2048: (32, 32, 2), 4096: (64, 16, 4), 8192: (64, 32, 4),
-               16384: (64, 16, 4), 32768: (128, 16, 8)},
+    # transform size n: (N2, rows of the spectrum per block forward, the same backward, warps)
+    "launch": {512: (16, 16, 16, 2), 1024: (32, 16, 16, 2), 2048: (32, 32, 32, 2), 4096: (64, 16, 16, 4),
+               8192: (64, 32, 16, 4), 16384: (64, 32, 16, 4), 32768: (128, 16, 16, 8)},
     "num_stages": 1,
     "half": "bf16",  # the products' precision for bf16 / fp16 inputs
     "fused_backward": True,  # du, dx, dh, dD in one kernel (False: two, MODE 1 then 2)
@@ -872,16 +874,17 @@ MONARCH = {
 }
 
 
-def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(N1, N2, BLOCK_K, num_warps) for length L: n = N1 N2 the smallest power of 2 >= 2L, at least 512
+def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int, int]:
+    """(N1, N2, BLOCK_K forward, BLOCK_K backward, num_warps) for length L: n = N1 N2 the smallest power
+    of 2 >= 2L, at least 512
     (tensor-core products need 16 rows and columns of X (N1/2, N2)). fp32 operands take twice the
     shared memory: at n = 32768 the 128-wide split would need 288 KB (an H100 has 227), so fp32 inputs
     keep N2 = 64 there (slower; fp32 is for checking)."""
     n = max(512, 1 << (2 * L - 1).bit_length())
-    n2, block_k, warps = MONARCH["launch"][n]
+    n2, block_fwd, block_bwd, warps = MONARCH["launch"][n]
     if fp32:
         n2 = min(n2, 64)
-    return n // n2, n2, block_k, warps
+    return n // n2, n2, block_fwd, block_bwd, warps
 
 
 _MONARCH_TABLES = {}
@@ -1051,15 +1054,16 @@ class LongConvMonarchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, x, h, skip):
         B, C, L = u.shape
-        n1, n2, block_k, warps = _monarch_shape(L, fp32=u.dtype == torch.float32)
+        n1, n2, block_fwd, block_bwd, warps = _monarch_shape(L, fp32=u.dtype == torch.float32)
         dot = "ieee" if u.dtype == torch.float32 else MONARCH["half"]
-        ctx.launch = dict(N1=n1, N2=n2, BLOCK_K=block_k, DOT=dot, num_warps=warps, num_stages=MONARCH["num_stages"])
+        launch = dict(N1=n1, N2=n2, BLOCK_K=block_fwd, DOT=dot, num_warps=warps, num_stages=MONARCH["num_stages"])
+        ctx.launch = dict(launch, BLOCK_K=block_bwd)
         tables = _monarch_tables(n1, n2, u.device)
         spectrum = torch.empty(2, C, n1 // 2, n2, device=u.device, dtype=torch.float32)  # (re/im, C, N1/2, N2)
-        _monarch_spectrum_kernel[(C, n1 // 2 // block_k)](h, *tables, spectrum[0], spectrum[1], L, **ctx.launch)
+        _monarch_spectrum_kernel[(C, n1 // 2 // block_fwd)](h, *tables, spectrum[0], spectrum[1], L, **launch)
         out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
         _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum[0], spectrum[1], skip, *tables, out, pre, pre, pre,
-                                       B, C, L, u.stride(0), x.stride(0), MODE=0, **ctx.launch)
+                                       B, C, L, u.stride(0), x.stride(0), MODE=0, **launch)
         ctx.save_for_backward(u, x, skip, pre, spectrum)
         return out
 

@@ -577,14 +577,14 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz")
 def test_kernel_hyena_matches_reference():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
     backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
-    kernel (transform lengths 512 to 4096: one or two blocks of spectrum rows, several sequences adding
-    their dh) and the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2
+    kernel (transform lengths 512 to 8192: one to four blocks of spectrum rows, the backward's blocks
+    smaller than the forward's at 8192, several sequences adding their dh) and the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2
     lengths."""
     needs_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for B, C, L in ((2, 3, 63), (1, 2, 40), (3, 2, 17)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, block=16)
-    for B, C, L in ((2, 3, 63), (1, 2, 256), (3, 2, 300), (1, 2, 1500)):
+    for B, C, L in ((2, 3, 63), (1, 2, 256), (3, 2, 300), (1, 2, 1500), (2, 2, 2100)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="monarch")
     for B, C, L in ((2, 3, 63), (1, 2, 64), (3, 2, 1500)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
@@ -1068,6 +1068,16 @@ def test_compare_runs_every_stage_and_writes_the_report():
         f.write("no markers\n")
     expect_fail(subprocess.run(base + ["--stages", "report", "--readme", readme], capture_output=True, text=True),
                 "marker")
+
+
+def test_compare_crossover_is_where_the_kernel_stays_faster():
+    """The claims table's Hyena crossover is the length from which the kernels beat attention at every
+    longer length: a win at 4K followed by a loss at 8K does not count."""
+    def rows(kernel_ms):
+        return [{"L": L, "gpu_ms": {"attention": 1.0, "kernel": k}} for L, k in zip((2048, 4096, 8192, 16384), kernel_ms)]
+    assert compare.faster_from(rows((2, 0.9, 1.1, 0.5)), "kernel") == 16384
+    assert compare.faster_from(rows((2, 0.9, 0.9, 0.5)), "kernel") == 4096
+    assert compare.faster_from(rows((0.5, 0.9, 0.9, 1.0)), "kernel") is None
 
 
 def test_exercises_have_checks_that_pass_and_fail():
