@@ -192,7 +192,8 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
         self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # kernels.hyena_long_conv: the Toeplitz kernel for training batches, the FFT path otherwise
+        # kernels.hyena_long_conv: the Toeplitz kernel for large batches of short sequences (training),
+        # the Monarch-FFT kernel otherwise up to 16K tokens, the cuFFT path beyond
         self.kernel_supported = kernels is not None
 
     def init_weights(self):

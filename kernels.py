@@ -1845,7 +1845,7 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     def path(name):  # hyena_long_conv forced onto one path
         return lambda *args: hyena_long_conv(*args, path=name)
 
-    def operator(arch, L, D):  # a whole token mixer as train.py builds it: projections, short conv, filters
+    def operator(arch, L, D, filters_only=False):  # a whole token mixer as train.py builds it
         import train
         cfg = train.GPTConfig(arch=arch, n_embd=D, n_head=D // 64, block_size=L)
         mixer = (train.CausalSelfAttention(cfg, 0) if arch == "gpt" else hyena.HyenaMixer(cfg, 0)).to(dev)
@@ -1853,15 +1853,16 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
             mixer.use_kernels = True
         x = torch.randn(1, L, D, device=dev, requires_grad=True)
         g = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16)
+        g_filters = torch.randn(cfg.hyena_order, D, L, device=dev)
 
         def run():
             with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.py trains
-                y = mixer(x)
-            y.backward(g)
+                y = mixer.filter(L) if filters_only else mixer(x)
+            y.backward(g_filters if filters_only else g)
             x.grad = None
             mixer.zero_grad(set_to_none=True)
         return run
-    ops = []  # (L, attention operator ms, Hyena operator ms)
+    ops = []  # (L, attention operator ms, Hyena operator ms, its filters' ms)
 
     shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len]
     shapes += [(8, 384, 512), (8, 384, 2048), (32, 384, 512), (64, 384, 512)]  # batches at the model's width
@@ -1891,7 +1892,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
         toe, mon = (f"{gpu[k]:{w}.3f}" if k in gpu else f"{'-':>{w}s}" for k, w in (("toeplitz", 12), ("monarch", 11)))
         if B == 1:
             gpu["attention_op"], gpu["hyena_op"] = (gpu_ms(operator(arch, L, D)) for arch in ("gpt", "hyena"))
-            ops.append((L, gpu["attention_op"], gpu["hyena_op"]))
+            gpu["hyena_filters"] = gpu_ms(operator("hyena", L, D, filters_only=True))
+            ops.append((L, gpu["attention_op"], gpu["hyena_op"], gpu["hyena_filters"]))
         results.append((B, D, L, gpu))
         print(f"| {B:2d} | {D:3d} | {L:6d} | {wall['attention']:9.3f} / {gpu['attention']:8.3f} "
               f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {mon} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
@@ -1900,10 +1902,10 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     print("\n# Whole operators, B = 1, D = 768, fwd+bwd GPU ms under bf16 autocast: train.py's CausalSelfAttention "
           "(QKV and output projections, RoPE, SDPA) vs hyena.HyenaMixer with kernels (projections, short conv, "
           "implicit filters, the order-2 mixing above)")
-    print("| L      | attention operator | Hyena operator | Hyena vs attention |")
-    print("|-------:|-------------------:|---------------:|-------------------:|")
-    for L, att_ms, hy_ms in ops:
-        print(f"| {L:6d} | {att_ms:18.3f} | {hy_ms:14.3f} | {att_ms / hy_ms:17.2f}x |")
+    print("| L      | attention operator | Hyena operator | of which implicit filters | Hyena vs attention |")
+    print("|-------:|-------------------:|---------------:|--------------------------:|-------------------:|")
+    for L, att_ms, hy_ms, filter_ms in ops:
+        print(f"| {L:6d} | {att_ms:18.3f} | {hy_ms:14.3f} | {filter_ms:25.3f} | {att_ms / hy_ms:17.2f}x |")
     if json_path:  # for compare.py's claims table
         import json
         with open(json_path + ".tmp", "w") as f:
