@@ -862,7 +862,7 @@ class LongConvFFTFunction(torch.autograd.Function):
 # tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32). Tried and dropped:
 # Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
 # rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
-# split backward (MODE 1 then 2: within 2% of the fused one).
+# split backward (MODE 1 then 2: 2% faster at 16K tokens, 1-5% slower at 4K-8K).
 MONARCH = {
     # transform size n: (N2, rows of the spectrum per block forward, the same backward, warps)
     "launch": {512: (16, 16, 16, 2), 1024: (32, 16, 16, 2), 2048: (32, 32, 32, 2), 4096: (64, 16, 16, 4),
@@ -876,10 +876,9 @@ MONARCH = {
 
 def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int, int]:
     """(N1, N2, BLOCK_K forward, BLOCK_K backward, num_warps) for length L: n = N1 N2 the smallest power
-    of 2 >= 2L, at least 512
-    (tensor-core products need 16 rows and columns of X (N1/2, N2)). fp32 operands take twice the
-    shared memory: at n = 32768 the 128-wide split would need 288 KB (an H100 has 227), so fp32 inputs
-    keep N2 = 64 there (slower; fp32 is for checking)."""
+    of 2 >= 2L, at least 512 (tensor-core products need 16 rows and columns of X (N1/2, N2)). fp32
+    operands take twice the shared memory: at n = 32768 the 128-wide split would need 288 KB (an H100
+    has 227), so fp32 inputs keep N2 = 64 there (slower; fp32 is for checking)."""
     n = max(512, 1 << (2 * L - 1).bit_length())
     n2, block_fwd, block_bwd, warps = MONARCH["launch"][n]
     if fp32:

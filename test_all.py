@@ -578,8 +578,8 @@ def test_kernel_hyena_matches_reference():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
     backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
     kernel (transform lengths 512 to 8192: one to four blocks of spectrum rows, the backward's blocks
-    smaller than the forward's at 8192, several sequences adding their dh) and the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2
-    lengths."""
+    smaller than the forward's at 8192, several sequences adding their dh) and the FFT path (fused
+    pointwise kernels around torch.fft) likewise, at odd and power-of-2 lengths."""
     needs_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for B, C, L in ((2, 3, 63), (1, 2, 40), (3, 2, 17)):
@@ -1078,6 +1078,7 @@ def test_compare_crossover_is_where_the_kernel_stays_faster():
     assert compare.faster_from(rows((2, 0.9, 1.1, 0.5)), "kernel") == 16384
     assert compare.faster_from(rows((2, 0.9, 0.9, 0.5)), "kernel") == 4096
     assert compare.faster_from(rows((0.5, 0.9, 0.9, 1.0)), "kernel") is None
+    assert compare.faster_from(rows((2, 1.5, 0.9, 1.1)), "attention", base="kernel") == 16384
 
 
 def test_exercises_have_checks_that_pass_and_fail():
@@ -1597,8 +1598,8 @@ def test_gpu_hyena_kernels_bf16_at_training_shapes():
     """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
     and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the Monarch kernel at
     B = 1, C = 768, L = 4096, B = 8, L = 2048, B = 4, L = 1000 and B = 1, L = 16384 in bf16 (bf16 products;
-    each a different launch setting) and at its longest length and an odd one in fp32; the FFT path at the training shape and at 20,000 tokens (past both kernels' lengths,
-    not a power of 2)."""
+    each a different launch setting) and at its longest length and an odd one in fp32; the FFT path at
+    the training shape and at 20,000 tokens (past both kernels' lengths, not a power of 2)."""
     needs_cuda()
     check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
     check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2)
