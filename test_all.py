@@ -578,14 +578,19 @@ def test_kernel_hyena_matches_reference():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
     backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
     kernel (transform lengths 512 to 8192: one to four blocks of spectrum rows, the backward's blocks
-    smaller than the forward's at 8192, several sequences adding their dh) and the FFT path (fused
-    pointwise kernels around torch.fft) likewise, at odd and power-of-2 lengths."""
+    smaller than the forward's at 8192, several sequences adding their dh; fused and split backward) and
+    the FFT path (fused pointwise kernels around torch.fft) likewise, at odd and power-of-2 lengths."""
     needs_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for B, C, L in ((2, 3, 63), (1, 2, 40), (3, 2, 17)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, block=16)
     for B, C, L in ((2, 3, 63), (1, 2, 256), (3, 2, 300), (1, 2, 1500), (2, 2, 2100)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="monarch")
+    kernels.MONARCH["fused_backward"] = False  # the split backward (MODE 1, then 2) too
+    try:
+        check_kernel_hyena(3, 2, 300, device, torch.float32, 1e-5, path="monarch")
+    finally:
+        kernels.MONARCH["fused_backward"] = True
     for B, C, L in ((2, 3, 63), (1, 2, 64), (3, 2, 1500)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
 
