@@ -143,9 +143,11 @@ class ImplicitFilter(nn.Module):
         z = self.pos[:L]  # (L, emb_dim); positions never depend on L, so a prefix is causal
         for lin in self.ffn[:-1]:
             z = self.act(lin(z))  # (L, F)
-        h = self.ffn[-1](z).view(L, self.order, self.n_embd)  # (L, N, C)
-        window = torch.exp(-self.t_norm[:L, None] * self.deltas[None, :])  # (L, C)
-        h = (h * window[:, None, :]).permute(1, 2, 0)  # (N, C, L)
+        # the last layer computed transposed, W z^T: time comes out last and contiguous, as the long
+        # convolutions want it (no transposed copies forward or backward)
+        h = (self.ffn[-1].weight @ z.transpose(0, 1)).view(self.order, self.n_embd, L)  # (N, C, L)
+        window = torch.exp(-self.deltas[:, None] * self.t_norm[None, :L])  # (C, L)
+        h = h * window  # (N, C, L)
         return h.to(torch.promote_types(h.dtype, torch.float32))  # fp32 under autocast too
 
 
