@@ -646,7 +646,7 @@ def test_kernel_hyena_input_checks():
 
 def test_kernel_hyena_path_rule():
     """hyena_long_conv picks the path the H100 measurements favour (kernels.HYENA_CONV's comment): the
-    Toeplitz kernel for L <= 512 with B C >= 48 L (sequence, channel) rows, otherwise the Monarch kernel
+    Toeplitz kernel for L <= 512 with B C >= 32 L (sequence, channel) rows, otherwise the Monarch kernel
     up to MONARCH's max_len, and the FFT path beyond."""
     needs_triton()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -658,6 +658,7 @@ def test_kernel_hyena_path_rule():
     try:
         for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "monarch"), (64, 384, 512, "toeplitz"),
                               (32, 384, 256, "toeplitz"), (16, 384, 256, "monarch"), (64, 384, 513, "monarch"),
+                              (32, 256, 256, "toeplitz"), (32, 512, 512, "toeplitz"), (16, 512, 512, "monarch"),
                               (1, 8, longest, "monarch"), (1, 8, longest + 1, "fft")):
             u = torch.empty(B, C, L, device=dev)
             kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
