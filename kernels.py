@@ -24,7 +24,7 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_long_conv   x * (h conv u + D u), the causal long convolution with the skip and the gate fused,
                       by one of three paths: blocked Toeplitz matmuls (training batches of short
                       sequences), one Monarch-FFT kernel per pass (the transforms as tensor-core matmuls,
-                      FlashFFTConv's design; up to 8K tokens), or cuFFT with fused pointwise kernels
+                      FlashFFTConv's design; up to 16K tokens), or cuFFT with fused pointwise kernels
 
 TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
     tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
@@ -517,7 +517,7 @@ def mhc_post_res(h, f, post, res):
 # and every (block i, sequence b) pair is one column of a matmul: T_m (S x S) @ U (S x columns), so even
 # B = 1 fills the tensor cores' N dimension with time blocks. T_m is built on-chip from 2S taps of h.
 # O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
-# (L <= a few K) it moves far fewer bytes than the FFT path; longer sequences use the FFT path.
+# (short L, many rows) it moves far fewer bytes than the FFT-based paths, which take everything else.
 
 # Which long-conv path runs: the Toeplitz kernel does O(L^2) work but in dense tiles with few bytes; the
 # Monarch kernel (below) does O(L log L) work in small dependent products, fast per row but with a fixed
@@ -525,8 +525,8 @@ def mhc_post_res(h, f, post, res):
 # 384 and 768): Monarch wins at every batch at L = 1024 (1.5x at 64 x 384 rows) and at small batches
 # everywhere (5-11x at B = 1); Toeplitz wins with many rows at short L: L = 256, 12288 rows 0.18 / 0.23
 # (C = 384; a tie at C = 768), 24576 rows 0.28 / 0.46; L = 512, 24576 rows 0.77 / 0.82 (C = 384; a tie at
-# C = 768), 49152 rows 1.54 / 1.62. Between 6144 and 24576 rows the two are within ~10%, and there the
-# Toeplitz kernel's tf32 products are the more accurate: GPU training with the Monarch kernel at (B, C,
+# C = 768), 49152 rows 1.54 / 1.62. Between 6144 and 24576 rows neither wins everywhere (up to 1.3x
+# either way), and there the Toeplitz kernel's tf32 products are the more accurate: GPU training with the Monarch kernel at (B, C,
 # L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path (test_all's bound is 1%), the
 # Toeplitz kernel 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
@@ -839,8 +839,9 @@ class LongConvFFTFunction(torch.autograd.Function):
 # (k + 1/2) / n (an "odd" DFT; a product of two such spectra is a negacyclic convolution, which equals
 # the linear one when n >= 2L because nothing wraps). For a real signal the spectrum at bin k is then the
 # conjugate of bin n - 1 - k: every bin has a distinct mirror, so exactly half the bins (rows k1 < N1/2
-# below) carry the whole transform. The usual DFT has two self-mirrored bins (0 and n/2), which cost one
-# more 16-row block of work: a third more at 1K-2K tokens, a fifth at 4K.
+# below) carry the whole transform. On the usual grid row k1 mirrors row N1 - k1, so rows 0 and N1/2
+# mirror themselves and rows 0..N1/2 must all be computed: one more 16-row block per pass (3 blocks
+# instead of 2 at 1K-2K tokens, 5 instead of 4 at 4K).
 # With k = k1 + N1 k2 and e(a) = exp(-2 pi i a), the four-step FFT as matmuls:
 #     A = F1 X           X (N1/2, N2) the signal's non-zero half as a matrix (zero padding past L makes
 #                        rows t1 >= N1/2 zero), F1[k1, t1] = e(t1 (k1 + 1/2) / N1)
@@ -849,8 +850,8 @@ class LongConvFFTFunction(torch.autograd.Function):
 #     Y *= S             S the filter's spectrum computed the same way (conj(S) for a correlation)
 #     z = (2/n) Re(conj(F1)^T (conj(T) * (Y conj(F2))))   the inverse, the same steps backwards, rows
 #                        k1 < N1/2 only: the other half are the conjugate mirrors, hence 2 Re
-# Every step but the first and last works on rows k1 independently, so a program walks blocks of k1
-# rows as flash attention walks key blocks, accumulating z (N1/2, N2).
+# Every step but the last works on rows k1 independently (the last sums over them), so a program walks
+# blocks of k1 rows as flash attention walks key blocks, accumulating z (N1/2, N2).
 #     forward:  out = x (u conv h + D u),    pre = u conv h + D u
 #     backward: gy = g x, dx = g pre, du = gy corr h + D gy,   dh[k] = sum_{b,t} gy_t u_{t-k} (spectrum
 #               gy_f conj(u_f)), all in one kernel: gy's spectrum serves both; dh is added atomically
@@ -860,8 +861,8 @@ class LongConvFFTFunction(torch.autograd.Function):
 # sweeps on an H100 (B = 1, D = 768, order-2 fwd+bwd, 512-16384 tokens; N1 x N2 splits, 16/32-row blocks,
 # 2/4/8/16 warps; repeated timings agreed within 1%): N2 about sqrt(n), at most 64 up to n = 16384 and
 # 128 at 32768, where N1 = 512's (N1/2, N2) accumulators spilled registers (4.5 ms, 2.8 for 256 x 128);
-# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768; from n = 8192 the
-# forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with 16 (at 8K
+# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768; at n = 8192 and
+# 16384 the forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with 16 (at 8K
 # tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32). Tried and dropped:
 # Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
 # rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
