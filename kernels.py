@@ -962,22 +962,23 @@ if HAVE_TRITON:
     @triton.jit
     def _monarch_spectrum_kernel(h_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, f2r_ptr, f2i_ptr, sr_ptr, si_ptr, L,
                                  N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-        """The filter's spectrum (C, N1/2, N2), real and imaginary parts, for one channel and one block of
-        rows k1, times the inverse's 2/n."""
+        """The filter's spectrum (C, N1/2, N2), real and imaginary parts, times the inverse's 2/n: one
+        channel per program, its row read once, the blocks of rows k1 in turn."""
         H1: tl.constexpr = N1 // 2
-        c, k0 = tl.program_id(0), tl.program_id(1) * BLOCK_K
+        c = tl.program_id(0)
         r1, r2 = tl.arange(0, H1), tl.arange(0, N2)
         t = r1[:, None] * N2 + r2[None, :]
         OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
         h = tl.load(h_ptr + c * L + t, mask=t < L, other=0.0).to(OP)
         f2 = r2[:, None] * N2 + r2[None, :]
         f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
-        k1 = k0 + tl.arange(0, BLOCK_K)
-        f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
-        yr, yi = _monarch_rows(h, f1r, f1i, twr, twi, f2r, f2i, DOT)
-        s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
-        tl.store(sr_ptr + s, yr * (2.0 / (N1 * N2)))
-        tl.store(si_ptr + s, yi * (2.0 / (N1 * N2)))
+        for k0 in range(0, H1, BLOCK_K):
+            k1 = k0 + tl.arange(0, BLOCK_K)
+            f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
+            yr, yi = _monarch_rows(h, f1r, f1i, twr, twi, f2r, f2i, DOT)
+            s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
+            tl.store(sr_ptr + s, yr * (2.0 / (N1 * N2)))
+            tl.store(si_ptr + s, yi * (2.0 / (N1 * N2)))
 
     @triton.jit
     def _monarch_conv_kernel(u_ptr, x_ptr, g_ptr, pre_ptr, sr_ptr, si_ptr, skip_ptr, f1r_ptr, f1i_ptr, twr_ptr,
@@ -1066,7 +1067,7 @@ class LongConvMonarchFunction(torch.autograd.Function):
         ctx.launch = dict(launch, BLOCK_K=block_bwd)
         tables = _monarch_tables(n1, n2, u.device)
         spectrum = torch.empty(2, C, n1 // 2, n2, device=u.device, dtype=torch.float32)  # (re/im, C, N1/2, N2)
-        _monarch_spectrum_kernel[(C, n1 // 2 // block_fwd)](h, *tables, spectrum[0], spectrum[1], L, **dict(
+        _monarch_spectrum_kernel[(C,)](h, *tables, spectrum[0], spectrum[1], L, **dict(
             launch, DOT="ieee" if dot == "ieee" else MONARCH["spectrum"]))
         out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
         _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum[0], spectrum[1], skip, *tables, out, pre, pre, pre,
