@@ -527,8 +527,9 @@ def mhc_post_res(h, f, post, res):
 # (C = 384; a tie at C = 768), 24576 rows 0.28 / 0.46; L = 512, 24576 rows 0.77 / 0.82 (C = 384; a tie at
 # C = 768), 49152 rows 1.54 / 1.62. Between 6144 and 24576 rows neither wins everywhere (up to 1.3x
 # either way), and there the Toeplitz kernel's tf32 products are the more accurate: GPU training with the Monarch kernel at (B, C,
-# L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path (test_all's bound is 1%), the
-# Toeplitz kernel 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
+# L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path (test_all's bound is 1%; the
+# filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel 0.6% below it. Hence:
+# Toeplitz for L <= 512 and B C >= 32 L rows.
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
               "toeplitz_rows_per_token": 32}
 
