@@ -526,10 +526,10 @@ def mhc_post_res(h, f, post, res):
 # everywhere (5-11x at B = 1); Toeplitz wins with many rows at short L: L = 256, 12288 rows 0.18 / 0.23
 # (C = 384; a tie at C = 768), 24576 rows 0.28 / 0.46; L = 512, 24576 rows 0.77 / 0.82 (C = 384; a tie at
 # C = 768), 49152 rows 1.54 / 1.62. Between 6144 and 24576 rows neither wins everywhere (up to 1.3x
-# either way), and there the Toeplitz kernel's tf32 products are the more accurate: GPU training with the Monarch kernel at (B, C,
-# L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path (test_all's bound is 1%; the
-# filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel 0.6% below it. Hence:
-# Toeplitz for L <= 512 and B C >= 32 L rows.
+# either way), and there the Toeplitz kernel's tf32 products are the more accurate: GPU training with
+# the Monarch kernel at (B, C, L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path
+# (test_all's bound is 1%; the filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel
+# 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
               "toeplitz_rows_per_token": 32}
 
@@ -863,8 +863,9 @@ class LongConvFFTFunction(torch.autograd.Function):
 # 2/4/8/16 warps; repeated timings agreed within 1%): N2 about sqrt(n), at most 64 up to n = 16384 and
 # 128 at 32768, where N1 = 512's (N1/2, N2) accumulators spilled registers (4.5 ms, 2.8 for 256 x 128);
 # 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768; at n = 8192 and
-# 16384 the forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with 16 (at 8K
-# tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32). Tried and dropped:
+# 16384 the forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with
+# 16 (at 8K tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32).
+# Tried and dropped:
 # Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
 # rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
 # split backward (MODE 1 then 2: 2% faster at 16K tokens, 1-5% slower at 4K-8K).

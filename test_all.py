@@ -1080,7 +1080,8 @@ def test_compare_crossover_is_where_the_kernel_stays_faster():
     """The claims table's Hyena crossover is the length from which the kernels beat attention at every
     longer length: a win at 4K followed by a loss at 8K does not count."""
     def rows(kernel_ms):
-        return [{"L": L, "gpu_ms": {"attention": 1.0, "kernel": k}} for L, k in zip((2048, 4096, 8192, 16384), kernel_ms)]
+        return [{"L": L, "gpu_ms": {"attention": 1.0, "kernel": k}}
+                for L, k in zip((2048, 4096, 8192, 16384), kernel_ms)]
     assert compare.faster_from(rows((2, 0.9, 1.1, 0.5)), "kernel") == 16384
     assert compare.faster_from(rows((2, 0.9, 0.9, 0.5)), "kernel") == 4096
     assert compare.faster_from(rows((0.5, 0.9, 0.9, 1.0)), "kernel") is None
