@@ -962,6 +962,12 @@ if HAVE_TRITON:
         return tl.load(f1r_ptr + f1), tl.load(f1i_ptr + f1), tl.load(twr_ptr + tw), tl.load(twi_ptr + tw)
 
     @triton.jit
+    def _monarch_f2(f2r_ptr, f2i_ptr, r2, N2: tl.constexpr, OP: tl.constexpr):
+        """F2 (N2, N2), held through a program's loop in the products' precision."""
+        f2 = r2[:, None] * N2 + r2[None, :]
+        return tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
+
+    @triton.jit
     def _monarch_spectrum_kernel(h_ptr, f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, f2r_ptr, f2i_ptr, sr_ptr, si_ptr, L,
                                  N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         """The filter's spectrum (C, N1/2, N2), real and imaginary parts, times the inverse's 2/n: one
@@ -972,8 +978,7 @@ if HAVE_TRITON:
         t = r1[:, None] * N2 + r2[None, :]
         OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
         h = tl.load(h_ptr + c * L + t, mask=t < L, other=0.0).to(OP)
-        f2 = r2[:, None] * N2 + r2[None, :]
-        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
+        f2r, f2i = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP)
         for k0 in range(0, H1, BLOCK_K):
             k1 = k0 + tl.arange(0, BLOCK_K)
             f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
@@ -1012,8 +1017,7 @@ if HAVE_TRITON:
                 tl.store(out2_ptr + row + t, (g * pre).to(out2_ptr.dtype.element_ty), mask=ok)
             if MODE >= 2:
                 sig2 = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
-        f2 = r2[:, None] * N2 + r2[None, :]
-        f2r, f2i = tl.load(f2r_ptr + f2).to(OP), tl.load(f2i_ptr + f2).to(OP)
+        f2r, f2i = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP)
         z = tl.zeros((H1, N2), dtype=tl.float32)  # the convolution or correlation with h
         z_dh = tl.zeros((H1, N2), dtype=tl.float32)  # the correlation with u
         for k0 in range(0, H1, BLOCK_K):
