@@ -194,9 +194,11 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
         self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # kernels.hyena_long_conv: the Toeplitz kernel for large batches of short sequences (training),
-        # the Monarch-FFT kernel otherwise up to 16K tokens, the cuFFT path beyond
-        self.kernel_supported = kernels is not None
+        # kernels.hyena_filter: the implicit filters in one kernel (two backward); kernels.hyena_long_conv:
+        # the Toeplitz kernel for large batches of short sequences (training), the Monarch-FFT kernel
+        # otherwise up to 16K tokens, the cuFFT path beyond
+        width = cfg.hyena_filter_width
+        self.kernel_supported = kernels is not None and width >= 16 and width & (width - 1) == 0  # hyena_filter's tiles
 
     def init_weights(self):
         nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity
@@ -221,7 +223,8 @@ class HyenaMixer(nn.Module):
         B, T, C = u.shape
         if cache is not None:
             return self.decode(u, start_pos, cache)
-        h = self.filter(T)  # (N, C, T) fp32
+        # (N, C, T) fp32; unbound, not indexed: h[n]'s backward would write a zero-filled (N, C, T) per n
+        h = (kernels.hyena_filter(self.filter, T) if self.use_kernels else self.filter(T)).unbind(0)
         v, *gates = self.streams(u)
         z = v  # z^1 = v
         for n, x in enumerate(gates):  # z^{n+1} = x^n * (h^n conv z^n + D^n z^n)

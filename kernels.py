@@ -530,6 +530,7 @@ def mhc_post_res(h, f, post, res):
 # the Monarch kernel at (B, C, L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path
 # (test_all's bound is 1%; the filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel
 # 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
+HYENA_SHORT_CONV = {"block_t": 64, "block_k": 64, "num_warps": 4}  # (time, channels) tiles of the short conv
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
               "toeplitz_rows_per_token": 32}
 
@@ -674,9 +675,9 @@ class ShortConvFunction(torch.autograd.Function):
     def forward(ctx, p, weight, bias):
         B, L, K = p.shape
         out = torch.empty(B, K, L, device=p.device, dtype=p.dtype)
-        bt, bk = 64, 64
+        bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
         _short_conv_fwd_kernel[(triton.cdiv(L, bt), triton.cdiv(K, bk), B)](
-            p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk)
+            p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
         ctx.save_for_backward(p, weight)
         return out
 
@@ -684,13 +685,13 @@ class ShortConvFunction(torch.autograd.Function):
     def backward(ctx, g):
         p, weight = ctx.saved_tensors
         B, L, K = p.shape
-        bt, bk = 64, 64
+        bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
         n_t = triton.cdiv(L, bt)
         dp = torch.empty_like(p)
         dw = torch.empty(B * n_t, K, 3, device=p.device, dtype=torch.float32)
         db = torch.empty(B * n_t, K, device=p.device, dtype=torch.float32)
         _short_conv_bwd_kernel[(n_t, triton.cdiv(K, bk), B)](
-            p, weight, g.contiguous(), dp, dw, db, L, K, BLOCK_T=bt, BLOCK_K=bk)
+            p, weight, g.contiguous(), dp, dw, db, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
         return dp, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
@@ -1131,6 +1132,198 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
     if path == "monarch" and L > MONARCH["max_len"]:
         raise ValueError(f"hyena_long_conv: the monarch path takes L <= {MONARCH['max_len']} (got {L})")
     return conv.apply(u, x, h.contiguous(), skip.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hyena's implicit filters: h (N C, L) = Window * W4 Sin(W3 Sin(W2 Sin(W1 pos + b1) + b2) + b3), one pass
+#
+# In PyTorch the filter is ~20 small kernels forward and ~40 backward (linears, casts, sin, the window, its
+# products), 0.30 ms of GPU time at 4K tokens for 25 MB of output; every token of the MLP is independent and
+# its weights (a few 64 x 64 matrices) fit in one program, so here each program recomputes the MLP for its
+# block of positions (4 small tensor-core products) instead of reading it from memory, and the big tensors
+# (h forward, dh backward) are touched once per kernel: forward one kernel, backward two (dW4 needs a sum over
+# time, the MLP's gradients a sum over channels) and one sum of per-program partials.
+
+# Launch settings (H100 sweeps, 512-16384 tokens, C = 768, N = 2): positions per block, channels per product,
+# warps; programs aimed at per SM for the kernels whose grids are split to fill the GPU. dot: the products'
+# precision, "tf32" (the plain path's linears run in bf16 under autocast: tf32 is the more accurate);
+# fp32-exact "ieee" is chosen by the tests.
+FILTER = {"block_l": 32, "block_c": 64, "num_warps": 4, "programs": 528, "dot": "tf32"}
+
+if HAVE_TRITON:
+    @triton.jit
+    def _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E,
+                    EP: tl.constexpr, F: tl.constexpr, DOT: tl.constexpr):
+        """The MLP at the positions ts (BLOCK_L,): a0 (BLOCK_L, EP), then p_i = a_{i-1} W_i^T + b_i and
+        a_i = sin(freq p_i) (BLOCK_L, F) for i = 1, 2, 3. Rows past the sequence are computed from a0 = 0
+        (their outputs are masked by the caller)."""
+        e, f = tl.arange(0, EP), tl.arange(0, F)
+        a0 = tl.load(pos_ptr + ts[:, None] * E + e[None, :], mask=(ts < L)[:, None] & (e < E)[None, :], other=0.0)
+        freq = tl.load(freq_ptr + f)[None, :]
+        w1t = tl.load(w1_ptr + f[None, :] * E + e[:, None], mask=(e < E)[:, None], other=0.0)  # (EP, F): W1^T
+        p1 = tl.dot(a0, w1t, input_precision=DOT) + tl.load(b1_ptr + f)[None, :]
+        a1 = tl.sin(freq * p1)
+        p2 = tl.dot(a1, tl.load(w2_ptr + f[None, :] * F + f[:, None]), input_precision=DOT) + tl.load(b2_ptr + f)[None, :]
+        a2 = tl.sin(freq * p2)
+        p3 = tl.dot(a2, tl.load(w3_ptr + f[None, :] * F + f[:, None]), input_precision=DOT) + tl.load(b3_ptr + f)[None, :]
+        a3 = tl.sin(freq * p3)
+        return a0, p1, a1, p2, a2, p3, a3
+
+    @triton.jit
+    def _filter_fwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, w4_ptr, tnorm_ptr,
+                           deltas_ptr, h_ptr, L, E, C, NC, chunks_per_program, EP: tl.constexpr, F: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """h[j, t] = (W4[j] . a3[t]) exp(-delta[j mod C] t_norm[t]) for one block of positions and a run of
+        channel blocks."""
+        ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        tmask = ts < L
+        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, DOT)[6]
+        tn = tl.load(tnorm_ptr + ts, mask=tmask, other=0.0)
+        f = tl.arange(0, F)
+        for i in range(chunks_per_program):
+            js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
+            jmask = js < NC
+            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=jmask[:, None], other=0.0)  # (BLOCK_C, F)
+            # h = W4 a3^T, (BLOCK_C, BLOCK_L): time last, as the long convolutions read it
+            h = tl.dot(w4, tl.trans(a3), input_precision=DOT)
+            delta = tl.load(deltas_ptr + js % C, mask=jmask, other=0.0)
+            # Window(t) = exp(-t_norm |delta_c|)  (the deltas are positive)
+            h = h * tl.exp(-delta[:, None] * tn[None, :])
+            tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=jmask[:, None] & tmask[None, :])
+
+    @triton.jit
+    def _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC):
+        """gw = dh * Window at channels js, positions ts: the gradient of W4 a3^T. (BLOCK_C, BLOCK_L)"""
+        ok = (js < NC)[:, None] & (ts < L)[None, :]
+        delta = tl.load(deltas_ptr + js % C, mask=js < NC, other=0.0)
+        tn = tl.load(tnorm_ptr + ts, mask=ts < L, other=0.0)
+        return tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=ok, other=0.0) * tl.exp(-delta[:, None] * tn[None, :])
+
+    @triton.jit
+    def _filter_dw4_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, tnorm_ptr, deltas_ptr,
+                           dh_ptr, dw4_ptr, L, E, C, NC, blocks_per_program, EP: tl.constexpr, F: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """dW4 = gw a3 (N C, F), gw = dh * Window: this program's channel block over its run of position
+        blocks, stored as one partial sum (the wrapper adds the runs)."""
+        js = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        f = tl.arange(0, F)
+        acc = tl.zeros((BLOCK_C, F), dtype=tl.float32)
+        for i in range(blocks_per_program):
+            ts = (tl.program_id(1) * blocks_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
+            a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, DOT)[6]
+            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC)  # 0 past L
+            acc += tl.dot(gw, a3, input_precision=DOT)
+        tl.store(dw4_ptr + (tl.program_id(1) * NC + js[:, None]) * F + f[None, :], acc, mask=(js < NC)[:, None])
+
+    @triton.jit
+    def _filter_sin_backward(da, p, freq):
+        """a = sin(freq p): (dL/dp, this block's share of dL/dfreq)."""
+        ca = da * tl.cos(freq * p)
+        return ca * freq, tl.sum(ca * p, axis=0)
+
+    @triton.jit
+    def _filter_mlp_bwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, w4_ptr, tnorm_ptr,
+                               deltas_ptr, dh_ptr, part_ptr, L, E, C, NC, EP: tl.constexpr, F: tl.constexpr,
+                               BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """One block of positions: da3 = gw^T W4 summed over all channels, then back through the three
+        Sin layers. Stores this block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq in one row of
+        part (packed in that order; the wrapper adds the rows)."""
+        ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
+                                                 ts, L, E, EP, F, DOT)
+        e, f = tl.arange(0, EP), tl.arange(0, F)
+        da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
+        for j0 in range(0, NC, BLOCK_C):
+            js = j0 + tl.arange(0, BLOCK_C)
+            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC)  # (BLOCK_C, BLOCK_L)
+            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)
+            # da3 = gw^T W4  (BLOCK_L, F); rows past L stay 0, so they add nothing below
+            da += tl.dot(tl.trans(gw), w4, input_precision=DOT)
+        freq = tl.load(freq_ptr + f)[None, :]
+        row = part_ptr + tl.program_id(0) * (F * E + 2 * F * F + 4 * F)
+        ff = f[:, None] * F + f[None, :]
+        # layer 3: p3 = a2 W3^T + b3
+        dp, dfreq = _filter_sin_backward(da, p3, freq)
+        tl.store(row + F * E + F + F * F + F + ff, tl.dot(tl.trans(dp), a2, input_precision=DOT))  # dW3 = dp3^T a2
+        tl.store(row + F * E + F + 2 * F * F + F + f, tl.sum(dp, axis=0))  # db3
+        da = tl.dot(dp, tl.load(w3_ptr + ff), input_precision=DOT)  # da2 = dp3 W3
+        # layer 2: p2 = a1 W2^T + b2
+        dp, dfreq2 = _filter_sin_backward(da, p2, freq)
+        tl.store(row + F * E + F + ff, tl.dot(tl.trans(dp), a1, input_precision=DOT))  # dW2
+        tl.store(row + F * E + F + F * F + f, tl.sum(dp, axis=0))  # db2
+        da = tl.dot(dp, tl.load(w2_ptr + ff), input_precision=DOT)  # da1 = dp2 W2
+        # layer 1: p1 = a0 W1^T + b1 (pos is a buffer: no gradient below)
+        dp, dfreq1 = _filter_sin_backward(da, p1, freq)
+        dw1 = tl.dot(tl.trans(dp), a0, input_precision=DOT)  # (F, EP)
+        tl.store(row + f[:, None] * E + e[None, :], dw1, mask=(e < E)[None, :])
+        tl.store(row + F * E + f, tl.sum(dp, axis=0))  # db1
+        tl.store(row + F * E + 2 * F * F + 3 * F + f, dfreq + dfreq2 + dfreq1)
+
+
+def _filter_launch(L: int, NC: int, block_l: int, block_c: int, across: int) -> tuple[int, int]:
+    """Split the blocks along one axis over enough programs to fill the GPU: (programs, blocks each)."""
+    other = triton.cdiv(L, block_l) if across == 0 else triton.cdiv(NC, block_c)  # the axis not split
+    total = triton.cdiv(NC, block_c) if across == 0 else triton.cdiv(L, block_l)  # the axis split
+    each = triton.cdiv(total, max(1, FILTER["programs"] // other))
+    return triton.cdiv(total, each), each
+
+
+class ImplicitFilterFunction(torch.autograd.Function):
+    """Equals hyena.ImplicitFilter.forward(L): the MLP's weights in, h (N, C, L) fp32 out."""
+
+    @staticmethod
+    def forward(ctx, L, order, dot, pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4):
+        F_, E = w1.shape
+        NC, C = w4.size(0), deltas.size(0)
+        ctx.meta = dict(L=L, E=E, C=C, NC=NC, EP=max(16, triton.next_power_of_2(E)), F=F_,
+                        BLOCK_L=FILTER["block_l"], BLOCK_C=FILTER["block_c"], DOT=dot)
+        m = ctx.meta
+        h = torch.empty(NC, L, device=w4.device, dtype=torch.float32)
+        n_c, chunks = _filter_launch(L, NC, m["BLOCK_L"], m["BLOCK_C"], across=0)
+        _filter_fwd_kernel[(triton.cdiv(L, m["BLOCK_L"]), n_c)](
+            pos, w1, b1, w2, b2, w3, b3, freq, w4, t_norm, deltas, h, L, E, C, NC, chunks,
+            EP=m["EP"], F=F_, BLOCK_L=m["BLOCK_L"], BLOCK_C=m["BLOCK_C"], DOT=dot, num_warps=FILTER["num_warps"])
+        ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4)
+        return h.view(order, C, L)
+
+    @staticmethod
+    def backward(ctx, dh):
+        pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4 = ctx.saved_tensors
+        m = ctx.meta
+        L, E, C, NC, F_ = m["L"], m["E"], m["C"], m["NC"], m["F"]
+        dh = dh.contiguous()
+        mlp = (pos, w1, b1, w2, b2, w3, b3, freq)
+        launch = dict(EP=m["EP"], F=F_, BLOCK_L=m["BLOCK_L"], BLOCK_C=m["BLOCK_C"], DOT=m["DOT"],
+                      num_warps=FILTER["num_warps"])
+        n_l, blocks = _filter_launch(L, NC, m["BLOCK_L"], m["BLOCK_C"], across=1)
+        dw4 = torch.empty(n_l, NC, F_, device=dh.device, dtype=torch.float32)
+        _filter_dw4_kernel[(triton.cdiv(NC, m["BLOCK_C"]), n_l)](*mlp, t_norm, deltas, dh, dw4, L, E, C, NC, blocks,
+                                                                **launch)
+        n_blocks = triton.cdiv(L, m["BLOCK_L"])
+        part = torch.empty(n_blocks, F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(n_blocks,)](*mlp, w4, t_norm, deltas, dh, part, L, E, C, NC, **launch)
+        dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
+        return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
+                dw3.view(F_, F_), db3, dw4.sum(0))
+
+
+def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
+    """h (N, C, L) fp32 of a hyena.ImplicitFilter, its MLP and window in one kernel (two backward).
+    Reference: hyena.ImplicitFilter.forward. dot: the products' precision (FILTER["dot"] if None)."""
+    w4 = filt.ffn[-1].weight
+    _runnable(w4, "hyena_filter")
+    if L > filt.l_max:
+        raise ValueError(f"hyena_filter: {L} positions, the filter has l_max = {filt.l_max}")
+    F_ = filt.ffn[0].out_features
+    if F_ < 16 or F_ & (F_ - 1):
+        raise ValueError(f"hyena_filter: the filter width must be a power of 2 >= 16 (got {F_}); "
+                         f"use the plain path")
+    params = [filt.act.freq, filt.ffn[0].weight, filt.ffn[0].bias, filt.ffn[1].weight, filt.ffn[1].bias,
+              filt.ffn[2].weight, filt.ffn[2].bias, w4]
+    for p in params:
+        _check("filter parameter", p, dtypes=(torch.float32,))
+    return ImplicitFilterFunction.apply(L, filt.order, dot or FILTER["dot"], filt.pos, filt.t_norm, filt.deltas,
+                                        *[p.contiguous() for p in params])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1859,7 +2052,7 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     def path(name):  # hyena_long_conv forced onto one path
         return lambda *args: hyena_long_conv(*args, path=name)
 
-    def operator(arch, L, D, filters_only=False):  # a whole token mixer as train.py builds it
+    def operator(arch, L, D, filters=None):  # a whole token mixer as train.py builds it; or its filters
         import train
         cfg = train.GPTConfig(arch=arch, n_embd=D, n_head=D // 64, block_size=L)
         mixer = (train.CausalSelfAttention(cfg, 0) if arch == "gpt" else hyena.HyenaMixer(cfg, 0)).to(dev)
@@ -1871,8 +2064,11 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
 
         def run():
             with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.py trains
-                y = mixer.filter(L) if filters_only else mixer(x)
-            y.backward(g_filters if filters_only else g)
+                if filters is None:
+                    y = mixer(x)
+                else:  # "kernel" or "plain"
+                    y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L)
+            y.backward(g if filters is None else g_filters)
             x.grad = None
             mixer.zero_grad(set_to_none=True)
         return run
@@ -1906,8 +2102,9 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
         toe, mon = (f"{gpu[k]:{w}.3f}" if k in gpu else f"{'-':>{w}s}" for k, w in (("toeplitz", 12), ("monarch", 11)))
         if B == 1:
             gpu["attention_op"], gpu["hyena_op"] = (gpu_ms(operator(arch, L, D)) for arch in ("gpt", "hyena"))
-            gpu["hyena_filters"] = gpu_ms(operator("hyena", L, D, filters_only=True))
-            ops.append((L, gpu["attention_op"], gpu["hyena_op"], gpu["hyena_filters"]))
+            gpu["hyena_filters"], gpu["hyena_filters_plain"] = (gpu_ms(operator("hyena", L, D, filters=f))
+                                                                for f in ("kernel", "plain"))
+            ops.append((L, gpu["attention_op"], gpu["hyena_op"], gpu["hyena_filters"], gpu["hyena_filters_plain"]))
         results.append((B, D, L, gpu))
         print(f"| {B:2d} | {D:3d} | {L:6d} | {wall['attention']:9.3f} / {gpu['attention']:8.3f} "
               f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {mon} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
@@ -1915,11 +2112,14 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
         torch.cuda.empty_cache()
     print("\n# Whole operators, B = 1, D = 768, fwd+bwd GPU ms under bf16 autocast: train.py's CausalSelfAttention "
           "(QKV and output projections, RoPE, SDPA) vs hyena.HyenaMixer with kernels (projections, short conv, "
-          "implicit filters, the order-2 mixing above)")
-    print("| L      | attention operator | Hyena operator | of which implicit filters | Hyena vs attention |")
-    print("|-------:|-------------------:|---------------:|--------------------------:|-------------------:|")
-    for L, att_ms, hy_ms, filter_ms in ops:
-        print(f"| {L:6d} | {att_ms:18.3f} | {hy_ms:14.3f} | {filter_ms:25.3f} | {att_ms / hy_ms:17.2f}x |")
+          "implicit filters, the order-2 mixing above); the filters alone by hyena_filter and in PyTorch")
+    print("| L      | attention operator | Hyena operator | of which implicit filters (kernel) | the filters in PyTorch "
+          "| Hyena vs attention |")
+    print("|-------:|-------------------:|---------------:|-----------------------------------:|-----------------------:"
+          "|-------------------:|")
+    for L, att_ms, hy_ms, filter_ms, plain_ms in ops:
+        print(f"| {L:6d} | {att_ms:18.3f} | {hy_ms:14.3f} | {filter_ms:34.3f} | {plain_ms:22.3f} "
+              f"| {att_ms / hy_ms:17.2f}x |")
     if json_path:  # for compare.py's claims table
         import json
         with open(json_path + ".tmp", "w") as f:

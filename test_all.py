@@ -595,6 +595,56 @@ def test_kernel_hyena_matches_reference():
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
 
 
+def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, programs=None):
+    """hyena_filter vs hyena.ImplicitFilter.forward in fp32 (no autocast): h and the gradients of every
+    filter parameter, relative to their largest entries. Biases are randomised so that every term is
+    exercised (the default init's are small). Returns the errors."""
+    torch.manual_seed(0)
+    filt = hyena.ImplicitFilter(C, N, l_max, emb_dim=E, width=F).to(device)
+    filt.init_weights()
+    with torch.no_grad():
+        for lin in filt.ffn[:-1]:
+            lin.bias.normal_()
+    params = [p for name, p in filt.named_parameters() if name != "skip"]
+    g = torch.randn(N, C, L, device=device)
+    ref = filt(L)
+    ref_grads = torch.autograd.grad(ref, params, g)
+    saved = dict(kernels.FILTER)
+    if programs:
+        kernels.FILTER["programs"] = programs
+    try:
+        out = kernels.hyena_filter(filt, L, dot=dot)
+        grads = torch.autograd.grad(out, params, g)
+    finally:
+        kernels.FILTER.update(saved)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    errors = {"h": rel_err(out, ref)}
+    errors.update({name: rel_err(a, b) for (name, _), a, b in zip(
+        [(n, p) for n, p in filt.named_parameters() if n != "skip"], grads, ref_grads)})
+    assert max(errors.values()) < tol, errors
+    return errors
+
+
+def test_kernel_hyena_filter_matches_reference():
+    """The implicit-filter kernels (forward; dW4, and the MLP's gradients) == ImplicitFilter in fp32:
+    odd lengths, a prefix of l_max, widths 16-64, 2-3 filters, 5 and 33 positional features, and the
+    launch split so that programs loop over several channel / position blocks. Widths the kernels cannot
+    tile and positions past l_max are refused."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_kernel_hyena_filter(8, 2, 100, 37, 5, 16, device, "ieee", 1e-4)
+    check_kernel_hyena_filter(24, 3, 300, 300, 33, 64, device, "ieee", 1e-4)
+    check_kernel_hyena_filter(24, 3, 300, 299, 33, 64, device, "ieee", 1e-4, programs=4)
+    check_kernel_hyena_filter(40, 2, 90, 65, 33, 32, device, "ieee", 1e-4)
+    for width, L, err in ((24, 10, "power of 2"), (16, 33, "l_max")):
+        filt = hyena.ImplicitFilter(4, 2, 32, width=width).to(device)
+        try:
+            kernels.hyena_filter(filt, L)
+            raise AssertionError(f"accepted: {err}")
+        except ValueError as e:
+            assert err in str(e), e
+
+
 def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
     """With the Toeplitz kernel the gradient from future inputs is exactly zero, and the float32 kernel
     agrees with the O(L^2) definition computed in float64."""
@@ -1621,6 +1671,16 @@ def test_gpu_hyena_kernels_bf16_at_training_shapes():
     check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, path="fft")
     check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, path="fft")
     check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, path="fft")
+
+
+def test_gpu_hyena_filter_kernel_at_model_shapes():
+    """On the GPU: the implicit-filter kernels with their default tf32 products at the benchmark's shape
+    (C = 768, 4096 positions) and the model's (C = 384, 512), and with fp32 products; the fp32 reference
+    without autocast."""
+    needs_cuda()
+    check_kernel_hyena_filter(768, 2, 4096, 4096, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
+    check_kernel_hyena_filter(384, 2, 512, 512, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
+    check_kernel_hyena_filter(384, 2, 1024, 1000, 33, 64, "cuda", "ieee", 1e-4)
 
 
 def test_gpu_hyena_training_kernels_on_vs_off_agree():
