@@ -1135,83 +1135,86 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hyena's implicit filters: h (N C, L) = Window * W4 Sin(W3 Sin(W2 Sin(W1 pos + b1) + b2) + b3), one pass
+# Hyena's implicit filters: h (N C, L) = Window * W4 Sin(W3 Sin(W2 Sin(W1 pos + b1) + b2) + b3)
 #
-# In PyTorch the filter is ~20 small kernels forward and ~40 backward (linears, casts, sin, the window, its
-# products), 0.30 ms of GPU time at 4K tokens for 25 MB of output; every token of the MLP is independent and
-# its weights (a few 64 x 64 matrices) fit in one program, so here each program recomputes the MLP for its
-# block of positions (4 small tensor-core products) instead of reading it from memory, and the big tensors
-# (h forward, dh backward) are touched once per kernel: forward one kernel, backward two (dW4 needs a sum over
-# time, the MLP's gradients a sum over channels) and one sum of per-program partials.
+# In PyTorch the filter is ~20 small kernels forward and ~50 backward (linears, casts, sin, the window and
+# its products): 0.30 ms of GPU time at 4K tokens for 25 MB of output. Here: forward, one kernel runs the
+# MLP per block of positions (a3 (L, F): 1 MB at 4K, kept for the backward) and one writes h = W4 a3^T
+# times the window, computed in its epilogue; backward, one kernel forms dW4 = (dh Window) a3 (a sum over
+# time) and one da3 = (dh Window)^T W4 (a sum over channels) and walks it back through the three Sin
+# layers, recomputing them, with per-block partial sums of the small weights' gradients added by PyTorch.
+# The MLP's products are fp32 ("ieee": the Sin layers amplify rounding, see ImplicitFilter.forward); the
+# two big products use FILTER["dot"].
 
-# Launch settings (H100 sweeps, 512-16384 tokens, C = 768, N = 2): positions per block, channels per product,
-# warps; programs aimed at per SM for the kernels whose grids are split to fill the GPU. dot: the products'
-# precision, "tf32" (the plain path's linears run in bf16 under autocast: tf32 is the more accurate);
-# fp32-exact "ieee" is chosen by the tests.
+# Launch settings: positions per block, channels per product, warps, and the programs aimed at when a
+# kernel's blocks are split to fill the GPU. dot: the big products' precision, "tf32" (~1e-3 relative
+# error, not amplified) or "ieee" (fp32, the tests).
 FILTER = {"block_l": 32, "block_c": 64, "num_warps": 4, "programs": 528, "dot": "tf32"}
 
 if HAVE_TRITON:
     @triton.jit
     def _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E,
-                    EP: tl.constexpr, F: tl.constexpr, DOT: tl.constexpr):
+                    EP: tl.constexpr, F: tl.constexpr):
         """The MLP at the positions ts (BLOCK_L,): a0 (BLOCK_L, EP), then p_i = a_{i-1} W_i^T + b_i and
-        a_i = sin(freq p_i) (BLOCK_L, F) for i = 1, 2, 3. Rows past the sequence are computed from a0 = 0
-        (their outputs are masked by the caller)."""
+        a_i = sin(freq p_i) (BLOCK_L, F) for i = 1, 2, 3, fp32 products. Rows past L start from a0 = 0
+        (the callers mask what they produce)."""
         e, f = tl.arange(0, EP), tl.arange(0, F)
         a0 = tl.load(pos_ptr + ts[:, None] * E + e[None, :], mask=(ts < L)[:, None] & (e < E)[None, :], other=0.0)
         freq = tl.load(freq_ptr + f)[None, :]
         w1t = tl.load(w1_ptr + f[None, :] * E + e[:, None], mask=(e < E)[:, None], other=0.0)  # (EP, F): W1^T
-        p1 = tl.dot(a0, w1t, input_precision=DOT) + tl.load(b1_ptr + f)[None, :]
+        p1 = tl.dot(a0, w1t, input_precision="ieee") + tl.load(b1_ptr + f)[None, :]
         a1 = tl.sin(freq * p1)
-        p2 = tl.dot(a1, tl.load(w2_ptr + f[None, :] * F + f[:, None]), input_precision=DOT) + tl.load(b2_ptr + f)[None, :]
+        wt = f[None, :] * F + f[:, None]  # W^T of an (F, F) weight
+        p2 = tl.dot(a1, tl.load(w2_ptr + wt), input_precision="ieee") + tl.load(b2_ptr + f)[None, :]
         a2 = tl.sin(freq * p2)
-        p3 = tl.dot(a2, tl.load(w3_ptr + f[None, :] * F + f[:, None]), input_precision=DOT) + tl.load(b3_ptr + f)[None, :]
+        p3 = tl.dot(a2, tl.load(w3_ptr + wt), input_precision="ieee") + tl.load(b3_ptr + f)[None, :]
         a3 = tl.sin(freq * p3)
         return a0, p1, a1, p2, a2, p3, a3
 
     @triton.jit
-    def _filter_fwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, w4_ptr, tnorm_ptr,
-                           deltas_ptr, h_ptr, L, E, C, NC, chunks_per_program, EP: tl.constexpr, F: tl.constexpr,
-                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """h[j, t] = (W4[j] . a3[t]) exp(-delta[j mod C] t_norm[t]) for one block of positions and a run of
-        channel blocks."""
+    def _filter_mlp_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, a3_ptr, L, E,
+                           EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr):
+        """a3 (L, F) for one block of positions."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-        tmask = ts < L
-        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, DOT)[6]
-        tn = tl.load(tnorm_ptr + ts, mask=tmask, other=0.0)
+        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F)[6]
         f = tl.arange(0, F)
-        for i in range(chunks_per_program):
-            js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
-            jmask = js < NC
-            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=jmask[:, None], other=0.0)  # (BLOCK_C, F)
-            # h = W4 a3^T, (BLOCK_C, BLOCK_L): time last, as the long convolutions read it
-            h = tl.dot(w4, tl.trans(a3), input_precision=DOT)
-            delta = tl.load(deltas_ptr + js % C, mask=jmask, other=0.0)
-            # Window(t) = exp(-t_norm |delta_c|)  (the deltas are positive)
-            h = h * tl.exp(-delta[:, None] * tn[None, :])
-            tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=jmask[:, None] & tmask[None, :])
+        tl.store(a3_ptr + ts[:, None] * F + f[None, :], a3, mask=(ts < L)[:, None])
 
     @triton.jit
-    def _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC):
-        """gw = dh * Window at channels js, positions ts: the gradient of W4 a3^T. (BLOCK_C, BLOCK_L)"""
-        ok = (js < NC)[:, None] & (ts < L)[None, :]
+    def _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC):
+        """Window(t) = exp(-t_norm |delta_c|) at channels js (c = j mod C) and positions ts: (BLOCK_C, BLOCK_L);
+        0 outside the filter, so that loads masked with it contribute nothing."""
         delta = tl.load(deltas_ptr + js % C, mask=js < NC, other=0.0)
         tn = tl.load(tnorm_ptr + ts, mask=ts < L, other=0.0)
-        return tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=ok, other=0.0) * tl.exp(-delta[:, None] * tn[None, :])
+        return tl.where((js < NC)[:, None] & (ts < L)[None, :], tl.exp(-delta[:, None] * tn[None, :]), 0.0)
 
     @triton.jit
-    def _filter_dw4_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, tnorm_ptr, deltas_ptr,
-                           dh_ptr, dw4_ptr, L, E, C, NC, blocks_per_program, EP: tl.constexpr, F: tl.constexpr,
-                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """dW4 = gw a3 (N C, F), gw = dh * Window: this program's channel block over its run of position
-        blocks, stored as one partial sum (the wrapper adds the runs)."""
+    def _filter_fwd_kernel(a3_ptr, w4_ptr, tnorm_ptr, deltas_ptr, h_ptr, L, C, NC, chunks_per_program,
+                           F: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """h[j, t] = (W4[j] . a3[t]) Window[j, t], one block of positions, a run of channel blocks."""
+        ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        f = tl.arange(0, F)
+        a3t = tl.load(a3_ptr + ts[None, :] * F + f[:, None], mask=(ts < L)[None, :], other=0.0)  # (F, BLOCK_L)
+        for i in range(chunks_per_program):
+            js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
+            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)  # (BLOCK_C, F)
+            # W4 a3^T: (BLOCK_C, BLOCK_L), time last, as the long convolutions read it
+            h = tl.dot(w4, a3t, input_precision=DOT) * _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=(js < NC)[:, None] & (ts < L)[None, :])
+
+    @triton.jit
+    def _filter_dw4_kernel(a3_ptr, tnorm_ptr, deltas_ptr, dh_ptr, dw4_ptr, L, C, NC, blocks_per_program,
+                           F: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """dW4 = gw a3 (N C, F) with gw = dh Window: one channel block over a run of position blocks,
+        stored as a partial sum (the wrapper adds the runs)."""
         js = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         f = tl.arange(0, F)
         acc = tl.zeros((BLOCK_C, F), dtype=tl.float32)
         for i in range(blocks_per_program):
             ts = (tl.program_id(1) * blocks_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-            a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, DOT)[6]
-            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC)  # 0 past L
+            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+            a3 = tl.load(a3_ptr + ts[:, None] * F + f[None, :], mask=(ts < L)[:, None], other=0.0)  # (BLOCK_L, F)
             acc += tl.dot(gw, a3, input_precision=DOT)
         tl.store(dw4_ptr + (tl.program_id(1) * NC + js[:, None]) * F + f[None, :], acc, mask=(js < NC)[:, None])
 
@@ -1226,46 +1229,47 @@ if HAVE_TRITON:
                                deltas_ptr, dh_ptr, part_ptr, L, E, C, NC, EP: tl.constexpr, F: tl.constexpr,
                                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         """One block of positions: da3 = gw^T W4 summed over all channels, then back through the three
-        Sin layers. Stores this block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq in one row of
-        part (packed in that order; the wrapper adds the rows)."""
+        Sin layers (recomputed after the sum, so that they do not hold registers during it). Stores the
+        block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq, packed in that order, in one row of
+        part (the wrapper adds the rows)."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-        a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
-                                                 ts, L, E, EP, F, DOT)
         e, f = tl.arange(0, EP), tl.arange(0, F)
         da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
         for j0 in range(0, NC, BLOCK_C):
             js = j0 + tl.arange(0, BLOCK_C)
-            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C, NC)  # (BLOCK_C, BLOCK_L)
+            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
             w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)
             # da3 = gw^T W4  (BLOCK_L, F); rows past L stay 0, so they add nothing below
             da += tl.dot(tl.trans(gw), w4, input_precision=DOT)
+        a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
+                                                 ts, L, E, EP, F)
         freq = tl.load(freq_ptr + f)[None, :]
         row = part_ptr + tl.program_id(0) * (F * E + 2 * F * F + 4 * F)
         ff = f[:, None] * F + f[None, :]
         # layer 3: p3 = a2 W3^T + b3
         dp, dfreq = _filter_sin_backward(da, p3, freq)
-        tl.store(row + F * E + F + F * F + F + ff, tl.dot(tl.trans(dp), a2, input_precision=DOT))  # dW3 = dp3^T a2
-        tl.store(row + F * E + F + 2 * F * F + F + f, tl.sum(dp, axis=0))  # db3
-        da = tl.dot(dp, tl.load(w3_ptr + ff), input_precision=DOT)  # da2 = dp3 W3
+        tl.store(row + F * E + 2 * F + F * F + ff, tl.dot(tl.trans(dp), a2, input_precision="ieee"))  # dW3 = dp3^T a2
+        tl.store(row + F * E + 2 * F + 2 * F * F + f, tl.sum(dp, axis=0))  # db3
+        da = tl.dot(dp, tl.load(w3_ptr + ff), input_precision="ieee")  # da2 = dp3 W3
         # layer 2: p2 = a1 W2^T + b2
         dp, dfreq2 = _filter_sin_backward(da, p2, freq)
-        tl.store(row + F * E + F + ff, tl.dot(tl.trans(dp), a1, input_precision=DOT))  # dW2
+        tl.store(row + F * E + F + ff, tl.dot(tl.trans(dp), a1, input_precision="ieee"))  # dW2
         tl.store(row + F * E + F + F * F + f, tl.sum(dp, axis=0))  # db2
-        da = tl.dot(dp, tl.load(w2_ptr + ff), input_precision=DOT)  # da1 = dp2 W2
-        # layer 1: p1 = a0 W1^T + b1 (pos is a buffer: no gradient below)
+        da = tl.dot(dp, tl.load(w2_ptr + ff), input_precision="ieee")  # da1 = dp2 W2
+        # layer 1: p1 = a0 W1^T + b1 (the positions are a buffer: nothing below)
         dp, dfreq1 = _filter_sin_backward(da, p1, freq)
-        dw1 = tl.dot(tl.trans(dp), a0, input_precision=DOT)  # (F, EP)
+        dw1 = tl.dot(tl.trans(dp), a0, input_precision="ieee")  # (F, EP)
         tl.store(row + f[:, None] * E + e[None, :], dw1, mask=(e < E)[None, :])
         tl.store(row + F * E + f, tl.sum(dp, axis=0))  # db1
         tl.store(row + F * E + 2 * F * F + 3 * F + f, dfreq + dfreq2 + dfreq1)
 
 
-def _filter_launch(L: int, NC: int, block_l: int, block_c: int, across: int) -> tuple[int, int]:
-    """Split the blocks along one axis over enough programs to fill the GPU: (programs, blocks each)."""
-    other = triton.cdiv(L, block_l) if across == 0 else triton.cdiv(NC, block_c)  # the axis not split
-    total = triton.cdiv(NC, block_c) if across == 0 else triton.cdiv(L, block_l)  # the axis split
-    each = triton.cdiv(total, max(1, FILTER["programs"] // other))
-    return triton.cdiv(total, each), each
+def _filter_split(blocks: int, other_blocks: int) -> tuple[int, int]:
+    """Split `blocks` over enough programs (with `other_blocks` programs along the grid's other axis) to
+    fill the GPU: (programs, blocks each)."""
+    each = triton.cdiv(blocks, max(1, FILTER["programs"] // other_blocks))
+    return triton.cdiv(blocks, each), each
 
 
 class ImplicitFilterFunction(torch.autograd.Function):
@@ -1275,41 +1279,43 @@ class ImplicitFilterFunction(torch.autograd.Function):
     def forward(ctx, L, order, dot, pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4):
         F_, E = w1.shape
         NC, C = w4.size(0), deltas.size(0)
-        ctx.meta = dict(L=L, E=E, C=C, NC=NC, EP=max(16, triton.next_power_of_2(E)), F=F_,
-                        BLOCK_L=FILTER["block_l"], BLOCK_C=FILTER["block_c"], DOT=dot)
-        m = ctx.meta
+        bl, bc, warps = FILTER["block_l"], FILTER["block_c"], FILTER["num_warps"]
+        ctx.meta = dict(L=L, E=E, C=C, NC=NC, EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=bl, BLOCK_C=bc,
+                        DOT=dot, num_warps=warps)
+        a3 = torch.empty(L, F_, device=w4.device, dtype=torch.float32)
+        n_l = triton.cdiv(L, bl)
+        _filter_mlp_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, EP=ctx.meta["EP"], F=F_, BLOCK_L=bl,
+                                   num_warps=warps)
         h = torch.empty(NC, L, device=w4.device, dtype=torch.float32)
-        n_c, chunks = _filter_launch(L, NC, m["BLOCK_L"], m["BLOCK_C"], across=0)
-        _filter_fwd_kernel[(triton.cdiv(L, m["BLOCK_L"]), n_c)](
-            pos, w1, b1, w2, b2, w3, b3, freq, w4, t_norm, deltas, h, L, E, C, NC, chunks,
-            EP=m["EP"], F=F_, BLOCK_L=m["BLOCK_L"], BLOCK_C=m["BLOCK_C"], DOT=dot, num_warps=FILTER["num_warps"])
-        ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4)
+        n_c, chunks = _filter_split(triton.cdiv(NC, bc), n_l)
+        _filter_fwd_kernel[(n_l, n_c)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, F=F_, BLOCK_L=bl, BLOCK_C=bc,
+                                       DOT=dot, num_warps=warps)
+        ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3)
         return h.view(order, C, L)
 
     @staticmethod
     def backward(ctx, dh):
-        pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4 = ctx.saved_tensors
+        pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3 = ctx.saved_tensors
         m = ctx.meta
-        L, E, C, NC, F_ = m["L"], m["E"], m["C"], m["NC"], m["F"]
+        L, E, C, NC, F_, bl, bc = m["L"], m["E"], m["C"], m["NC"], m["F"], m["BLOCK_L"], m["BLOCK_C"]
         dh = dh.contiguous()
-        mlp = (pos, w1, b1, w2, b2, w3, b3, freq)
-        launch = dict(EP=m["EP"], F=F_, BLOCK_L=m["BLOCK_L"], BLOCK_C=m["BLOCK_C"], DOT=m["DOT"],
-                      num_warps=FILTER["num_warps"])
-        n_l, blocks = _filter_launch(L, NC, m["BLOCK_L"], m["BLOCK_C"], across=1)
+        launch = dict(F=F_, BLOCK_L=bl, BLOCK_C=bc, DOT=m["DOT"], num_warps=m["num_warps"])
+        n_c = triton.cdiv(NC, bc)
+        n_l, blocks = _filter_split(triton.cdiv(L, bl), n_c)
         dw4 = torch.empty(n_l, NC, F_, device=dh.device, dtype=torch.float32)
-        _filter_dw4_kernel[(triton.cdiv(NC, m["BLOCK_C"]), n_l)](*mlp, t_norm, deltas, dh, dw4, L, E, C, NC, blocks,
-                                                                **launch)
-        n_blocks = triton.cdiv(L, m["BLOCK_L"])
-        part = torch.empty(n_blocks, F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
-        _filter_mlp_bwd_kernel[(n_blocks,)](*mlp, w4, t_norm, deltas, dh, part, L, E, C, NC, **launch)
+        _filter_dw4_kernel[(n_c, n_l)](a3, t_norm, deltas, dh, dw4, L, C, NC, blocks, **launch)
+        part = torch.empty(triton.cdiv(L, bl), F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(triton.cdiv(L, bl),)](pos, w1, b1, w2, b2, w3, b3, freq, w4, t_norm, deltas, dh, part,
+                                                      L, E, C, NC, EP=m["EP"], **launch)
         dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
         return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
                 dw3.view(F_, F_), db3, dw4.sum(0))
 
 
 def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
-    """h (N, C, L) fp32 of a hyena.ImplicitFilter, its MLP and window in one kernel (two backward).
-    Reference: hyena.ImplicitFilter.forward. dot: the products' precision (FILTER["dot"] if None)."""
+    """h (N, C, L) fp32 of a hyena.ImplicitFilter: two kernels forward (the MLP; W4 a3^T and the window),
+    two backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the two big products
+    (FILTER["dot"] if None); the MLP's are fp32."""
     w4 = filt.ffn[-1].weight
     _runnable(w4, "hyena_filter")
     if L > filt.l_max:
