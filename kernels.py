@@ -25,6 +25,8 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
                       by one of three paths: blocked Toeplitz matmuls (training batches of short
                       sequences), one Monarch-FFT kernel per pass (the transforms as tensor-core matmuls,
                       FlashFFTConv's design; up to 16K tokens), or cuFFT with fused pointwise kernels
+    hyena_filter      the implicit filters h (N, C, L): the Sin MLP per block of positions, then W4 a3^T
+                      with the window in the epilogue; backward recomputes the MLP
 
 TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
     tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
@@ -530,7 +532,9 @@ def mhc_post_res(h, f, post, res):
 # the Monarch kernel at (B, C, L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path
 # (test_all's bound is 1%; the filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel
 # 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
-HYENA_SHORT_CONV = {"block_t": 64, "block_k": 64, "num_warps": 4}  # (time, channels) tiles of the short conv
+# (time, channels) tiles of the short conv; H100, fwd+bwd GPU ms at (B, L, K) = (1, 4096, 2304) and the training
+# shape (64, 512, 1152): 0.072 and 0.224 with these, 0.079 and 0.289 with 64 x 64 (18 settings swept)
+HYENA_SHORT_CONV = {"block_t": 128, "block_k": 32, "num_warps": 4}
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
               "toeplitz_rows_per_token": 32}
 
@@ -1141,42 +1145,43 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # its products): 0.30 ms of GPU time at 4K tokens for 25 MB of output. Here: forward, one kernel runs the
 # MLP per block of positions (a3 (L, F): 1 MB at 4K, kept for the backward) and one writes h = W4 a3^T
 # times the window, computed in its epilogue; backward, one kernel forms dW4 = (dh Window) a3 (a sum over
-# time) and one da3 = (dh Window)^T W4 (a sum over channels) and walks it back through the three Sin
-# layers, recomputing them, with per-block partial sums of the small weights' gradients added by PyTorch.
-# The MLP's products are fp32 ("ieee": the Sin layers amplify rounding, see ImplicitFilter.forward); the
-# two big products use FILTER["dot"].
+# time), one da3 = (dh Window)^T W4 (a sum over channels), and one walks da3 back through the three Sin
+# layers, recomputing them. Sums too long for one program are split over several, whose partial sums the
+# next kernel or PyTorch adds (no atomics).
+# The MLP's products are fp32-accurate (the Sin layers amplify rounding, see ImplicitFilter.forward).
 
 # Launch settings: positions per block, channels per product, warps, and the programs aimed at when a
-# kernel's blocks are split to fill the GPU. dot: the big products' precision, "tf32" (~1e-3 relative
-# error, not amplified) or "ieee" (fp32, the tests).
-FILTER = {"block_l": 32, "block_c": 64, "num_warps": 4, "programs": 528, "dot": "tf32"}
+# kernel's blocks are split to fill the GPU (H100 sweep below). dot: the two big products' precision,
+# "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests); mlp_dot: the MLP's, "tf32x3"
+# (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
+FILTER = {"block_l": 16, "block_c": 64, "num_warps": 4, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3"}
 
 if HAVE_TRITON:
     @triton.jit
     def _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E,
-                    EP: tl.constexpr, F: tl.constexpr):
+                    EP: tl.constexpr, F: tl.constexpr, MLP_DOT: tl.constexpr):
         """The MLP at the positions ts (BLOCK_L,): a0 (BLOCK_L, EP), then p_i = a_{i-1} W_i^T + b_i and
-        a_i = sin(freq p_i) (BLOCK_L, F) for i = 1, 2, 3, fp32 products. Rows past L start from a0 = 0
+        a_i = sin(freq p_i) (BLOCK_L, F) for i = 1, 2, 3. Rows past L start from a0 = 0
         (the callers mask what they produce)."""
         e, f = tl.arange(0, EP), tl.arange(0, F)
         a0 = tl.load(pos_ptr + ts[:, None] * E + e[None, :], mask=(ts < L)[:, None] & (e < E)[None, :], other=0.0)
         freq = tl.load(freq_ptr + f)[None, :]
         w1t = tl.load(w1_ptr + f[None, :] * E + e[:, None], mask=(e < E)[:, None], other=0.0)  # (EP, F): W1^T
-        p1 = tl.dot(a0, w1t, input_precision="ieee") + tl.load(b1_ptr + f)[None, :]
+        p1 = tl.dot(a0, w1t, input_precision=MLP_DOT) + tl.load(b1_ptr + f)[None, :]
         a1 = tl.sin(freq * p1)
         wt = f[None, :] * F + f[:, None]  # W^T of an (F, F) weight
-        p2 = tl.dot(a1, tl.load(w2_ptr + wt), input_precision="ieee") + tl.load(b2_ptr + f)[None, :]
+        p2 = tl.dot(a1, tl.load(w2_ptr + wt), input_precision=MLP_DOT) + tl.load(b2_ptr + f)[None, :]
         a2 = tl.sin(freq * p2)
-        p3 = tl.dot(a2, tl.load(w3_ptr + wt), input_precision="ieee") + tl.load(b3_ptr + f)[None, :]
+        p3 = tl.dot(a2, tl.load(w3_ptr + wt), input_precision=MLP_DOT) + tl.load(b3_ptr + f)[None, :]
         a3 = tl.sin(freq * p3)
         return a0, p1, a1, p2, a2, p3, a3
 
     @triton.jit
     def _filter_mlp_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, a3_ptr, L, E,
-                           EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr):
+                           EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr, MLP_DOT: tl.constexpr):
         """a3 (L, F) for one block of positions."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F)[6]
+        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, MLP_DOT)[6]
         f = tl.arange(0, F)
         tl.store(a3_ptr + ts[:, None] * F + f[None, :], a3, mask=(ts < L)[:, None])
 
@@ -1219,47 +1224,57 @@ if HAVE_TRITON:
         tl.store(dw4_ptr + (tl.program_id(1) * NC + js[:, None]) * F + f[None, :], acc, mask=(js < NC)[:, None])
 
     @triton.jit
+    def _filter_da3_kernel(w4_ptr, tnorm_ptr, deltas_ptr, dh_ptr, da_ptr, L, C, NC, chunks_per_program, F: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """da3 = gw^T W4 (L, F), gw = dh Window: one block of positions over a run of channel blocks, stored
+        as a partial sum (the MLP's backward adds the runs)."""
+        ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        f = tl.arange(0, F)
+        da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
+        for i in range(chunks_per_program):
+            js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
+            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)
+            da += tl.dot(tl.trans(gw), w4, input_precision=DOT)  # rows past L stay 0
+        tl.store(da_ptr + (tl.program_id(1) * L + ts[:, None]) * F + f[None, :], da, mask=(ts < L)[:, None])
+
+    @triton.jit
     def _filter_sin_backward(da, p, freq):
         """a = sin(freq p): (dL/dp, this block's share of dL/dfreq)."""
         ca = da * tl.cos(freq * p)
         return ca * freq, tl.sum(ca * p, axis=0)
 
     @triton.jit
-    def _filter_mlp_bwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, w4_ptr, tnorm_ptr,
-                               deltas_ptr, dh_ptr, part_ptr, L, E, C, NC, EP: tl.constexpr, F: tl.constexpr,
-                               BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """One block of positions: da3 = gw^T W4 summed over all channels, then back through the three
-        Sin layers (recomputed after the sum, so that they do not hold registers during it). Stores the
-        block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq, packed in that order, in one row of
-        part (the wrapper adds the rows)."""
+    def _filter_mlp_bwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, da_ptr, part_ptr,
+                               L, E, n_parts, EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr,
+                               MLP_DOT: tl.constexpr):
+        """One block of positions: da3 (the sum of its partials), back through the three Sin layers
+        (recomputed). Stores the block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq, packed in
+        that order, in one row of part (the wrapper adds the rows)."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         e, f = tl.arange(0, EP), tl.arange(0, F)
         da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
-        for j0 in range(0, NC, BLOCK_C):
-            js = j0 + tl.arange(0, BLOCK_C)
-            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
-            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
-            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)
-            # da3 = gw^T W4  (BLOCK_L, F); rows past L stay 0, so they add nothing below
-            da += tl.dot(tl.trans(gw), w4, input_precision=DOT)
+        for i in range(n_parts):
+            da += tl.load(da_ptr + (i * L + ts[:, None]) * F + f[None, :], mask=(ts < L)[:, None], other=0.0)
         a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
-                                                 ts, L, E, EP, F)
+                                                 ts, L, E, EP, F, MLP_DOT)
         freq = tl.load(freq_ptr + f)[None, :]
         row = part_ptr + tl.program_id(0) * (F * E + 2 * F * F + 4 * F)
         ff = f[:, None] * F + f[None, :]
         # layer 3: p3 = a2 W3^T + b3
         dp, dfreq = _filter_sin_backward(da, p3, freq)
-        tl.store(row + F * E + 2 * F + F * F + ff, tl.dot(tl.trans(dp), a2, input_precision="ieee"))  # dW3 = dp3^T a2
+        tl.store(row + F * E + 2 * F + F * F + ff, tl.dot(tl.trans(dp), a2, input_precision=MLP_DOT))  # dW3 = dp3^T a2
         tl.store(row + F * E + 2 * F + 2 * F * F + f, tl.sum(dp, axis=0))  # db3
-        da = tl.dot(dp, tl.load(w3_ptr + ff), input_precision="ieee")  # da2 = dp3 W3
+        da = tl.dot(dp, tl.load(w3_ptr + ff), input_precision=MLP_DOT)  # da2 = dp3 W3
         # layer 2: p2 = a1 W2^T + b2
         dp, dfreq2 = _filter_sin_backward(da, p2, freq)
-        tl.store(row + F * E + F + ff, tl.dot(tl.trans(dp), a1, input_precision="ieee"))  # dW2
+        tl.store(row + F * E + F + ff, tl.dot(tl.trans(dp), a1, input_precision=MLP_DOT))  # dW2
         tl.store(row + F * E + F + F * F + f, tl.sum(dp, axis=0))  # db2
-        da = tl.dot(dp, tl.load(w2_ptr + ff), input_precision="ieee")  # da1 = dp2 W2
+        da = tl.dot(dp, tl.load(w2_ptr + ff), input_precision=MLP_DOT)  # da1 = dp2 W2
         # layer 1: p1 = a0 W1^T + b1 (the positions are a buffer: nothing below)
         dp, dfreq1 = _filter_sin_backward(da, p1, freq)
-        dw1 = tl.dot(tl.trans(dp), a0, input_precision="ieee")  # (F, EP)
+        dw1 = tl.dot(tl.trans(dp), a0, input_precision=MLP_DOT)  # (F, EP)
         tl.store(row + f[:, None] * E + e[None, :], dw1, mask=(e < E)[None, :])
         tl.store(row + F * E + f, tl.sum(dp, axis=0))  # db1
         tl.store(row + F * E + 2 * F * F + 3 * F + f, dfreq + dfreq2 + dfreq1)
@@ -1279,17 +1294,17 @@ class ImplicitFilterFunction(torch.autograd.Function):
     def forward(ctx, L, order, dot, pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4):
         F_, E = w1.shape
         NC, C = w4.size(0), deltas.size(0)
-        bl, bc, warps = FILTER["block_l"], FILTER["block_c"], FILTER["num_warps"]
-        ctx.meta = dict(L=L, E=E, C=C, NC=NC, EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=bl, BLOCK_C=bc,
-                        DOT=dot, num_warps=warps)
-        a3 = torch.empty(L, F_, device=w4.device, dtype=torch.float32)
-        n_l = triton.cdiv(L, bl)
-        _filter_mlp_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, EP=ctx.meta["EP"], F=F_, BLOCK_L=bl,
-                                   num_warps=warps)
+        bl, bc = FILTER["block_l"], FILTER["block_c"]
+        mlp = dict(EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=bl, MLP_DOT=FILTER["mlp_dot"],
+                   num_warps=FILTER["num_warps"])
+        ctx.meta = dict(L=L, E=E, C=C, NC=NC, mlp=mlp, big=dict(F=F_, BLOCK_L=bl, BLOCK_C=bc, DOT=dot,
+                                                                num_warps=FILTER["num_warps"]))
+        n_l, n_c = triton.cdiv(L, bl), triton.cdiv(NC, bc)
+        a3 = torch.empty(L, F_, device=w4.device, dtype=torch.float32)  # (L, F): the MLP's output
+        _filter_mlp_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, **mlp)
         h = torch.empty(NC, L, device=w4.device, dtype=torch.float32)
-        n_c, chunks = _filter_split(triton.cdiv(NC, bc), n_l)
-        _filter_fwd_kernel[(n_l, n_c)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, F=F_, BLOCK_L=bl, BLOCK_C=bc,
-                                       DOT=dot, num_warps=warps)
+        splits, chunks = _filter_split(n_c, n_l)
+        _filter_fwd_kernel[(n_l, splits)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, **ctx.meta["big"])
         ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3)
         return h.view(order, C, L)
 
@@ -1297,16 +1312,20 @@ class ImplicitFilterFunction(torch.autograd.Function):
     def backward(ctx, dh):
         pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3 = ctx.saved_tensors
         m = ctx.meta
-        L, E, C, NC, F_, bl, bc = m["L"], m["E"], m["C"], m["NC"], m["F"], m["BLOCK_L"], m["BLOCK_C"]
+        L, E, C, NC, F_ = m["L"], m["E"], m["C"], m["NC"], m["mlp"]["F"]
+        bl, bc = m["big"]["BLOCK_L"], m["big"]["BLOCK_C"]
         dh = dh.contiguous()
-        launch = dict(F=F_, BLOCK_L=bl, BLOCK_C=bc, DOT=m["DOT"], num_warps=m["num_warps"])
-        n_c = triton.cdiv(NC, bc)
-        n_l, blocks = _filter_split(triton.cdiv(L, bl), n_c)
-        dw4 = torch.empty(n_l, NC, F_, device=dh.device, dtype=torch.float32)
-        _filter_dw4_kernel[(n_c, n_l)](a3, t_norm, deltas, dh, dw4, L, C, NC, blocks, **launch)
-        part = torch.empty(triton.cdiv(L, bl), F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
-        _filter_mlp_bwd_kernel[(triton.cdiv(L, bl),)](pos, w1, b1, w2, b2, w3, b3, freq, w4, t_norm, deltas, dh, part,
-                                                      L, E, C, NC, EP=m["EP"], **launch)
+        n_l, n_c = triton.cdiv(L, bl), triton.cdiv(NC, bc)
+        # dW4: channel blocks x runs of position blocks
+        splits, blocks = _filter_split(n_l, n_c)
+        dw4 = torch.empty(splits, NC, F_, device=dh.device, dtype=torch.float32)
+        _filter_dw4_kernel[(n_c, splits)](a3, t_norm, deltas, dh, dw4, L, C, NC, blocks, **m["big"])
+        # da3: position blocks x runs of channel blocks, then the MLP per position block
+        splits, chunks = _filter_split(n_c, n_l)
+        da = torch.empty(splits, L, F_, device=dh.device, dtype=torch.float32)
+        _filter_da3_kernel[(n_l, splits)](w4, t_norm, deltas, dh, da, L, C, NC, chunks, **m["big"])
+        part = torch.empty(n_l, F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, splits, **m["mlp"])
         dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
         return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
                 dw3.view(F_, F_), db3, dw4.sum(0))
@@ -1314,8 +1333,8 @@ class ImplicitFilterFunction(torch.autograd.Function):
 
 def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
     """h (N, C, L) fp32 of a hyena.ImplicitFilter: two kernels forward (the MLP; W4 a3^T and the window),
-    two backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the two big products
-    (FILTER["dot"] if None); the MLP's are fp32."""
+    three backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the big products
+    (FILTER["dot"] if None); the MLP's are FILTER["mlp_dot"]."""
     w4 = filt.ffn[-1].weight
     _runnable(w4, "hyena_filter")
     if L > filt.l_max:
