@@ -228,8 +228,8 @@ class HyenaMixer(nn.Module):
         B, T, C = u.shape
         if cache is not None:
             return self.decode(u, start_pos, cache)
-        # (N, C, T) fp32; unbound, not indexed: h[n]'s backward would write a zero-filled (N, C, T) per n
-        h = (kernels.hyena_filter(self.filter, T) if self.use_kernels else self.filter(T)).unbind(0)
+        # N filters (C, T) fp32; unbound, not indexed: h[n]'s backward would write a zero-filled (N, C, T) per n
+        h = kernels.hyena_filter(self.filter, T) if self.use_kernels else self.filter(T).unbind(0)
         v, *gates = self.streams(u)
         z = v  # z^1 = v
         for n, x in enumerate(gates):  # z^{n+1} = x^n * (h^n conv z^n + D^n z^n)

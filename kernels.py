@@ -1154,7 +1154,7 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # kernel's blocks are split to fill the GPU (H100 sweep below). dot: the two big products' precision,
 # "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests); mlp_dot: the MLP's, "tf32x3"
 # (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
-FILTER = {"block_l": 16, "block_c": 64, "num_warps": 4, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3"}
+FILTER = {"block_l": 32, "block_c": 32, "num_warps": 8, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3"}
 
 if HAVE_TRITON:
     @triton.jit
@@ -1208,36 +1208,37 @@ if HAVE_TRITON:
             tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=(js < NC)[:, None] & (ts < L)[None, :])
 
     @triton.jit
-    def _filter_dw4_kernel(a3_ptr, tnorm_ptr, deltas_ptr, dh_ptr, dw4_ptr, L, C, NC, blocks_per_program,
+    def _filter_dw4_kernel(a3_ptr, tnorm_ptr, deltas_ptr, dh_ptr, dw4_ptr, L, C, NC, row0, blocks_per_program,
                            F: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """dW4 = gw a3 (N C, F) with gw = dh Window: one channel block over a run of position blocks,
-        stored as a partial sum (the wrapper adds the runs)."""
+        """dW4 = gw a3 for one filter's rows row0 + (0..C) of W4 (N C, F), gw = dh Window, dh (C, L): one
+        channel block over a run of position blocks, stored as a partial sum (the wrapper adds the runs)."""
         js = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         f = tl.arange(0, F)
         acc = tl.zeros((BLOCK_C, F), dtype=tl.float32)
         for i in range(blocks_per_program):
             ts = (tl.program_id(1) * blocks_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
             gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
             a3 = tl.load(a3_ptr + ts[:, None] * F + f[None, :], mask=(ts < L)[:, None], other=0.0)  # (BLOCK_L, F)
             acc += tl.dot(gw, a3, input_precision=DOT)
-        tl.store(dw4_ptr + (tl.program_id(1) * NC + js[:, None]) * F + f[None, :], acc, mask=(js < NC)[:, None])
+        tl.store(dw4_ptr + (tl.program_id(1) * NC + row0 + js[:, None]) * F + f[None, :], acc, mask=(js < C)[:, None])
 
     @triton.jit
-    def _filter_da3_kernel(w4_ptr, tnorm_ptr, deltas_ptr, dh_ptr, da_ptr, L, C, NC, chunks_per_program, F: tl.constexpr,
-                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
-        """da3 = gw^T W4 (L, F), gw = dh Window: one block of positions over a run of channel blocks, stored
-        as a partial sum (the MLP's backward adds the runs)."""
+    def _filter_da3_kernel(w4_ptr, tnorm_ptr, deltas_ptr, dh_ptr, da_ptr, L, C, row0, part0, chunks_per_program,
+                           F: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        """da3 = gw^T W4 (L, F) for one filter (rows row0 + (0..C) of W4), gw = dh Window: one block of
+        positions over a run of channel blocks, stored as partial sum part0 + run (the MLP's backward adds
+        them)."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         f = tl.arange(0, F)
         da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
         for i in range(chunks_per_program):
             js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
-            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
             gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
-            w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)
+            w4 = tl.load(w4_ptr + (row0 + js[:, None]) * F + f[None, :], mask=(js < C)[:, None], other=0.0)
             da += tl.dot(tl.trans(gw), w4, input_precision=DOT)  # rows past L stay 0
-        tl.store(da_ptr + (tl.program_id(1) * L + ts[:, None]) * F + f[None, :], da, mask=(ts < L)[:, None])
+        tl.store(da_ptr + ((part0 + tl.program_id(1)) * L + ts[:, None]) * F + f[None, :], da, mask=(ts < L)[:, None])
 
     @triton.jit
     def _filter_sin_backward(da, p, freq):
@@ -1288,7 +1289,7 @@ def _filter_split(blocks: int, other_blocks: int) -> tuple[int, int]:
 
 
 class ImplicitFilterFunction(torch.autograd.Function):
-    """Equals hyena.ImplicitFilter.forward(L): the MLP's weights in, h (N, C, L) fp32 out."""
+    """Equals hyena.ImplicitFilter.forward(L).unbind(0): the MLP's weights in, N filters (C, L) fp32 out."""
 
     @staticmethod
     def forward(ctx, L, order, dot, pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4):
@@ -1306,34 +1307,38 @@ class ImplicitFilterFunction(torch.autograd.Function):
         splits, chunks = _filter_split(n_c, n_l)
         _filter_fwd_kernel[(n_l, splits)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, **ctx.meta["big"])
         ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3)
-        return h.view(order, C, L)
+        # one output per filter, so that each comes back with its own gradient (one (N, C, L) output
+        # would need them stacked: a copy of dh)
+        return tuple(h.view(order, C, L).unbind(0))
 
     @staticmethod
-    def backward(ctx, dh):
+    def backward(ctx, *dhs):
         pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3 = ctx.saved_tensors
         m = ctx.meta
         L, E, C, NC, F_ = m["L"], m["E"], m["C"], m["NC"], m["mlp"]["F"]
         bl, bc = m["big"]["BLOCK_L"], m["big"]["BLOCK_C"]
-        dh = dh.contiguous()
-        n_l, n_c = triton.cdiv(L, bl), triton.cdiv(NC, bc)
-        # dW4: channel blocks x runs of position blocks
-        splits, blocks = _filter_split(n_l, n_c)
-        dw4 = torch.empty(splits, NC, F_, device=dh.device, dtype=torch.float32)
-        _filter_dw4_kernel[(n_c, splits)](a3, t_norm, deltas, dh, dw4, L, C, NC, blocks, **m["big"])
-        # da3: position blocks x runs of channel blocks, then the MLP per position block
-        splits, chunks = _filter_split(n_c, n_l)
-        da = torch.empty(splits, L, F_, device=dh.device, dtype=torch.float32)
-        _filter_da3_kernel[(n_l, splits)](w4, t_norm, deltas, dh, da, L, C, NC, chunks, **m["big"])
-        part = torch.empty(n_l, F_ * E + 2 * F_ * F_ + 4 * F_, device=dh.device, dtype=torch.float32)
-        _filter_mlp_bwd_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, splits, **m["mlp"])
+        n_l, n_c = triton.cdiv(L, bl), triton.cdiv(C, bc)
+        # dW4: channel blocks x runs of position blocks, per filter
+        splits_l, blocks = _filter_split(n_l, n_c)
+        dw4 = torch.empty(splits_l, NC, F_, device=w4.device, dtype=torch.float32)
+        # da3: position blocks x runs of channel blocks, per filter; then the MLP per position block
+        splits_c, chunks = _filter_split(n_c, n_l)
+        da = torch.empty(len(dhs) * splits_c, L, F_, device=w4.device, dtype=torch.float32)
+        for n, dh in enumerate(dhs):
+            dh = dh.contiguous()
+            _filter_dw4_kernel[(n_c, splits_l)](a3, t_norm, deltas, dh, dw4, L, C, NC, n * C, blocks, **m["big"])
+            _filter_da3_kernel[(n_l, splits_c)](w4, t_norm, deltas, dh, da, L, C, n * C, n * splits_c, chunks,
+                                                **m["big"])
+        part = torch.empty(n_l, F_ * E + 2 * F_ * F_ + 4 * F_, device=w4.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, da.size(0), **m["mlp"])
         dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
         return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
                 dw3.view(F_, F_), db3, dw4.sum(0))
 
 
 def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
-    """h (N, C, L) fp32 of a hyena.ImplicitFilter: two kernels forward (the MLP; W4 a3^T and the window),
-    three backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the big products
+    """The N filters (C, L) fp32 of a hyena.ImplicitFilter, a tuple: two kernels forward (the MLP; W4 a3^T and
+    the window), 2 N + 1 backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the big products
     (FILTER["dot"] if None); the MLP's are FILTER["mlp_dot"]."""
     w4 = filt.ffn[-1].weight
     _runnable(w4, "hyena_filter")
@@ -2092,8 +2097,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
                 if filters is None:
                     y = mixer(x)
                 else:  # "kernel" or "plain"
-                    y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L)
-            y.backward(g if filters is None else g_filters)
+                    y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L).unbind(0)
+            torch.autograd.backward(y, g if filters is None else g_filters.unbind(0))
             x.grad = None
             mixer.zero_grad(set_to_none=True)
         return run

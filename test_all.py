@@ -613,7 +613,7 @@ def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, programs=N
     if programs:
         kernels.FILTER["programs"] = programs
     try:
-        out = kernels.hyena_filter(filt, L, dot=dot)
+        out = torch.stack(kernels.hyena_filter(filt, L, dot=dot))
         grads = torch.autograd.grad(out, params, g)
     finally:
         kernels.FILTER.update(saved)
