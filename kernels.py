@@ -1151,9 +1151,11 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # The MLP's products are fp32-accurate (the Sin layers amplify rounding, see ImplicitFilter.forward).
 
 # Launch settings: positions per block, channels per product, warps, and the programs aimed at when a
-# kernel's blocks are split to fill the GPU (H100 sweep below). dot: the two big products' precision,
-# "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests); mlp_dot: the MLP's, "tf32x3"
-# (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
+# kernel's blocks are split to fill the GPU. H100, C = 768, N = 2, fwd+bwd GPU ms at 4K positions: 0.118
+# with these; 0.127-0.140 for the next seven of 24 (16/32 positions, 32/64/128 channels, 4/8 warps, mlp_dot
+# tf32x3 / ieee: every one of the best eight tf32x3); 264 or 1056 programs 0.130 and 0.123. dot: the two
+# big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests);
+# mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
 FILTER = {"block_l": 32, "block_c": 32, "num_warps": 8, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3"}
 
 if HAVE_TRITON:
@@ -1208,6 +1210,12 @@ if HAVE_TRITON:
             tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=(js < NC)[:, None] & (ts < L)[None, :])
 
     @triton.jit
+    def _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C):
+        """gw = dh Window, the gradient of W4 a3^T, for one filter's dh (C, L): (BLOCK_C, BLOCK_L)."""
+        win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
+        return tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+
+    @triton.jit
     def _filter_dw4_kernel(a3_ptr, tnorm_ptr, deltas_ptr, dh_ptr, dw4_ptr, L, C, NC, row0, blocks_per_program,
                            F: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
         """dW4 = gw a3 for one filter's rows row0 + (0..C) of W4 (N C, F), gw = dh Window, dh (C, L): one
@@ -1217,8 +1225,7 @@ if HAVE_TRITON:
         acc = tl.zeros((BLOCK_C, F), dtype=tl.float32)
         for i in range(blocks_per_program):
             ts = (tl.program_id(1) * blocks_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
-            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C)
             a3 = tl.load(a3_ptr + ts[:, None] * F + f[None, :], mask=(ts < L)[:, None], other=0.0)  # (BLOCK_L, F)
             acc += tl.dot(gw, a3, input_precision=DOT)
         tl.store(dw4_ptr + (tl.program_id(1) * NC + row0 + js[:, None]) * F + f[None, :], acc, mask=(js < C)[:, None])
@@ -1234,8 +1241,7 @@ if HAVE_TRITON:
         da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
         for i in range(chunks_per_program):
             js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
-            win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
-            gw = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+            gw = _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C)
             w4 = tl.load(w4_ptr + (row0 + js[:, None]) * F + f[None, :], mask=(js < C)[:, None], other=0.0)
             da += tl.dot(tl.trans(gw), w4, input_precision=DOT)  # rows past L stay 0
         tl.store(da_ptr + ((part0 + tl.program_id(1)) * L + ts[:, None]) * F + f[None, :], da, mask=(ts < L)[:, None])
