@@ -143,7 +143,7 @@ class ImplicitFilter(nn.Module):
         # Precision: sin(w p) with w ~ 14 multiplies p's rounding error by 14, three layers deep. On an H100
         # the hidden layers in bf16 (autocast) put h 60% (relative to its largest tap) off its exact value,
         # in tf32 18%; so they run in float64 (L x F x F multiply-adds, next to nothing) and the last layer,
-        # whose rounding is not amplified, in fp32, whatever autocast says.
+        # whose rounding is not amplified, in fp32 (tf32 where torch allows it), whatever autocast says.
         with torch.autocast(self.pos.device.type, enabled=False):
             z = self.pos[:L].double()  # (L, emb_dim); positions never depend on L, so a prefix is causal
             for lin in self.ffn[:-1]:
@@ -199,7 +199,7 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w)
         self.proj = nn.Linear(C, C, bias=False)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # kernels.hyena_filter: the implicit filters in one kernel (two backward); kernels.hyena_long_conv:
+        # kernels.hyena_filter: the implicit filters (two kernels forward, 2N + 1 backward); kernels.hyena_long_conv:
         # the Toeplitz kernel for large batches of short sequences (training), the Monarch-FFT kernel
         # otherwise up to 16K tokens, the cuFFT path beyond
         width = cfg.hyena_filter_width
