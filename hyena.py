@@ -216,10 +216,9 @@ class HyenaMixer(nn.Module):
         """u (B, T, C) -> N+1 streams (B, C, T) after the short conv. conv_state (B, (N+1)C, 2): the two
         inputs before this chunk (decoding); None means zeros (the sequence starts here)."""
         p = self.in_proj(u)  # (B, T, (N+1) C)
-        if conv_state is None and self.use_kernels:
-            s = kernels.hyena_short_conv(p, self.conv_weight, self.conv_bias)  # (B, (N+1) C, T)
-        else:
-            s = short_conv(p, self.conv_weight, self.conv_bias, conv_state)  # (B, (N+1) C, T)
+        if conv_state is None and self.use_kernels:  # the streams' gradients stay apart in the backward
+            return kernels.hyena_short_conv(p, self.conv_weight, self.conv_bias, streams=self.order + 1)
+        s = short_conv(p, self.conv_weight, self.conv_bias, conv_state)  # (B, (N+1) C, T)
         if conv_state is not None:  # keep the last two inputs for the next chunk
             conv_state.copy_(torch.cat([conv_state, p.transpose(1, 2).to(conv_state.dtype)], dim=-1)[..., -2:])
         return s.chunk(self.order + 1, dim=1)  # N+1 x (B, C, T): v, x^1, ..., x^N
@@ -230,13 +229,14 @@ class HyenaMixer(nn.Module):
             return self.decode(u, start_pos, cache)
         # N filters (C, T) fp32; unbound, not indexed: h[n]'s backward would write a zero-filled (N, C, T) per n
         h = kernels.hyena_filter(self.filter, T) if self.use_kernels else self.filter(T).unbind(0)
+        skips = self.filter.skip.unbind(0)  # N x (C,); unbound for the reason above
         v, *gates = self.streams(u)
         z = v  # z^1 = v
         for n, x in enumerate(gates):  # z^{n+1} = x^n * (h^n conv z^n + D^n z^n)
             if self.use_kernels:
-                z = kernels.hyena_long_conv(z, x, h[n], self.filter.skip[n])
+                z = kernels.hyena_long_conv(z, x, h[n], skips[n])
             else:
-                z = long_conv_gate(z, x, h[n], self.filter.skip[n])
+                z = long_conv_gate(z, x, h[n], skips[n])
         return self.proj(z.transpose(1, 2))  # (B, C, T) -> (B, T, C)
 
     # -- generation: exact cached decoding ----------------------------------------------------------

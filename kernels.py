@@ -20,7 +20,8 @@ coefficients from h, and Sinkhorn's iterates (run forward once more, each iterat
 scratch buffer the same program reads back at once, then walked backwards: O(iters) per token).
 
 Hyena (hyena.py), streams (B, C, L) with time contiguous:
-    hyena_short_conv  in_proj output (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv, transposed
+    hyena_short_conv  in_proj output (B, L, K) -> streams (B, K / streams, L): the 3-tap causal depthwise
+                      conv, transposed
     hyena_long_conv   x * (h conv u + D u), the causal long convolution with the skip and the gate fused,
                       by one of three paths: blocked Toeplitz matmuls (training batches of short
                       sequences), one Monarch-FFT kernel per pass (the transforms as tensor-core matmuls,
@@ -534,7 +535,8 @@ def mhc_post_res(h, f, post, res):
 # 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
 # (time, channels) tiles of the short conv; H100, fwd+bwd GPU ms at (B, L, K) = (1, 4096, 2304) and the training
 # shape (64, 512, 1152): 0.072 and 0.224 with these, 0.079 and 0.289 with 64 x 64 (18 settings swept)
-HYENA_SHORT_CONV = {"block_t": 128, "block_k": 32, "num_warps": 4}
+HYENA_SHORT_CONV = {"block_t": 128, "block_k": 32, "num_warps": 4, "bwd_block_t": 128, "bwd_block_k": 32,
+                    "bwd_num_warps": 4}
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
               "toeplitz_rows_per_token": 32}
 
@@ -556,29 +558,31 @@ if HAVE_TRITON:
                  mask=(ts < L)[:, None] & kmask[None, :])
 
     @triton.jit
-    def _short_conv_bwd_kernel(p_ptr, w_ptr, g_ptr, dp_ptr, dw_ptr, db_ptr, L, K, BLOCK_T: tl.constexpr,
+    def _short_conv_bwd_kernel(p_ptr, w_ptr, g_ptr, dp_ptr, part_ptr, L, K, k0, KS, BLOCK_T: tl.constexpr,
                                BLOCK_K: tl.constexpr):
-        """dp[b, t, k] = sum_j w[k, j] g[b, k, t + 2 - j]; per-program partial sums of dw and dbias
-        (reduced in PyTorch: no atomics)."""
+        """For the stream of channels k0 + (0..KS), g = its output's gradient (B, KS, L):
+        dp[b, t, k] = sum_j w[k, j] g[b, k, t + 2 - j]; per-program partial sums of dw and dbias, stored
+        as part[program, k] = (dw_0, dw_1, dw_2, dbias) (the wrapper adds the programs: no atomics)."""
         ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        cs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # channels within the stream
+        ks = k0 + cs  # channels of p
         b = tl.program_id(2)
-        kmask = ks < K
+        kmask = cs < KS
         tmask = ts < L
-        g = tl.load(g_ptr + b * K * L + ks[None, :] * L + ts[:, None], mask=tmask[:, None] & kmask[None, :],
+        g = tl.load(g_ptr + b * KS * L + cs[None, :] * L + ts[:, None], mask=tmask[:, None] & kmask[None, :],
                     other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_K)
         dp = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        part = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * K + ks
+        part = ((b * tl.num_programs(0) + tl.program_id(0)) * K + ks) * 4
         for j in tl.static_range(3):
             dst = ts + 2 - j  # the output this tap of p[t] fed
-            gj = tl.load(g_ptr + b * K * L + ks[None, :] * L + dst[:, None],
+            gj = tl.load(g_ptr + b * KS * L + cs[None, :] * L + dst[:, None],
                          mask=(dst < L)[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             dp += tl.load(w_ptr + ks * 3 + j, mask=kmask, other=0.0)[None, :] * gj
             src = ts - 2 + j
             pv = tl.load(p_ptr + b * L * K + src[:, None] * K + ks[None, :],
                          mask=((src >= 0) & (src < L))[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            tl.store(dw_ptr + part * 3 + j, tl.sum(g * pv, axis=0), mask=kmask)
-        tl.store(db_ptr + part, tl.sum(g, axis=0), mask=kmask)
+            tl.store(part_ptr + part + j, tl.sum(g * pv, axis=0), mask=kmask)
+        tl.store(part_ptr + part + 3, tl.sum(g, axis=0), mask=kmask)
         tl.store(dp_ptr + b * L * K + ts[:, None] * K + ks[None, :], dp.to(dp_ptr.dtype.element_ty),
                  mask=tmask[:, None] & kmask[None, :])
 
@@ -673,42 +677,50 @@ if HAVE_TRITON:
 
 
 class ShortConvFunction(torch.autograd.Function):
-    """Equals hyena.short_conv: p (B, L, K) -> (B, K, L), 3-tap causal depthwise conv plus bias."""
+    """Equals hyena.short_conv(p, weight, bias).chunk(streams, dim=1): p (B, L, K) -> `streams` outputs
+    (B, K / streams, L), views of one (B, K, L) buffer. Each stream's gradient is read where autograd
+    leaves it (one backward launch per stream), so they are never concatenated into one (B, K, L) copy."""
 
     @staticmethod
-    def forward(ctx, p, weight, bias):
+    def forward(ctx, p, weight, bias, streams):
         B, L, K = p.shape
         out = torch.empty(B, K, L, device=p.device, dtype=p.dtype)
         bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
         _short_conv_fwd_kernel[(triton.cdiv(L, bt), triton.cdiv(K, bk), B)](
             p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
         ctx.save_for_backward(p, weight)
-        return out
+        return tuple(out.chunk(streams, dim=1))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *grads):
         p, weight = ctx.saved_tensors
         B, L, K = p.shape
-        bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
+        KS = K // len(grads)
+        bt, bk, warps = (HYENA_SHORT_CONV[k] for k in ("bwd_block_t", "bwd_block_k", "bwd_num_warps"))
         n_t = triton.cdiv(L, bt)
         dp = torch.empty_like(p)
-        dw = torch.empty(B * n_t, K, 3, device=p.device, dtype=torch.float32)
-        db = torch.empty(B * n_t, K, device=p.device, dtype=torch.float32)
-        _short_conv_bwd_kernel[(n_t, triton.cdiv(K, bk), B)](
-            p, weight, g.contiguous(), dp, dw, db, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
-        return dp, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+        part = torch.empty(B * n_t, K, 4, device=p.device, dtype=torch.float32)  # dw (3 taps), dbias
+        for s, g in enumerate(grads):
+            g = torch.zeros(B, KS, L, device=p.device, dtype=p.dtype) if g is None else g.contiguous()
+            _short_conv_bwd_kernel[(n_t, triton.cdiv(KS, bk), B)](
+                p, weight, g, dp, part, L, K, s * KS, KS, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
+        dw, db = part.sum(0).split([3, 1], dim=1)  # (K, 3), (K, 1)
+        return dp, dw.contiguous(), db.reshape(K), None
 
 
-def hyena_short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """p (B, L, K) -> (B, K, L): the 3-tap causal depthwise conv of every in_proj stream, written with
-    time last for the long convolutions. Reference: hyena.short_conv."""
+def hyena_short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, streams: int = 1) -> tuple:
+    """p (B, L, K) -> a tuple of `streams` tensors (B, K / streams, L): the 3-tap causal depthwise conv of
+    every in_proj stream, written with time last for the long convolutions, split into the streams.
+    Reference: hyena.short_conv (then chunk)."""
     _runnable(p, "hyena_short_conv")
     _check("p", p)
     if p.dim() != 3:
         raise ValueError(f"hyena_short_conv: p must be (B, L, K), got shape {tuple(p.shape)}")
+    if streams < 1 or p.size(2) % streams:
+        raise ValueError(f"hyena_short_conv: {p.size(2)} channels do not split into {streams} streams")
     _check("weight", weight, (p.size(2), 3), (torch.float32,))
     _check("bias", bias, (p.size(2),), (torch.float32,))
-    return ShortConvFunction.apply(p.contiguous(), weight.contiguous(), bias.contiguous())
+    return ShortConvFunction.apply(p.contiguous(), weight.contiguous(), bias.contiguous(), streams)
 
 
 class LongConvFunction(torch.autograd.Function):
@@ -1156,7 +1168,8 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # tf32x3 / ieee: every one of the best eight tf32x3); 264 or 1056 programs 0.130 and 0.123. dot: the two
 # big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests);
 # mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
-FILTER = {"block_l": 32, "block_c": 32, "num_warps": 8, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3"}
+FILTER = {"block_l": 32, "block_c": 32, "num_warps": 8, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3",
+          "mlp_block_l": 32}
 
 if HAVE_TRITON:
     @triton.jit
@@ -1212,8 +1225,10 @@ if HAVE_TRITON:
     @triton.jit
     def _filter_grad_window(dh_ptr, deltas_ptr, tnorm_ptr, js, ts, L, C):
         """gw = dh Window, the gradient of W4 a3^T, for one filter's dh (C, L): (BLOCK_C, BLOCK_L)."""
-        win = _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
-        return tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=win > 0, other=0.0) * win
+        # masked by the indices, not by win > 0: a mask that waits for the exp would keep the loop's loads
+        # from being issued ahead (software pipelining)
+        dh = tl.load(dh_ptr + js[:, None] * L + ts[None, :], mask=(js < C)[:, None] & (ts < L)[None, :], other=0.0)
+        return dh * _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, C)
 
     @triton.jit
     def _filter_dw4_kernel(a3_ptr, tnorm_ptr, deltas_ptr, dh_ptr, dw4_ptr, L, C, NC, row0, blocks_per_program,
@@ -1302,13 +1317,13 @@ class ImplicitFilterFunction(torch.autograd.Function):
         F_, E = w1.shape
         NC, C = w4.size(0), deltas.size(0)
         bl, bc = FILTER["block_l"], FILTER["block_c"]
-        mlp = dict(EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=bl, MLP_DOT=FILTER["mlp_dot"],
-                   num_warps=FILTER["num_warps"])
+        mlp = dict(EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=FILTER["mlp_block_l"],
+                   MLP_DOT=FILTER["mlp_dot"], num_warps=FILTER["num_warps"])
         ctx.meta = dict(L=L, E=E, C=C, NC=NC, mlp=mlp, big=dict(F=F_, BLOCK_L=bl, BLOCK_C=bc, DOT=dot,
                                                                 num_warps=FILTER["num_warps"]))
         n_l, n_c = triton.cdiv(L, bl), triton.cdiv(NC, bc)
         a3 = torch.empty(L, F_, device=w4.device, dtype=torch.float32)  # (L, F): the MLP's output
-        _filter_mlp_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, **mlp)
+        _filter_mlp_kernel[(triton.cdiv(L, mlp["BLOCK_L"]),)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, **mlp)
         h = torch.empty(NC, L, device=w4.device, dtype=torch.float32)
         splits, chunks = _filter_split(n_c, n_l)
         _filter_fwd_kernel[(n_l, splits)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, **ctx.meta["big"])
@@ -1335,8 +1350,9 @@ class ImplicitFilterFunction(torch.autograd.Function):
             _filter_dw4_kernel[(n_c, splits_l)](a3, t_norm, deltas, dh, dw4, L, C, NC, n * C, blocks, **m["big"])
             _filter_da3_kernel[(n_l, splits_c)](w4, t_norm, deltas, dh, da, L, C, n * C, n * splits_c, chunks,
                                                 **m["big"])
-        part = torch.empty(n_l, F_ * E + 2 * F_ * F_ + 4 * F_, device=w4.device, dtype=torch.float32)
-        _filter_mlp_bwd_kernel[(n_l,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, da.size(0), **m["mlp"])
+        n_mlp = triton.cdiv(L, m["mlp"]["BLOCK_L"])
+        part = torch.empty(n_mlp, F_ * E + 2 * F_ * F_ + 4 * F_, device=w4.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(n_mlp,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, da.size(0), **m["mlp"])
         dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
         return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
                 dw3.view(F_, F_), db3, dw4.sum(0))

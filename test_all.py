@@ -564,12 +564,15 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz")
         p = torch.randn(B, L, 3 * C, device=device).to(dtype).requires_grad_()
         w, bias = torch.randn(3 * C, 3, device=device, requires_grad=True), torch.randn(3 * C, device=device,
                                                                                            requires_grad=True)
-        ref, out = hyena.short_conv(p, w, bias), kernels.hyena_short_conv(p, w, bias)
-        assert rel_err(out, ref) < tol
+        ref = hyena.short_conv(p, w, bias)
         g = torch.randn_like(ref)
-        for name, a, b in zip(["p", "w", "bias"], torch.autograd.grad(out, (p, w, bias), g),
-                              torch.autograd.grad(ref, (p, w, bias), g)):
-            assert rel_err(a, b) < tol, (name, rel_err(a, b))
+        ref_grads = torch.autograd.grad(ref, (p, w, bias), g)
+        for streams in (1, 3):  # one output, and the three streams the mixer takes (their gradients apart)
+            out = kernels.hyena_short_conv(p, w, bias, streams=streams)
+            assert len(out) == streams and rel_err(torch.cat(out, dim=1), ref) < tol
+            grads = torch.autograd.grad(out, (p, w, bias), g.chunk(streams, 1))
+            for name, a, b in zip(["p", "w", "bias"], grads, ref_grads):
+                assert rel_err(a, b) < tol, (streams, name, rel_err(a, b))
     finally:
         kernels.HYENA_CONV.update(saved)
 
@@ -595,10 +598,10 @@ def test_kernel_hyena_matches_reference():
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
 
 
-def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, programs=None):
+def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, **launch):
     """hyena_filter vs hyena.ImplicitFilter.forward in fp32 (no autocast): h and the gradients of every
     filter parameter, relative to their largest entries. Biases are randomised so that every term is
-    exercised (the default init's are small). Returns the errors."""
+    exercised (the default init's are small). launch: FILTER settings for this check. Returns the errors."""
     torch.manual_seed(0)
     filt = hyena.ImplicitFilter(C, N, l_max, emb_dim=E, width=F).to(device)
     filt.init_weights()
@@ -610,8 +613,7 @@ def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, programs=N
     ref = filt(L)
     ref_grads = torch.autograd.grad(ref, params, g)
     saved = dict(kernels.FILTER)
-    if programs:
-        kernels.FILTER["programs"] = programs
+    kernels.FILTER.update(launch)
     try:
         out = torch.stack(kernels.hyena_filter(filt, L, dot=dot))
         grads = torch.autograd.grad(out, params, g)
@@ -635,6 +637,7 @@ def test_kernel_hyena_filter_matches_reference():
     check_kernel_hyena_filter(8, 2, 100, 37, 5, 16, device, "ieee", 1e-4)
     check_kernel_hyena_filter(24, 3, 300, 300, 33, 64, device, "ieee", 1e-4)
     check_kernel_hyena_filter(24, 3, 300, 299, 33, 64, device, "ieee", 1e-4, programs=4)
+    check_kernel_hyena_filter(24, 2, 300, 77, 33, 32, device, "ieee", 1e-4, mlp_block_l=16)
     check_kernel_hyena_filter(40, 2, 90, 65, 33, 32, device, "ieee", 1e-4)
     for width, L, err in ((24, 10, "power of 2"), (16, 33, "l_max")):
         filt = hyena.ImplicitFilter(4, 2, 32, width=width).to(device)
