@@ -27,7 +27,7 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
                       sequences), one Monarch-FFT kernel per pass (the transforms as tensor-core matmuls,
                       FlashFFTConv's design; up to 16K tokens), or cuFFT with fused pointwise kernels
     hyena_filter      the implicit filters h (N, C, L): the Sin MLP per block of positions, then W4 a3^T
-                      with the window in the epilogue; backward recomputes the MLP
+                      with the window in the epilogue; the MLP's pre-activations kept for the backward
 
 TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
     tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
@@ -1155,11 +1155,11 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 #
 # In PyTorch the filter is ~20 small kernels forward and ~50 backward (linears, casts, sin, the window and
 # its products): 0.30 ms of GPU time at 4K tokens for 25 MB of output. Here: forward, one kernel runs the
-# MLP per block of positions (a3 (L, F): 1 MB at 4K, kept for the backward) and one writes h = W4 a3^T
-# times the window, computed in its epilogue; backward, one kernel forms dW4 = (dh Window) a3 (a sum over
-# time), one da3 = (dh Window)^T W4 (a sum over channels), and one walks da3 back through the three Sin
-# layers, recomputing them. Sums too long for one program are split over several, whose partial sums the
-# next kernel or PyTorch adds (no atomics).
+# MLP per block of positions (a3 (L, F): 1 MB at 4K, and the three pre-activations, kept for the backward)
+# and one writes h = W4 a3^T times the window, computed in its epilogue; backward, one kernel forms
+# dW4 = (dh Window) a3 (a sum over time), one da3 = (dh Window)^T W4 (a sum over channels), and one walks
+# da3 back through the three Sin layers. Sums too long for one program are split over several, whose
+# partial sums the next kernel or PyTorch adds (no atomics).
 # The MLP's products are fp32-accurate (the Sin layers amplify rounding, see ImplicitFilter.forward).
 
 # Launch settings: positions per block, channels per product, warps, and the programs aimed at when a
@@ -1168,8 +1168,8 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # tf32x3 / ieee: every one of the best eight tf32x3); 264 or 1056 programs 0.130 and 0.123. dot: the two
 # big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests);
 # mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
-FILTER = {"block_l": 32, "block_c": 32, "num_warps": 8, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3",
-          "mlp_block_l": 32}
+FILTER = {"block_l": 32, "block_c": 32, "num_warps": 4, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3",
+          "mlp_block_l": 16}
 
 if HAVE_TRITON:
     @triton.jit
@@ -1192,13 +1192,18 @@ if HAVE_TRITON:
         return a0, p1, a1, p2, a2, p3, a3
 
     @triton.jit
-    def _filter_mlp_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, a3_ptr, L, E,
+    def _filter_mlp_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, act_ptr, L, E,
                            EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr, MLP_DOT: tl.constexpr):
-        """a3 (L, F) for one block of positions."""
+        """act (4, L, F) = (p1, p2, p3, a3) for one block of positions: a3 for h, the pre-activations for
+        the backward (which then need not run the MLP's chain of dependent products again)."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-        a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, ts, L, E, EP, F, MLP_DOT)[6]
-        f = tl.arange(0, F)
-        tl.store(a3_ptr + ts[:, None] * F + f[None, :], a3, mask=(ts < L)[:, None])
+        a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
+                                                 ts, L, E, EP, F, MLP_DOT)
+        offs, mask = ts[:, None] * F + tl.arange(0, F)[None, :], (ts < L)[:, None]
+        tl.store(act_ptr + offs, p1, mask=mask)
+        tl.store(act_ptr + L * F + offs, p2, mask=mask)
+        tl.store(act_ptr + 2 * L * F + offs, p3, mask=mask)
+        tl.store(act_ptr + 3 * L * F + offs, a3, mask=mask)
 
     @triton.jit
     def _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC):
@@ -1268,20 +1273,25 @@ if HAVE_TRITON:
         return ca * freq, tl.sum(ca * p, axis=0)
 
     @triton.jit
-    def _filter_mlp_bwd_kernel(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr, da_ptr, part_ptr,
-                               L, E, n_parts, EP: tl.constexpr, F: tl.constexpr, BLOCK_L: tl.constexpr,
-                               MLP_DOT: tl.constexpr):
-        """One block of positions: da3 (the sum of its partials), back through the three Sin layers
-        (recomputed). Stores the block's partial sums of dW1, db1, dW2, db2, dW3, db3, dfreq, packed in
-        that order, in one row of part (the wrapper adds the rows)."""
+    def _filter_mlp_bwd_kernel(pos_ptr, w2_ptr, w3_ptr, freq_ptr, act_ptr, da_ptr, part_ptr, dw4_part_ptr, dw4_ptr,
+                               L, E, n_parts, n_dw4_parts, dw4_size, dw4_each, EP: tl.constexpr, F: tl.constexpr,
+                               BLOCK_L: tl.constexpr, MLP_DOT: tl.constexpr):
+        """One block of positions: da3 (the sum of its partials), back through the three Sin layers (their
+        pre-activations saved by the forward). Stores the block's partial sums of dW1, db1, dW2, db2, dW3,
+        db3, dfreq, packed in that order, in one row of part (the wrapper adds the rows). Also adds the
+        dW4 partials of a slice of dW4's entries (one launch fewer than a separate sum)."""
         ts = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
         e, f = tl.arange(0, EP), tl.arange(0, F)
         da = tl.zeros((BLOCK_L, F), dtype=tl.float32)
         for i in range(n_parts):
             da += tl.load(da_ptr + (i * L + ts[:, None]) * F + f[None, :], mask=(ts < L)[:, None], other=0.0)
-        a0, p1, a1, p2, a2, p3, a3 = _filter_mlp(pos_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, freq_ptr,
-                                                 ts, L, E, EP, F, MLP_DOT)
+        offs, mask = ts[:, None] * F + f[None, :], (ts < L)[:, None]
+        a0 = tl.load(pos_ptr + ts[:, None] * E + e[None, :], mask=mask & (e < E)[None, :], other=0.0)
         freq = tl.load(freq_ptr + f)[None, :]
+        p1 = tl.load(act_ptr + offs, mask=mask, other=0.0)
+        p2 = tl.load(act_ptr + L * F + offs, mask=mask, other=0.0)
+        p3 = tl.load(act_ptr + 2 * L * F + offs, mask=mask, other=0.0)
+        a1, a2 = tl.sin(freq * p1), tl.sin(freq * p2)
         row = part_ptr + tl.program_id(0) * (F * E + 2 * F * F + 4 * F)
         ff = f[:, None] * F + f[None, :]
         # layer 3: p3 = a2 W3^T + b3
@@ -1300,6 +1310,15 @@ if HAVE_TRITON:
         tl.store(row + f[:, None] * E + e[None, :], dw1, mask=(e < E)[None, :])
         tl.store(row + F * E + f, tl.sum(dp, axis=0))  # db1
         tl.store(row + F * E + 2 * F * F + 3 * F + f, dfreq + dfreq2 + dfreq1)
+        # dW4 = the sum of its partials over runs of positions: entries [start, start + dw4_each) here
+        start = tl.program_id(0) * dw4_each
+        for c0 in range(start, start + dw4_each, 1024):
+            cols = c0 + tl.arange(0, 1024)
+            cmask = (cols < start + dw4_each) & (cols < dw4_size)
+            acc = tl.zeros((1024,), dtype=tl.float32)
+            for r in range(n_dw4_parts):
+                acc += tl.load(dw4_part_ptr + r * dw4_size + cols, mask=cmask, other=0.0)
+            tl.store(dw4_ptr + cols, acc, mask=cmask)
 
 
 def _filter_split(blocks: int, other_blocks: int) -> tuple[int, int]:
@@ -1322,19 +1341,21 @@ class ImplicitFilterFunction(torch.autograd.Function):
         ctx.meta = dict(L=L, E=E, C=C, NC=NC, mlp=mlp, big=dict(F=F_, BLOCK_L=bl, BLOCK_C=bc, DOT=dot,
                                                                 num_warps=FILTER["num_warps"]))
         n_l, n_c = triton.cdiv(L, bl), triton.cdiv(NC, bc)
-        a3 = torch.empty(L, F_, device=w4.device, dtype=torch.float32)  # (L, F): the MLP's output
-        _filter_mlp_kernel[(triton.cdiv(L, mlp["BLOCK_L"]),)](pos, w1, b1, w2, b2, w3, b3, freq, a3, L, E, **mlp)
+        act = torch.empty(4, L, F_, device=w4.device, dtype=torch.float32)  # p1, p2, p3 and a3, the MLP's output
+        _filter_mlp_kernel[(triton.cdiv(L, mlp["BLOCK_L"]),)](pos, w1, b1, w2, b2, w3, b3, freq, act, L, E, **mlp)
+        a3 = act[3]
         h = torch.empty(NC, L, device=w4.device, dtype=torch.float32)
         splits, chunks = _filter_split(n_c, n_l)
         _filter_fwd_kernel[(n_l, splits)](a3, w4, t_norm, deltas, h, L, C, NC, chunks, **ctx.meta["big"])
-        ctx.save_for_backward(pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3)
+        ctx.save_for_backward(pos, t_norm, deltas, freq, w2, w3, w4, act)
         # one output per filter, so that each comes back with its own gradient (one (N, C, L) output
         # would need them stacked: a copy of dh)
         return tuple(h.view(order, C, L).unbind(0))
 
     @staticmethod
     def backward(ctx, *dhs):
-        pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4, a3 = ctx.saved_tensors
+        pos, t_norm, deltas, freq, w2, w3, w4, act = ctx.saved_tensors
+        a3 = act[3]
         m = ctx.meta
         L, E, C, NC, F_ = m["L"], m["E"], m["C"], m["NC"], m["mlp"]["F"]
         bl, bc = m["big"]["BLOCK_L"], m["big"]["BLOCK_C"]
@@ -1352,10 +1373,12 @@ class ImplicitFilterFunction(torch.autograd.Function):
                                                 **m["big"])
         n_mlp = triton.cdiv(L, m["mlp"]["BLOCK_L"])
         part = torch.empty(n_mlp, F_ * E + 2 * F_ * F_ + 4 * F_, device=w4.device, dtype=torch.float32)
-        _filter_mlp_bwd_kernel[(n_mlp,)](pos, w1, b1, w2, b2, w3, b3, freq, da, part, L, E, da.size(0), **m["mlp"])
+        dw4_sum = torch.empty(NC, F_, device=w4.device, dtype=torch.float32)
+        _filter_mlp_bwd_kernel[(n_mlp,)](pos, w2, w3, freq, act, da, part, dw4, dw4_sum, L, E, da.size(0), splits_l,
+                                         NC * F_, triton.cdiv(NC * F_, n_mlp), **m["mlp"])
         dw1, db1, dw2, db2, dw3, db3, dfreq = part.sum(0).split([F_ * E, F_, F_ * F_, F_, F_ * F_, F_, F_])
         return (None, None, None, None, None, None, dfreq, dw1.view(F_, E), db1, dw2.view(F_, F_), db2,
-                dw3.view(F_, F_), db3, dw4.sum(0))
+                dw3.view(F_, F_), db3, dw4_sum)
 
 
 def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:

@@ -637,7 +637,8 @@ def test_kernel_hyena_filter_matches_reference():
     check_kernel_hyena_filter(8, 2, 100, 37, 5, 16, device, "ieee", 1e-4)
     check_kernel_hyena_filter(24, 3, 300, 300, 33, 64, device, "ieee", 1e-4)
     check_kernel_hyena_filter(24, 3, 300, 299, 33, 64, device, "ieee", 1e-4, programs=4)
-    check_kernel_hyena_filter(24, 2, 300, 77, 33, 32, device, "ieee", 1e-4, mlp_block_l=16)
+    check_kernel_hyena_filter(24, 2, 300, 77, 33, 32, device, "ieee", 1e-4, mlp_block_l=32)
+    check_kernel_hyena_filter(64, 2, 40, 20, 33, 64, device, "ieee", 1e-4, programs=8)  # dW4's sum loops
     check_kernel_hyena_filter(40, 2, 90, 65, 33, 32, device, "ieee", 1e-4)
     for width, L, err in ((24, 10, "power of 2"), (16, 33, "l_max")):
         filt = hyena.ImplicitFilter(4, 2, 32, width=width).to(device)
