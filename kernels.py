@@ -534,7 +534,8 @@ def mhc_post_res(h, f, post, res):
 # (test_all's bound is 1%; the filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel
 # 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
 # (time, channels) tiles of the short conv; H100, fwd+bwd GPU ms at (B, L, K) = (1, 4096, 2304) and the training
-# shape (64, 512, 1152): 0.072 and 0.224 with these, 0.079 and 0.289 with 64 x 64 (18 settings swept)
+# shape (64, 512, 1152): 0.072 and 0.224 with these, 0.079 and 0.289 with 64 x 64 (18 settings swept). The
+# backward's own tiles (one launch per stream): 0.076 and 0.231 with these, the best of 24 settings swept
 HYENA_SHORT_CONV = {"block_t": 128, "block_k": 32, "num_warps": 4, "bwd_block_t": 128, "bwd_block_k": 32,
                     "bwd_num_warps": 4}
 HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
@@ -1162,12 +1163,14 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # partial sums the next kernel or PyTorch adds (no atomics).
 # The MLP's products are fp32-accurate (the Sin layers amplify rounding, see ImplicitFilter.forward).
 
-# Launch settings: positions per block, channels per product, warps, and the programs aimed at when a
-# kernel's blocks are split to fill the GPU. H100, C = 768, N = 2, fwd+bwd GPU ms at 4K positions: 0.118
-# with these; 0.127-0.140 for the next seven of 24 (16/32 positions, 32/64/128 channels, 4/8 warps, mlp_dot
-# tf32x3 / ieee: every one of the best eight tf32x3); 264 or 1056 programs 0.130 and 0.123. dot: the two
-# big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the tests);
-# mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores) or "ieee".
+# Launch settings: positions per block, channels per product, warps, the programs aimed at when a kernel's
+# blocks are split to fill the GPU, and positions per block of the two MLP kernels. H100, C = 768, N = 2,
+# fwd+bwd GPU ms at 4K positions: 0.103 with these (0.050 at 512, 0.320 at 16K; PyTorch 0.196, 0.920);
+# 8 warps 0.110-0.117, 32-position MLP blocks 0.110-0.132 (in a sweep before the MLP's pre-activations
+# were kept: 16 positions or 64 channels per block >= 0.125, 264 or 1056 programs 0.120 and 0.128).
+# dot: the two big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the
+# tests); mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores; faster than
+# "ieee" in every setting of an earlier sweep) or "ieee".
 FILTER = {"block_l": 32, "block_c": 32, "num_warps": 4, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3",
           "mlp_block_l": 16}
 
