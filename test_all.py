@@ -128,9 +128,9 @@ def check_interpreter_kernels_on_off(gpu_test, tol, arch, *args):
         assert abs(off[step] - on[step]) < tol, (off, on)
 
 
-def check_gpu_kernels_on_off(arch, *extra):
+def check_gpu_kernels_on_off(arch, *extra, final_tol=0.01):
     """100 steps of `arch` on the GPU (bf16 autocast) with kernels off and on from the same seed: the
-    training losses agree within 2% at every logged step, the final one within 1%."""
+    training losses agree within 2% at every logged step, the final one within final_tol."""
     off, on = losses_kernels_off_and_on(arch, "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size",
                                         "256", "--batch-size", "32", "--max-iters", "100", "--eval-interval", "100",
                                         "--log-interval", "20", "--compile", "off", *extra)  # extra overrides
@@ -138,7 +138,7 @@ def check_gpu_kernels_on_off(arch, *extra):
     for step in off:
         print(f"{step:4d} | {off[step]:.4f} | {on[step]:.4f}")
         assert abs(off[step] - on[step]) < 0.02 * off[step], (off, on)
-    assert abs(off[100] - on[100]) < 0.01 * off[100], (off, on)
+    assert abs(off[100] - on[100]) < final_tol * off[100], (off, on)
 
 
 def small_model(vocab=100, block=16, layers=3, heads=2, width=32, seed=0, active=True, arch="gpt",
@@ -1689,11 +1689,16 @@ def test_gpu_hyena_filter_kernel_at_model_shapes():
 
 def test_gpu_hyena_training_kernels_on_vs_off_agree():
     """On the GPU: 100 steps of --arch hyena (bf16 autocast) with kernels on and off from the same seed;
-    the training losses agree within 2% at every logged step, the final one within 1%. Batch 32 (8192
-    rows of 256 tokens) runs the Toeplitz kernel, batch 16 the Monarch kernel (kernels.HYENA_CONV)."""
+    the training losses agree within 2% at every logged step, the final one too. Batch 32 (8192 rows of
+    256 tokens) runs the Toeplitz kernel, batch 16 the Monarch kernel (kernels.HYENA_CONV).
+    Why not 1% at the end, as for the other archs: at step 100 this run is still falling fast, and rounding
+    alone moves it by ~1% (measured on an H100, batch 32: the kernels with the filter's sums in two orders,
+    FILTER 4 warps / 16-position MLP blocks vs 8 / 32, end at 4.2941 and 4.2472; kernels off 4.2509; seeds
+    1 and 2: off 4.3368 / 4.2741, on 4.2906 / 4.2630, the kernels ahead). Each kernel's own tests bound its
+    error far tighter."""
     needs_cuda()
-    check_gpu_kernels_on_off("hyena")
-    check_gpu_kernels_on_off("hyena", "--batch-size", "16")
+    check_gpu_kernels_on_off("hyena", final_tol=0.02)
+    check_gpu_kernels_on_off("hyena", "--batch-size", "16", final_tol=0.02)
 
 
 def test_gpu_linearity_kernels_bf16_and_training():
