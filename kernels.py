@@ -50,15 +50,14 @@ except ImportError:  # CPU machines without Triton: the plain paths still work
     HAVE_TRITON = False
 
 
-# Launch settings of the mHC pre kernels, forward and backward (bwd_*), measured on an H100 (bf16 streams,
-# n = 4, C = 384, 32k tokens): fwd 0.20 ms, fwd+bwd 0.67 ms of GPU time. dot is the
+# Launch settings of the mHC pre kernels: the fastest of 18 (block_n, block_k, warps) measured on an H100
+# (bf16 streams, n = 4, C = 384, 32k tokens): fwd 0.19 ms, fwd+bwd 0.65 ms of GPU time. dot is the
 # precision of the projection's fp32 dot products: "tf32", as torch runs the plain path's v @ phi when
 # training (allow_tf32), with ~1e-3 relative error; "ieee" for fp32 accuracy. The interpreter computes
 # every dot in fp32. Beware: on Triton 3.6 some settings give 1e-2 to 7e-2 errors with "tf32" (and exact
 # results with "ieee"), depending on the data: block_n = block_k = 64 with 4 warps, and 128 x 32 with 8
-# warps, the fastest forward (0.175 ms) of 18 swept. The GPU tests run the setting below in both.
-MHC_PRE = {"block_n": 128, "block_k": 64, "block_c": 64, "num_warps": 4, "dot": "tf32",
-           "bwd_block_n": 128, "bwd_block_k": 64, "bwd_num_warps": 4}
+# warps (the fastest forward of a later sweep, 0.175 ms). The GPU tests run the setting below in both.
+MHC_PRE = {"block_n": 128, "block_k": 64, "block_c": 64, "num_warps": 4, "dot": "tf32"}
 # The write-back's tiles: tokens per program, channels per slice, warps (forward; backward). Same shape as
 # above, 36 settings each: fwd 0.082 ms (2.8 TB/s; within 1% for the best five), fwd+bwd 0.221 (0.232
 # with the forward's tiles)
@@ -192,9 +191,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
 # group 2 res's n^2 columns in row-major order, group 3 is padding. Summing a group (BLOCK_N, G) over
 # (n, G/n) gives (BLOCK_N, n); group 2 reshapes to (n, n).
 #
-# Both kernels walk the flattened stream row v = vec(h) (nC,) in slices of BLOCK_K, stream by stream (so
-# each slice belongs to one stream, known when the kernel is compiled): a plain matmul loop that Triton
-# pipelines.
+# Both kernels walk the flattened stream row v = vec(h) (nC,) in slices of BLOCK_K, the streams back to
+# back, so the loop is a plain matmul loop that Triton pipelines; the stream of a column is k // C.
 
 if HAVE_TRITON:
     @triton.jit
@@ -236,18 +234,20 @@ if HAVE_TRITON:
         u = tl.zeros((BLOCK_N, 4 * G), dtype=tl.float32)
         sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         d_pre = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
-        for j in tl.static_range(N_STREAMS):  # stream j, a slice of its channels at a time
-            for c0 in range(0, C, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                ks = j * C + cs  # columns of the flattened row
-                m2 = rmask[:, None] & (cs < C)[None, :]
-                v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-                sumsq += tl.sum(v * v, axis=1)
-                phi = tl.load(phi_ptr + ks[:, None] * (4 * G) + cols[None, :], mask=(cs < C)[:, None], other=0.0)  # (BLOCK_K, 4G)
-                u += tl.dot(v, phi, input_precision=DOT)
-                if WITH_DPRE:
-                    dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-                    d_pre += tl.where(streams[None, :] == j, tl.sum(v * dx, axis=1)[:, None], 0.0)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            m2 = rmask[:, None] & kmask[None, :]
+            v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+            sumsq += tl.sum(v * v, axis=1)
+            phi = tl.load(phi_ptr + ks[:, None] * (4 * G) + cols[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_K, 4G)
+            u += tl.dot(v, phi, input_precision=DOT)
+            if WITH_DPRE:  # column k of the row belongs to stream k // C, channel k % C
+                dx = tl.load(dxin_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0).to(tl.float32)
+                prod = v * dx
+                for j in tl.static_range(N_STREAMS):
+                    d_pre += tl.where(streams[None, :] == j,
+                                      tl.sum(tl.where((ks // C == j)[None, :], prod, 0.0), axis=1)[:, None], 0.0)
         return u, sumsq, d_pre
 
     @triton.jit
@@ -329,18 +329,18 @@ if HAVE_TRITON:
         # dv = du phi^T + pre_{k // C} dx_{k % C} + dr dr/dv,  dr/dv = -r^3 v / K
         dr_coef = -dr * r * r * r / K
         cols = tl.arange(0, 4 * G)
-        for j in tl.static_range(N_STREAMS):
-            pre_j = _stream_column(pre, j, N_STREAMS)[:, None]
-            for c0 in range(0, C, BLOCK_K):
-                cs = c0 + tl.arange(0, BLOCK_K)
-                ks = j * C + cs
-                m2 = rmask[:, None] & (cs < C)[None, :]
-                v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)
-                dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-                # phi's rows as stored (coalesced), transposed on-chip: (BLOCK_K, 4G) -> (4G, BLOCK_K)
-                phi = tl.load(phi_ptr + ks[:, None] * (4 * G) + cols[None, :], mask=(cs < C)[:, None], other=0.0)
-                dv = tl.dot(du, tl.trans(phi), input_precision=DOT) + pre_j * dx + dr_coef[:, None] * v
-                tl.store(dh_ptr + rows[:, None] * K + ks[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            m2 = rmask[:, None] & kmask[None, :]
+            v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+            dx = tl.load(dxin_ptr + rows[:, None] * C + (ks % C)[None, :], mask=m2, other=0.0).to(tl.float32)
+            phi_t = tl.load(phi_ptr + ks[None, :] * (4 * G) + cols[:, None], mask=kmask[None, :], other=0.0)  # (4G, BLOCK_K)
+            pre_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for j in tl.static_range(N_STREAMS):
+                pre_k += tl.where((ks // C == j)[None, :], _stream_column(pre, j, N_STREAMS)[:, None], 0.0)
+            dv = tl.dot(du, phi_t, input_precision=DOT) + pre_k * dx + dr_coef[:, None] * v
+            tl.store(dh_ptr + rows[:, None] * K + ks[None, :], dv.to(dh_ptr.dtype.element_ty), mask=m2)
 
 
 def _spread_layout(n: int):
@@ -390,10 +390,10 @@ class MHCPreFunction(torch.autograd.Function):
         dz, c = (torch.empty(N, W, device=h.device, dtype=torch.float32) for _ in range(2))
         cfg = MHC_PRE
         scratch = torch.empty(ctx.iters, N, n, n, device=h.device, dtype=torch.float32)
-        _mhc_pre_bwd_kernel[(triton.cdiv(N, cfg["bwd_block_n"]),)](
+        _mhc_pre_bwd_kernel[(triton.cdiv(N, cfg["block_n"]),)](
             h, phi_spread, coef, d_xin, d_post, d_res, dh, du, dz, c, scratch, N, C, EPS=1e-6, SK_EPS=1e-6,
-            N_STREAMS=n, G=W // 4, ITERS=ctx.iters, BLOCK_N=cfg["bwd_block_n"], BLOCK_K=cfg["bwd_block_k"],
-            DOT=cfg["dot"], num_warps=cfg["bwd_num_warps"])
+            N_STREAMS=n, G=W // 4, ITERS=ctx.iters, BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+            DOT=cfg["dot"], num_warps=cfg["num_warps"])
         d_phi = (h.reshape(N, n * C).t() @ du)[:, index].float()  # (nC, 2n + n^2)
         dzc = (dz * c).view(N, 4, W // 4).sum(dim=(0, 2))[:3]  # per group: sum over tokens of dz * c
         d_bias = dz.sum(0)[index]
