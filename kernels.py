@@ -3,6 +3,7 @@ kernels.py -- Triton versions of the hot paths of the technique files, each an a
 
     python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
     python kernels.py --bench hyena    # GPU: Hyena vs attention from 256 to 64K tokens (table + plot)
+    python kernels.py --bench hyena --profile 4096  # GPU: both whole operators' time per kernel at 4K
     python kernels.py --bench linearity  # GPU: cosine regulariser and cross-Gram statistics
     python kernels.py --bench tpa      # GPU: decode us vs cache length (MHA, GQA, TPA); the training kernel
 
@@ -1874,10 +1875,8 @@ def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch
 # Benchmarks (GPU): python kernels.py --bench mhc
 
 
-def gpu_ms(fn, iters: int = 20) -> float:
-    """GPU time of one call of fn, ms: the summed duration of the kernels it launches (torch.profiler),
-    without the CPU's launch and autograd cost. do_bench's wall-clock median includes that cost, which
-    dominates calls of a few tens of microseconds; the benchmarks print both."""
+def gpu_kernels(fn, iters: int = 20) -> dict[str, list[float]]:
+    """The GPU kernels one call of fn launches (torch.profiler): {name: [ms per call, launches per call]}."""
     from torch.profiler import profile, ProfilerActivity
     fn()
     torch.cuda.synchronize()
@@ -1885,9 +1884,33 @@ def gpu_ms(fn, iters: int = 20) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    kernels_us = sum(e.time_range.elapsed_us() for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-    return kernels_us / iters / 1e3
+    found = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = found.setdefault(e.name, [0.0, 0.0])
+            entry[0] += e.time_range.elapsed_us() / iters / 1e3
+            entry[1] += 1 / iters
+    return found
+
+
+def gpu_ms(fn, iters: int = 20) -> float:
+    """GPU time of one call of fn, ms: the summed duration of the kernels it launches (torch.profiler),
+    without the CPU's launch and autograd cost. do_bench's wall-clock median includes that cost, which
+    dominates calls of a few tens of microseconds; the benchmarks print both."""
+    return sum(ms for ms, _ in gpu_kernels(fn, iters).values())
+
+
+def print_gpu_kernels(title: str, fn, iters: int = 10, top: int = 20):
+    """Where one call of fn spends its GPU time: the `top` largest kernels, then the rest summed."""
+    found = sorted(gpu_kernels(fn, iters).items(), key=lambda kv: -kv[1][0])
+    total = sum(ms for _, (ms, _) in found)
+    print(f"\n# {title}: {total:.3f} ms of GPU time per call, {sum(n for _, (_, n) in found):.0f} kernel launches")
+    print("| GPU ms | launches | kernel |\n|-------:|---------:|--------|")
+    for name, (ms, n) in found[:top]:
+        print(f"| {ms:6.3f} | {n:8.0f} | {name[:100]} |")
+    if len(found) > top:
+        print(f"| {sum(ms for _, (ms, _) in found[top:]):6.3f} | {sum(n for _, (_, n) in found[top:]):8.0f} "
+              f"| {len(found) - top} other kernels |")
 
 
 _BENCH_HEADER = (
@@ -2101,6 +2124,41 @@ def bench_tpa(max_len: int = 65536):
     _bench_rows("TPA Q/K/V from factors", fns, (io_fwd, io_fwd + io_bwd), n_tok)
 
 
+def _mixer_step(arch: str, L: int, D: int, filters: str | None = None):
+    """One fwd+bwd of a whole token mixer as train.py builds it (B = 1, bf16 autocast; "gpt": attention,
+    "hyena": HyenaMixer with kernels), or with filters="kernel" / "plain" only the Hyena filters."""
+    import hyena
+    import train
+    dev = "cuda"
+    cfg = train.GPTConfig(arch=arch, n_embd=D, n_head=D // 64, block_size=L)
+    mixer = (train.CausalSelfAttention(cfg, 0) if arch == "gpt" else hyena.HyenaMixer(cfg, 0)).to(dev)
+    if arch == "hyena":
+        mixer.use_kernels = True
+    x = torch.randn(1, L, D, device=dev, requires_grad=True)
+    g = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16)
+    g_filters = torch.randn(cfg.hyena_order, D, L, device=dev)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.py trains
+            if filters is None:
+                y = mixer(x)
+            else:  # "kernel" or "plain"
+                y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L).unbind(0)
+        torch.autograd.backward(y, g if filters is None else g_filters.unbind(0))
+        x.grad = None
+        mixer.zero_grad(set_to_none=True)
+    return run
+
+
+def profile_hyena(L: int, D: int = 768):
+    """Per-kernel GPU time of the whole attention and Hyena operators at L tokens (B = 1)."""
+    print(f"# whole token mixers, B = 1, D = {D}, L = {L}, fwd+bwd under bf16 autocast, "
+          f"{torch.cuda.get_device_name()}")
+    for arch, name in (("gpt", "attention operator"), ("hyena", "Hyena operator (kernels)")):
+        torch.manual_seed(0)
+        print_gpu_kernels(name, _mixer_step(arch, L, D))
+
+
 def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", json_path: str | None = None):
     """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
     + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then batches at the model's width;
@@ -2136,26 +2194,6 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
     def path(name):  # hyena_long_conv forced onto one path
         return lambda *args: hyena_long_conv(*args, path=name)
 
-    def operator(arch, L, D, filters=None):  # a whole token mixer as train.py builds it; or its filters
-        import train
-        cfg = train.GPTConfig(arch=arch, n_embd=D, n_head=D // 64, block_size=L)
-        mixer = (train.CausalSelfAttention(cfg, 0) if arch == "gpt" else hyena.HyenaMixer(cfg, 0)).to(dev)
-        if arch == "hyena":
-            mixer.use_kernels = True
-        x = torch.randn(1, L, D, device=dev, requires_grad=True)
-        g = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16)
-        g_filters = torch.randn(cfg.hyena_order, D, L, device=dev)
-
-        def run():
-            with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.py trains
-                if filters is None:
-                    y = mixer(x)
-                else:  # "kernel" or "plain"
-                    y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L).unbind(0)
-            torch.autograd.backward(y, g if filters is None else g_filters.unbind(0))
-            x.grad = None
-            mixer.zero_grad(set_to_none=True)
-        return run
     ops = []  # (L, attention operator ms, Hyena operator ms, its filters' ms)
 
     shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len]
@@ -2185,8 +2223,8 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
         gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}
         toe, mon = (f"{gpu[k]:{w}.3f}" if k in gpu else f"{'-':>{w}s}" for k, w in (("toeplitz", 12), ("monarch", 11)))
         if B == 1:
-            gpu["attention_op"], gpu["hyena_op"] = (gpu_ms(operator(arch, L, D)) for arch in ("gpt", "hyena"))
-            gpu["hyena_filters"], gpu["hyena_filters_plain"] = (gpu_ms(operator("hyena", L, D, filters=f))
+            gpu["attention_op"], gpu["hyena_op"] = (gpu_ms(_mixer_step(arch, L, D)) for arch in ("gpt", "hyena"))
+            gpu["hyena_filters"], gpu["hyena_filters_plain"] = (gpu_ms(_mixer_step("hyena", L, D, filters=f))
                                                                 for f in ("kernel", "plain"))
             ops.append((L, gpu["attention_op"], gpu["hyena_op"], gpu["hyena_filters"], gpu["hyena_filters_plain"]))
         results.append((B, D, L, gpu))
@@ -2238,13 +2276,20 @@ def main():
     parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels (GPU).")
     parser.add_argument("--bench", choices=["mhc", "hyena", "linearity", "tpa"], required=True,
                         help="which technique's kernels to time")
+    parser.add_argument("--profile", type=int, default=None, metavar="L",
+                        help="hyena: instead of the benchmark, the per-kernel GPU time of the whole attention and "
+                             "Hyena operators at L tokens")
     parser.add_argument("--max-len", type=int, default=65536, help="hyena, tpa: longest sequence / cache timed")
     parser.add_argument("--plot", default="out/hyena_speed.png", help="hyena: where to write the plot")
     parser.add_argument("--json", default=None, metavar="PATH", help="hyena: also write the GPU times here")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise SystemExit("error: --bench needs a CUDA GPU and Triton")
-    if args.bench == "hyena":
+    if args.profile is not None and (args.bench != "hyena" or args.profile < 1):
+        raise SystemExit("error: --profile L takes a length L >= 1 and goes with --bench hyena")
+    if args.bench == "hyena" and args.profile:
+        profile_hyena(args.profile)
+    elif args.bench == "hyena":
         bench_hyena(args.max_len, args.plot, args.json)
     elif args.bench == "linearity":
         bench_linearity()

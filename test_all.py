@@ -1594,6 +1594,8 @@ def test_bench_command_prints_a_table():
                   "--block-size", "16", "--batch-size", "2", "--bench-steps", "1", data=False)
     out = expect_ok(r)
     assert "nanoGPT-style reference" in out and "this GPT (--arch gpt)" in out and "throughput:" in out
+    if not torch.cuda.is_available():  # the per-kernel profile reads GPU timings: refused on a CPU
+        expect_fail(run_train("--bench", "--profile", "--device", "cpu", data=False), "--profile goes with --bench")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -807,6 +807,8 @@ class TrainConfig:
     # benchmark
     bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference"})
     bench_steps: int = field(default=30, metadata={"help": "timed steps per model in --bench"})
+    profile: bool = field(default=False, metadata={"help": "with --bench on a GPU: also each model's GPU time "
+                                                             "per kernel over one training step"})
 
 
 # A tiny configuration for --device cpu (for reading and debugging): seconds per run, not minutes.
@@ -916,6 +918,8 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                         f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
+    if cfg.profile and not (cfg.bench and torch.cuda.is_available()):
+        raise UserError("--profile goes with --bench and needs a CUDA GPU (it reads the GPU's kernel timings)")
 
 
 @torch.no_grad()
@@ -1448,6 +1452,9 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
     print(f"this GPT / reference throughput: {runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
     if len(runs) > 2:
         print(f"--arch {mcfg.arch} step time / gpt step time: {runs[1]['tokens_per_s'] / runs[2]['tokens_per_s']:.3f}x")
+    if cfg.profile:  # where each step's GPU time goes (torch.profiler)
+        for run in runs:
+            kernels.print_gpu_kernels(f"{run['name']}: one training step", lambda run=run: run["step"](0), iters=3)
     return 0
 
 
