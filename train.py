@@ -918,7 +918,7 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                         f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
-    if cfg.profile and not (cfg.bench and torch.cuda.is_available()):
+    if cfg.profile and not (cfg.bench and torch.cuda.is_available() and cfg.device != "cpu"):
         raise UserError("--profile goes with --bench and needs a CUDA GPU (it reads the GPU's kernel timings)")
 
 
