@@ -64,11 +64,11 @@ except ImportError:  # CPU machines without Triton: the plain paths still work
 # version of these kernels gave 1e-2 to 7e-2 errors with "tf32" (and exact results with "ieee"),
 # depending on the data (64 x 64 with 4 warps, 128 x 32 with 8): the GPU tests run the settings below
 # in both.
-MHC_PRE = {"coef_block_n": 64, "coef_block_c": 32, "coef_num_warps": 8, "coef_stages": 4, "dot": "tf32",
+MHC_PRE = {"coef_block_n": 256, "coef_block_k": 32, "coef_num_warps": 8, "coef_stages": 4, "dot": "tf32",
            "mix_block_n": 8, "mix_block_c": 256, "mix_num_warps": 2,
            "dpre_block_n": 16, "dpre_block_c": 128, "dpre_num_warps": 2,
            "coef_bwd_block_n": 4, "coef_bwd_num_warps": 1,
-           "dh_block_n": 16, "dh_block_c": 32, "dh_num_warps": 4}
+           "dh_block_n": 128, "dh_block_c": 64, "dh_num_warps": 8}
 # The write-back's tiles: tokens per program, channels per slice, warps (forward; backward). Same shape as
 # above, 36 settings each: fwd 0.082 ms (2.8 TB/s; within 1% for the best five), fwd+bwd 0.221 (0.232
 # with the forward's tiles)
@@ -243,26 +243,22 @@ if HAVE_TRITON:
         return tl.reshape(u4, (BLOCK_N, 4 * G))
 
     @triton.jit
-    def _write_back_tile(h_ptr, f_ptr, post, res_ptr, rows, cs, rmask, cmask, C, N_STREAMS: tl.constexpr):
-        """h'_i = sum_j res_ij h_j + post_i f on (BLOCK_N, n, BLOCK_C): tokens rows, channels cs (fp32)."""
-        streams = tl.arange(0, N_STREAMS)
-        m2 = rmask[:, None] & cmask[None, :]
-        f = tl.load(f_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc = post[:, :, None] * f[:, None, :]
-        for j in tl.static_range(N_STREAMS):
-            h_j = tl.load(h_ptr + rows[:, None] * (N_STREAMS * C) + j * C + cs[None, :], mask=m2,
-                          other=0.0).to(tl.float32)
-            res_j = tl.load(res_ptr + rows[:, None] * (N_STREAMS * N_STREAMS) + streams[None, :] * N_STREAMS + j,
-                            mask=rmask[:, None], other=0.0)  # column j of res: (BLOCK_N, n)
-            acc += res_j[:, :, None] * h_j[:, None, :]
-        return acc
-
-    @triton.jit
-    def _phi_tile(phi_ptr, cs, cmask, C, N_STREAMS: tl.constexpr, W: tl.constexpr, BLOCK_C: tl.constexpr):
-        """The rows j C + cs of phi for every stream j: (n BLOCK_C, W), in the order of a (n, BLOCK_C) tile."""
-        rows = tl.arange(0, N_STREAMS)[:, None, None] * C + cs[None, :, None]  # (n, BLOCK_C, 1)
-        phi = tl.load(phi_ptr + rows * W + tl.arange(0, W)[None, None, :], mask=cmask[None, :, None], other=0.0)
-        return tl.reshape(phi, (N_STREAMS * BLOCK_C, W))
+    def _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        """One pass over the nC row (the streams back to back): u = v phi (BLOCK_N, 4G) and sum(v^2)."""
+        K = N_STREAMS * C
+        cols = tl.arange(0, 4 * G)
+        u = tl.zeros((BLOCK_N, 4 * G), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed over the row once, after the loop
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            v = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_K)
+            squares += v * v
+            phi = tl.load(phi_ptr + ks[:, None] * (4 * G) + cols[None, :], mask=kmask[:, None], other=0.0)  # (BLOCK_K, 4G)
+            u += tl.dot(v, phi, input_precision=DOT)
+        return u, tl.sum(squares, axis=1)
 
     @triton.jit
     def _mhc_coefficients(u, r, coef_ptr, N_STREAMS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -281,40 +277,16 @@ if HAVE_TRITON:
         return tl.sigmoid(z_pre), 2 * tl.sigmoid(z_post), logits, c_pre, c_post, c_res
 
     @triton.jit
-    def _mhc_coef_fwd_kernel(h_ptr, f_ptr, wpost_ptr, wres_ptr, hout_ptr, phi_ptr, coef_ptr, u_ptr, r_ptr,
-                             pre_ptr, post_ptr, res_ptr, N, C, EPS: tl.constexpr, SK_EPS: tl.constexpr,
-                             N_STREAMS: tl.constexpr, G: tl.constexpr, ITERS: tl.constexpr,
-                             WRITE_BACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                             DOT: tl.constexpr):
-        """One pass over whole rows: u = v phi and sum(v^2), then the coefficients and Sinkhorn. With
-        WRITE_BACK, v is first made from the previous sub-layer's streams, output and coefficients
-        (h' = res h + post^T f, in registers) and stored, as the write-back kernel would."""
+    def _mhc_coef_fwd_kernel(h_ptr, phi_ptr, coef_ptr, u_ptr, r_ptr, pre_ptr, post_ptr, res_ptr, N, C,
+                             EPS: tl.constexpr, SK_EPS: tl.constexpr, N_STREAMS: tl.constexpr, G: tl.constexpr,
+                             ITERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
-        K = N_STREAMS * C
-        streams = tl.arange(0, N_STREAMS)
-        if WRITE_BACK:
-            w_post = tl.load(wpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
-        u = tl.zeros((BLOCK_N, 4 * G), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_N, N_STREAMS, BLOCK_C), dtype=tl.float32)  # summed once, after the loop
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            cmask = cs < C
-            m3 = rmask[:, None, None] & cmask[None, None, :]
-            offs = rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :]  # (BLOCK_N, n, BLOCK_C)
-            if WRITE_BACK:  # the stored (rounded) h' is what the next sub-layer reads: use that
-                v = _write_back_tile(h_ptr, f_ptr, w_post, wres_ptr, rows, cs, rmask, cmask, C, N_STREAMS)
-                v = v.to(hout_ptr.dtype.element_ty)
-                tl.store(hout_ptr + offs, v, mask=m3)
-                v = v.to(tl.float32)
-            else:
-                v = tl.load(h_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-            squares += v * v
-            u += tl.dot(tl.reshape(v, (BLOCK_N, N_STREAMS * BLOCK_C)),
-                        _phi_tile(phi_ptr, cs, cmask, C, N_STREAMS, 4 * G, BLOCK_C), input_precision=DOT)
-        r = tl.rsqrt(tl.sum(tl.sum(squares, axis=2), axis=1) / K + EPS)  # RMSNorm of v, applied after the matmul
+        u, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_K, DOT)
+        r = tl.rsqrt(sumsq / (N_STREAMS * C) + EPS)  # RMSNorm of the flattened streams, applied after the matmul
         pre, post, logits, _, _, _ = _mhc_coefficients(u, r, coef_ptr, N_STREAMS, G, BLOCK_N)
         res = _sk_forward(_sk_exp(logits), ITERS, SK_EPS)
+        streams = tl.arange(0, N_STREAMS)
         tl.store(u_ptr + rows[:, None] * (4 * G) + tl.arange(0, 4 * G)[None, :], u, mask=rmask[:, None])
         tl.store(r_ptr + rows, r, mask=rmask)
         tl.store(pre_ptr + rows[:, None] * N_STREAMS + streams[None, :], pre, mask=rmask[:, None])
@@ -397,64 +369,32 @@ if HAVE_TRITON:
         tl.store(partial_ptr + tl.program_id(0) * (8 * G) + 4 * G + cols, tl.sum(dz * c, axis=0))
 
     @triton.jit
-    def _mhc_dh_kernel(h_ptr, dxin_ptr, dhpass_ptr, du_ptr, phi_ptr, pre_ptr, drc_ptr, dh_ptr,
-                       f_ptr, wpost_ptr, wres_ptr, df_ptr, dwpost_ptr, dwres_ptr, N, C,
+    def _mhc_dh_kernel(h_ptr, dxin_ptr, dhpass_ptr, du_ptr, phi_ptr, pre_ptr, drc_ptr, dh_ptr, N, C,
                        N_STREAMS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                       DOT: tl.constexpr, HAS_DHPASS: tl.constexpr, WRITE_BACK: tl.constexpr):
-        """dv = du phi^T + pre (outer) dx_in + drc v (+ dh_pass), the gradient of the streams v, on whole
-        rows (BLOCK_N tokens, all streams, channels in slices of BLOCK_C). Without WRITE_BACK, v = h and dv
-        is stored as dh. With WRITE_BACK, v = h' = res h + post^T f (recomputed from h and f, which it
-        reads anyway) and dv goes on through the write-back at once, never stored:
-            dh_j = sum_i res_ij dv_i,  df = sum_i post_i dv_i,  dres_ij = <dv_i, h_j>,  dpost_i = <dv_i, f>."""
+                       DOT: tl.constexpr, HAS_DHPASS: tl.constexpr):
+        """dh_j = du phi_j^T + pre_j dx_in + drc h_j (+ dh_pass_j) for stream j = program_id(1), BLOCK_N
+        tokens, all channels in slices of BLOCK_C."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.program_id(1)
         rmask = rows < N
         K = N_STREAMS * C
-        streams = tl.arange(0, N_STREAMS)
         cols = tl.arange(0, 4 * G)
         du = tl.load(du_ptr + rows[:, None] * (4 * G) + cols[None, :], mask=rmask[:, None], other=0.0)  # (BLOCK_N, 4G)
-        pre = tl.load(pre_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
+        pre_j = tl.load(pre_ptr + rows * N_STREAMS + j, mask=rmask, other=0.0)
         drc = tl.load(drc_ptr + rows, mask=rmask, other=0.0)
-        if WRITE_BACK:
-            w_post = tl.load(wpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
-            d_post = tl.zeros((BLOCK_N, N_STREAMS), dtype=tl.float32)
-            d_res = tl.zeros((BLOCK_N, N_STREAMS, N_STREAMS), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             cmask = cs < C
             m2 = rmask[:, None] & cmask[None, :]
-            m3 = rmask[:, None, None] & cmask[None, None, :]
-            offs = rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :]  # (BLOCK_N, n, BLOCK_C)
-            phi_t = tl.trans(_phi_tile(phi_ptr, cs, cmask, C, N_STREAMS, 4 * G, BLOCK_C))  # (4G, n BLOCK_C)
-            dv = tl.reshape(tl.dot(du, phi_t, input_precision=DOT), (BLOCK_N, N_STREAMS, BLOCK_C))
-            if WRITE_BACK:  # as the forward stored it
-                v = _write_back_tile(h_ptr, f_ptr, w_post, wres_ptr, rows, cs, rmask, cmask, C, N_STREAMS)
-                v = v.to(dh_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                v = tl.load(h_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+            offs = rows[:, None] * K + j * C + cs[None, :]
+            phi_t = tl.load(phi_ptr + (j * C + cs)[None, :] * (4 * G) + cols[:, None], mask=cmask[None, :],
+                            other=0.0)  # (4G, BLOCK_C): rows j C + cs of phi, transposed
+            v = tl.load(h_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             dx = tl.load(dxin_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-            dv += pre[:, :, None] * dx[:, None, :] + drc[:, None, None] * v
-            if HAS_DHPASS:  # the gradient of the streams passed through (from the next write-back)
-                dv += tl.load(dhpass_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-            if WRITE_BACK:
-                f = tl.load(f_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-                tl.store(df_ptr + rows[:, None] * C + cs[None, :],
-                         tl.sum(w_post[:, :, None] * dv, axis=1).to(df_ptr.dtype.element_ty), mask=m2)
-                d_post += tl.sum(dv * f[:, None, :], axis=2)
-                for j in tl.static_range(N_STREAMS):  # h_j was just read by _write_back_tile: cache hits
-                    h_j = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
-                    res_j = tl.load(wres_ptr + rows[:, None] * (N_STREAMS * N_STREAMS) + streams[None, :] * N_STREAMS
-                                    + j, mask=rmask[:, None], other=0.0)  # (BLOCK_N, n): res[:, i, j]
-                    tl.store(dh_ptr + rows[:, None] * K + j * C + cs[None, :],
-                             tl.sum(res_j[:, :, None] * dv, axis=1).to(dh_ptr.dtype.element_ty), mask=m2)
-                    d_res += tl.where(streams[None, None, :] == j, tl.sum(dv * h_j[:, None, :], axis=2)[:, :, None],
-                                      0.0)
-            else:
-                tl.store(dh_ptr + offs, dv.to(dh_ptr.dtype.element_ty), mask=m3)
-        if WRITE_BACK:
-            tl.store(dwpost_ptr + rows[:, None] * N_STREAMS + streams[None, :], d_post, mask=rmask[:, None])
-            ij = streams[:, None] * N_STREAMS + streams[None, :]
-            tl.store(dwres_ptr + rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :], d_res,
-                     mask=rmask[:, None, None])
+            dv = tl.dot(du, phi_t, input_precision=DOT) + pre_j[:, None] * dx + drc[:, None] * v
+            if HAS_DHPASS:  # the write-back's gradient of h, added here rather than by autograd
+                dv += tl.load(dhpass_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            tl.store(dh_ptr + offs, dv.to(dh_ptr.dtype.element_ty), mask=m2)
 
 
 def _to_spread(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -478,22 +418,16 @@ def _from_spread(y: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class MHCPreFunction(torch.autograd.Function):
-    """Equals mhc.MHCConnection.coefficients + the pre-mix: (x_in, post, res) from the streams h, and the
-    streams themselves, for the write-back to read.
+    """Equals mhc.MHCConnection.coefficients + the pre-mix: (x_in, post, res) from the streams h.
 
-    Alone (f is None), h is passed through (a view, no copy): h then has a single consumer in the graph,
-    and the write-back's gradient of h comes back here, where the backward kernel adds it while it
-    writes dh (otherwise autograd adds the two (N, n, C) gradients in a kernel of its own).
-
-    With the previous sub-layer's write-back (f, w_post, w_res: its output and coefficients), h is the
-    previous streams and the streams of this sub-layer, h' = w_res h + w_post^T f, are made in the same
-    pass that projects them: the write-back is not a kernel of its own (one read of h' saved), and in
-    the backward h''s gradient goes through the write-back in registers (never written and read back)."""
+    It also passes h itself through (a view, no copy), for the write-back to read: h then has a single
+    consumer in the graph, and the write-back's gradient of h comes back here, where the backward
+    kernel adds it while it writes dh (otherwise autograd adds the two (N, n, C) gradients in a kernel
+    of its own: a read of both and a write)."""
 
     @staticmethod
-    def forward(ctx, h, phi, gates, b_pre, b_post, b_res, iters: int, f=None, w_post=None, w_res=None):
+    def forward(ctx, h, phi, gates, b_pre, b_post, b_res, iters: int):
         N, n, C = h.shape
-        write_back = f is not None
         phi_spread = _to_spread(phi.float(), n)  # (nC, W)
         W = phi_spread.size(1)
         bias_spread = _to_spread(torch.cat([b_pre, b_post, b_res.reshape(-1)]).float(), n)[:3 * W // 4]
@@ -502,36 +436,33 @@ class MHCPreFunction(torch.autograd.Function):
         u, r = torch.empty(N, W, **f32), torch.empty(N, **f32)  # kept for the backward
         pre, post, res = torch.empty(N, n, **f32), torch.empty(N, n, **f32), torch.empty(N, n, n, **f32)
         x_in = torch.empty(N, C, device=h.device, dtype=h.dtype)
-        streams = torch.empty_like(h) if write_back else h  # h' = w_res h + w_post^T f, or h itself
         cfg = MHC_PRE
         _mhc_coef_fwd_kernel[(triton.cdiv(N, cfg["coef_block_n"]),)](
-            h, f, w_post, w_res, streams, phi_spread, coef, u, r, pre, post, res, N, C, EPS=1e-6, SK_EPS=1e-6,
-            N_STREAMS=n, G=W // 4, ITERS=iters, WRITE_BACK=write_back, BLOCK_N=cfg["coef_block_n"],
-            BLOCK_C=cfg["coef_block_c"], DOT=cfg["dot"], num_warps=cfg["coef_num_warps"],
+            h, phi_spread, coef, u, r, pre, post, res, N, C, EPS=1e-6, SK_EPS=1e-6, N_STREAMS=n, G=W // 4, ITERS=iters,
+            BLOCK_N=cfg["coef_block_n"], BLOCK_K=cfg["coef_block_k"], DOT=cfg["dot"], num_warps=cfg["coef_num_warps"],
             num_stages=cfg["coef_stages"])
         _mhc_mix_kernel[(triton.cdiv(N, cfg["mix_block_n"]), triton.cdiv(C, cfg["mix_block_c"]))](
-            streams, pre, x_in, N, C, N_STREAMS=n, BLOCK_N=cfg["mix_block_n"], BLOCK_C=cfg["mix_block_c"],
+            h, pre, x_in, N, C, N_STREAMS=n, BLOCK_N=cfg["mix_block_n"], BLOCK_C=cfg["mix_block_c"],
             num_warps=cfg["mix_num_warps"])
-        ctx.save_for_backward(streams, phi_spread, coef, u, r, pre, *((h, f, w_post, w_res) if write_back else ()))
+        ctx.save_for_backward(h, phi_spread, coef, u, r, pre)
         ctx.iters = iters
         ctx.set_materialize_grads(False)  # an output nobody used gives None, not an (N, n, C) tensor of zeros
-        return x_in, post, res, streams if write_back else h.view_as(h)
+        return x_in, post, res, h.view_as(h)
 
     @staticmethod
     def backward(ctx, d_xin, d_post, d_res, d_hpass):
-        streams, phi_spread, coef, u, r, pre, *prev = ctx.saved_tensors
-        write_back = bool(prev)
-        N, n, C = streams.shape
+        h, phi_spread, coef, u, r, pre = ctx.saved_tensors
+        N, n, C = h.shape
         W = phi_spread.size(1)
-        d_xin = streams.new_zeros(N, C) if d_xin is None else d_xin.contiguous()
-        d_post = streams.new_zeros(N, n, dtype=torch.float32) if d_post is None else d_post.float().contiguous()
-        d_res = streams.new_zeros(N, n, n, dtype=torch.float32) if d_res is None else d_res.float().contiguous()
+        d_xin = h.new_zeros(N, C) if d_xin is None else d_xin.contiguous()
+        d_post = h.new_zeros(N, n, dtype=torch.float32) if d_post is None else d_post.float().contiguous()
+        d_res = h.new_zeros(N, n, n, dtype=torch.float32) if d_res is None else d_res.float().contiguous()
         d_hpass = None if d_hpass is None else d_hpass.contiguous()
-        f32 = dict(device=streams.device, dtype=torch.float32)
+        f32 = dict(device=h.device, dtype=torch.float32)
         cfg = MHC_PRE
         d_pre = torch.empty(N, n, **f32)
         _mhc_dpre_kernel[(triton.cdiv(N, cfg["dpre_block_n"]),)](
-            streams, d_xin, d_pre, N, C, N_STREAMS=n, BLOCK_N=cfg["dpre_block_n"], BLOCK_C=cfg["dpre_block_c"],
+            h, d_xin, d_pre, N, C, N_STREAMS=n, BLOCK_N=cfg["dpre_block_n"], BLOCK_C=cfg["dpre_block_c"],
             num_warps=cfg["dpre_num_warps"])
         blocks = triton.cdiv(N, cfg["coef_bwd_block_n"])
         du, drc = torch.empty(N, W, **f32), torch.empty(N, **f32)
@@ -540,50 +471,32 @@ class MHCPreFunction(torch.autograd.Function):
         _mhc_coef_bwd_kernel[(blocks,)](
             d_pre, u, r, coef, d_post, d_res, du, drc, partial, scratch, N, C, SK_EPS=1e-6, N_STREAMS=n, G=W // 4,
             ITERS=ctx.iters, BLOCK_N=cfg["coef_bwd_block_n"], num_warps=cfg["coef_bwd_num_warps"])
-        dh = torch.empty_like(streams)  # the gradient of h: the previous streams with a write-back
-        if write_back:
-            h, f, w_post, w_res = prev
-            df, dw_post, dw_res = torch.empty_like(f), torch.empty(N, n, **f32), torch.empty(N, n, n, **f32)
-        else:
-            h, f, w_post, w_res, df, dw_post, dw_res = streams, *([dh] * 6)  # unused pointers
-        _mhc_dh_kernel[(triton.cdiv(N, cfg["dh_block_n"]),)](
-            h, d_xin, dh if d_hpass is None else d_hpass, du, phi_spread, pre, drc, dh, f, w_post, w_res, df,
-            dw_post, dw_res, N, C, N_STREAMS=n, G=W // 4, BLOCK_N=cfg["dh_block_n"], BLOCK_C=cfg["dh_block_c"],
-            DOT=cfg["dot"], HAS_DHPASS=d_hpass is not None, WRITE_BACK=write_back, num_warps=cfg["dh_num_warps"])
-        # d_phi = v^T du: one matmul in the streams' dtype (tensor cores for bf16 streams, as autocast
-        # computes a weight's gradient)
-        d_phi = _from_spread(streams.reshape(N, n * C).t() @ du.to(streams.dtype), n).float()  # (nC, 2n + n^2)
+        dh = torch.empty_like(h)
+        _mhc_dh_kernel[(triton.cdiv(N, cfg["dh_block_n"]), n)](
+            h, d_xin, dh if d_hpass is None else d_hpass, du, phi_spread, pre, drc, dh, N, C, N_STREAMS=n,
+            G=W // 4, BLOCK_N=cfg["dh_block_n"], BLOCK_C=cfg["dh_block_c"], DOT=cfg["dot"],
+            HAS_DHPASS=d_hpass is not None, num_warps=cfg["dh_num_warps"])
+        # d_phi = v^T du: one matmul in h's dtype (tensor cores for bf16 streams, as autocast computes a
+        # weight's gradient)
+        d_phi = _from_spread(h.reshape(N, n * C).t() @ du.to(h.dtype), n).float()  # (nC, 2n + n^2)
         sums = partial.sum(0)  # (2, W)
         d_bias = _from_spread(sums[0], n)
         dzc = sums[1].view(4, W // 4).sum(1)[:3]  # d gate, per group: sum over tokens of dz * c
-        grads = (dh, d_phi, dzc, d_bias[:n], d_bias[n:2 * n], d_bias[2 * n:].view(n, n), None)
-        return grads + ((df, dw_post, dw_res) if write_back else (None, None, None))
+        return (dh, d_phi, dzc, d_bias[:n], d_bias[n:2 * n], d_bias[2 * n:].view(n, n), None)
 
 
-def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20, write_back=None):
-    """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n), and the streams (B, T, n, C) the
-    write-back reads: h passed through, so one kernel sums h's two gradients. Reference: MHCConnection.
-
-    write_back = (f, post, res) of the previous sub-layer: then h is the previous sub-layer's streams,
-    the returned streams are res h + post^T f (mhc_post_res's result), and the pre path runs on them."""
+def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
+    """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n), and h passed through (B, T, n, C):
+    give that one to mhc_post_res, so one kernel sums h's two gradients. Reference: MHCConnection."""
     B, T, n, C = h.shape
     if n < 4 or n & (n - 1):
         raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
     _check("h", h)
     _runnable(h, "mhc_pre")
     _check("phi", phi, (n * C, n * n + 2 * n))
-    N = B * T
-    prev = ()
-    if write_back is not None:
-        f, w_post, w_res = write_back
-        _check("f", f, (B, T, C))
-        _check("post", w_post, (B, T, n))
-        _check("res", w_res, (B, T, n, n))
-        prev = (f.reshape(N, C).to(h.dtype).contiguous(), w_post.reshape(N, n).float().contiguous(),
-                w_res.reshape(N, n, n).float().contiguous())
-    x_in, post, res, streams = MHCPreFunction.apply(h.reshape(N, n, C).contiguous(), phi, gates, b_pre, b_post,
-                                                    b_res, iters, *prev)
-    return x_in.view(B, T, C), post.view(B, T, n), res.view(B, T, n, n), streams.view(B, T, n, C)
+    x_in, post, res, h_pass = MHCPreFunction.apply(h.reshape(B * T, n, C).contiguous(), phi, gates, b_pre,
+                                                   b_post, b_res, iters)
+    return x_in.view(B, T, C), post.view(B, T, n), res.view(B, T, n, n), h_pass.view(B, T, n, C)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -596,10 +509,17 @@ if HAVE_TRITON:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         rmask, cmask = rows < N, cs < C
+        m2 = rmask[:, None] & cmask[None, :]
         streams = tl.arange(0, N_STREAMS)
         K = N_STREAMS * C
         post = tl.load(post_ptr + rows[:, None] * N_STREAMS + streams[None, :], mask=rmask[:, None], other=0.0)
-        acc = _write_back_tile(h_ptr, f_ptr, post, res_ptr, rows, cs, rmask, cmask, C, N_STREAMS)
+        f = tl.load(f_ptr + rows[:, None] * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc = post[:, :, None] * f[:, None, :]  # (BLOCK_N, n, BLOCK_C)
+        for j in tl.static_range(N_STREAMS):
+            h_j = tl.load(h_ptr + rows[:, None] * K + j * C + cs[None, :], mask=m2, other=0.0).to(tl.float32)
+            res_j = tl.load(res_ptr + rows[:, None] * (N_STREAMS * N_STREAMS) + streams[None, :] * N_STREAMS + j,
+                            mask=rmask[:, None], other=0.0)  # column j of res: (BLOCK_N, n)
+            acc += res_j[:, :, None] * h_j[:, None, :]
         tl.store(out_ptr + rows[:, None, None] * K + streams[None, :, None] * C + cs[None, None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None, None] & cmask[None, None, :])
 

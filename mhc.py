@@ -30,7 +30,6 @@ Convention: res[i, j] is the weight of input stream j in output stream i, out_i 
 (the paper's H_res x_l with x_l's rows as streams). HC's A_r is its transpose.
 """
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -102,22 +101,6 @@ def hyper_update(h: torch.Tensor, pre, post, res, f) -> torch.Tensor:
     return write_back(h, out, post, res).to(h.dtype)
 
 
-class PendingWriteBack(NamedTuple):
-    """A sub-layer's write-back h' = res h + post^T f, not done yet: what the mHC kernel path hands the
-    next connection instead of h'. Its kernel makes h' while it reads the streams for its own
-    coefficients anyway (kernels.mhc_pre's write_back), and in the backward h''s gradient goes through
-    the write-back in registers: h' and its gradient are each one pass over the streams fewer."""
-    h: torch.Tensor  # (B, T, n, C) the streams the sub-layer read
-    f: torch.Tensor  # (B, T, C) its output
-    post: torch.Tensor  # (B, T, n)
-    res: torch.Tensor  # (B, T, n, n)
-
-
-def settle(h):
-    """The streams themselves, with a pending write-back done (kernels.mhc_post_res)."""
-    return kernels.mhc_post_res(*h) if isinstance(h, PendingWriteBack) else h
-
-
 class HyperStream(nn.Module):
     """Residual-stream policy for HC and mHC: n streams per token.
 
@@ -136,7 +119,7 @@ class HyperStream(nn.Module):
         return x.unsqueeze(2).repeat(1, 1, self.n, 1)  # (B, T, C) -> (B, T, n, C)
 
     def collapse(self, h):
-        return settle(h).mean(dim=2)  # (B, T, n, C) -> (B, T, C)
+        return h.mean(dim=2)  # (B, T, n, C) -> (B, T, C)
 
     @torch.no_grad()
     def diagnostics(self, model, idx) -> dict:
@@ -298,14 +281,11 @@ class MHCConnection(nn.Module):
         return pre, post, res
 
     def forward(self, h, f):
-        if self.use_kernels:  # kernels.py: the previous write-back and this pre path in one, this write-back
-            # left pending for the next connection (or the final collapse) to do
-            h, write_back = (h.h, h[1:]) if isinstance(h, PendingWriteBack) else (h, None)
+        if self.use_kernels:  # kernels.py: the pre path (coefficients, pre-mix), then the write-back
             x_in, post, res, h = kernels.mhc_pre(h, self.phi, self.gates, self.b_pre, self.b_post, self.b_res,
-                                                 self.iters, write_back)  # the streams h': see MHCPreFunction
-            out = PendingWriteBack(h, f(x_in), post, res)
+                                                 self.iters)  # h passed through: see MHCPreFunction
+            out = kernels.mhc_post_res(h, f(x_in), post, res)
         else:
-            h = settle(h)
             pre, post, res = self.coefficients(h)
             out = hyper_update(h, pre, post, res, f)
         if self.record:

@@ -379,28 +379,17 @@ def check_kernel_sinkhorn(N, device, tol):
     assert rel_err(out, ref) < tol and rel_err(d_out, d_ref) < tol, (rel_err(out, ref), rel_err(d_out, d_ref))
 
 
-def check_kernel_mhc_pre(B, T, C, device, dtype, tol, pass_grad=True, write_back=False):
-    """pass_grad: the streams passed through get a gradient too (as from the write-back in the model).
-    write_back: the kernel first does the previous sub-layer's write-back h = res h_prev + post^T f."""
+def check_kernel_mhc_pre(B, T, C, device, dtype, tol, pass_grad=True):
+    """pass_grad: the streams passed through get a gradient too (as from the write-back in the model)."""
     conn = mhc_connection(C).to(device)
     params = [conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res]
-    h_in = torch.randn(B, T, 4, C, device=device).to(dtype).requires_grad_()
-    inputs = [h_in]
-    if write_back:  # the previous sub-layer's output and coefficients (its res doubly stochastic)
-        f = torch.randn(B, T, C, device=device).to(dtype).requires_grad_()
-        w_post = torch.rand(B, T, 4, device=device).requires_grad_()
-        w_res = mhc.sinkhorn_knopp(torch.randn(B, T, 4, 4, device=device)).requires_grad_()
-        inputs += [f, w_post, w_res]
-        h = mhc.write_back(h_in, f, w_post, w_res).to(dtype)  # the streams, stored in their dtype
-    else:
-        h = h_in
+    h = torch.randn(B, T, 4, C, device=device).to(dtype).requires_grad_()
     pre, post, res = conn.coefficients(h)  # reference, fp32 math on the same (possibly bf16) inputs
     x_ref = mhc.pre_mix(h, pre)
-    x_k, post_k, res_k, h_k = kernels.mhc_pre(h_in, *params, 20, write_back=inputs[1:] if write_back else None)
-    assert x_k.dtype == dtype and post_k.dtype == res_k.dtype == torch.float32 and h_k.dtype == dtype
-    if not write_back:
-        assert torch.equal(h_k, h)  # passed through
-    for a, b in ((h_k, h), (x_k, x_ref), (post_k, post), (res_k, res)):
+    x_k, post_k, res_k, h_k = kernels.mhc_pre(h, *params, 20)
+    assert x_k.dtype == dtype and post_k.dtype == res_k.dtype == torch.float32
+    assert torch.equal(h_k, h)  # passed through
+    for a, b in ((x_k, x_ref), (post_k, post), (res_k, res)):
         assert rel_err(a, b) < tol, rel_err(a, b)
     gx = torch.randn(B, T, C, device=device).to(dtype).float()  # representable in the output's dtype
     gp, gr = torch.randn_like(post), torch.randn_like(res)
@@ -411,9 +400,8 @@ def check_kernel_mhc_pre(B, T, C, device, dtype, tol, pass_grad=True, write_back
     loss_k = (x_k.float() * gx).sum() + (post_k * gp).sum() + (res_k * gr).sum()
     if pass_grad:  # otherwise the backward gets None for the passed-through streams (no materialised zeros)
         loss_k = loss_k + (h_k.float() * gh).sum()
-    names = ["h", "f", "w_post", "w_res"][:len(inputs)] + ["phi", "gates", "b_pre", "b_post", "b_res"]
-    for name, a, b in zip(names, torch.autograd.grad(loss_k, inputs + params),
-                          torch.autograd.grad(loss_ref, inputs + params)):
+    for name, a, b in zip(["h", "phi", "gates", "b_pre", "b_post", "b_res"],
+                          torch.autograd.grad(loss_k, [h] + params), torch.autograd.grad(loss_ref, [h] + params)):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
@@ -442,16 +430,14 @@ def test_kernel_sinkhorn_matches_reference():
 
 def test_kernel_mhc_pre_matches_reference():
     """The mHC pre path's kernels == MHCConnection.coefficients + the pre-mix: x_in, H_post, H_res and the
-    gradients of h, phi, gates and biases, with and without a gradient for the streams passed through,
-    alone and with the previous sub-layer's write-back fused in (== mhc.write_back, then the same; also
-    the gradients of f, post and res); fp32, 2 x 19 tokens, C = 81 (the rows nC = 324 and channels not
-    multiples of any block). (The interpreter's dots are fp32; on a GPU the projection runs in TF32,
-    hence 5e-3 there.)"""
+    gradients of h, phi, gates and biases, with and without a gradient for the streams passed through;
+    fp32, 2 x 19 tokens, C = 81 (the rows nC = 324 and channels not multiples of any block). (The
+    interpreter's dots are fp32; on a GPU the projection runs in TF32, hence 5e-3 there.)"""
     needs_triton()
     cuda = torch.cuda.is_available()
-    for pass_grad, write_back in ((True, False), (False, False), (True, True), (False, True)):
+    for pass_grad in (True, False):
         check_kernel_mhc_pre(2, 19, 81, "cuda" if cuda else "cpu", torch.float32, 5e-3 if cuda else 1e-5,
-                             pass_grad, write_back)
+                             pass_grad)
 
 
 def test_kernel_post_res_matches_reference():
@@ -1680,12 +1666,10 @@ def test_gpu_mhc_kernels_bf16_at_training_shapes():
     needs_cuda()
     for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):  # fp32: the projection runs in TF32
         check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol)
-        check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol, write_back=True)
         check_kernel_post_res(8, 512, 384, "cuda", dtype, 1e-5 if dtype == torch.float32 else tol)
     kernels.MHC_PRE["dot"] = "ieee"  # with fp32 dot products the pre path matches to fp32 rounding
     try:
         check_kernel_mhc_pre(2, 300, 384, "cuda", torch.float32, 1e-4)
-        check_kernel_mhc_pre(2, 300, 384, "cuda", torch.float32, 1e-4, write_back=True)
     finally:
         kernels.MHC_PRE["dot"] = "tf32"
 
