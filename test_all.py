@@ -1618,6 +1618,13 @@ def test_bench_command_prints_a_table():
                   "--block-size", "16", "--batch-size", "2", "--bench-steps", "1", data=False)
     out = expect_ok(r)
     assert "nanoGPT-style reference" in out and "this GPT (--arch gpt)" in out and "throughput:" in out
+    # --bench-no-reference: only gpt and the arch, and their ratio (how the README's width sweep runs)
+    r = run_train("--bench", "--bench-no-reference", "--arch", "mhc", "--device", "cpu", "--n-layer", "1",
+                  "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2", "--bench-steps", "1",
+                  data=False)
+    out = expect_ok(r)
+    assert "nanoGPT-style reference" not in out and "--arch mhc" in out and "step time / gpt step time:" in out
+    expect_fail(run_train("--bench-no-reference", data=False), "--bench-no-reference goes with --bench")
     if not torch.cuda.is_available():  # the per-kernel profile reads GPU timings: refused on a CPU
         expect_fail(run_train("--bench", "--profile", "--device", "cpu", data=False), "--profile goes with --bench")
 

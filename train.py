@@ -814,6 +814,9 @@ class TrainConfig:
     # benchmark
     bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference"})
     bench_steps: int = field(default=30, metadata={"help": "timed steps per model in --bench"})
+    bench_no_reference: bool = field(default=False, metadata={"help": "with --bench: leave the nanoGPT-style "
+                                                                      "reference out (its memory and compile time "
+                                                                      "at large widths; --arch vs gpt stays)"})
     profile: bool = field(default=False, metadata={"help": "with --bench on a GPU: also each model's GPU time "
                                                              "per kernel over one training step"})
 
@@ -925,6 +928,8 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                         f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
+    if cfg.bench_no_reference and not cfg.bench:
+        raise UserError("--bench-no-reference goes with --bench")
     if cfg.profile and not (cfg.bench and torch.cuda.is_available() and cfg.device != "cpu"):
         raise UserError("--profile goes with --bench and needs a CUDA GPU (it reads the GPU's kernel timings)")
 
@@ -1402,8 +1407,9 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
           f"{dtype}, compile {'on' if use_compile else 'off'}, d={mcfg.n_embd} L={mcfg.n_layer} T={seq_len} "
           f"B={B}: {warmup} warm-up steps, then {rounds} alternating rounds of {cfg.bench_steps} steps")
     runs = []
-    models = [("nanoGPT-style reference", NanoGPTReference, mcfg),
-              ("this GPT (--arch gpt)", GPT, dataclasses.replace(mcfg, arch="gpt"))]
+    models = [("this GPT (--arch gpt)", GPT, dataclasses.replace(mcfg, arch="gpt"))]
+    if not cfg.bench_no_reference:
+        models.insert(0, ("nanoGPT-style reference", NanoGPTReference, mcfg))
     if mcfg.arch != "gpt":
         models.append((f"--arch {mcfg.arch}", GPT, mcfg))
     for name, build, model_cfg in models:
@@ -1456,9 +1462,11 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
         spread = f"{ms:6.2f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
         print(f"| {run['name']:38s} | {run['params'] / 1e6:10.1f} | {spread:>17s} | {run['tokens_per_s']:10,.0f} | "
               f"{tflops:7.1f} | {mfu:7.1f} | {run['mem']:14.1f} |")
-    print(f"this GPT / reference throughput: {runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
-    if len(runs) > 2:
-        print(f"--arch {mcfg.arch} step time / gpt step time: {runs[1]['tokens_per_s'] / runs[2]['tokens_per_s']:.3f}x")
+    gpt = runs[0 if cfg.bench_no_reference else 1]
+    if not cfg.bench_no_reference:
+        print(f"this GPT / reference throughput: {gpt['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
+    if mcfg.arch != "gpt":
+        print(f"--arch {mcfg.arch} step time / gpt step time: {gpt['tokens_per_s'] / runs[-1]['tokens_per_s']:.3f}x")
     if cfg.profile:  # where each step's GPU time goes (torch.profiler)
         for run in runs:
             kernels.print_gpu_kernels(f"{run['name']}: one training step", lambda run=run: run["step"](0), iters=3)
