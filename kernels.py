@@ -83,6 +83,11 @@ def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.flo
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
+def _check_streams(name, h):
+    if h.dim() != 4:
+        raise ValueError(f"{name}: h must be the streams (B, T, n, C), got shape {tuple(h.shape)}")
+
+
 def _runnable(t: torch.Tensor, name: str):
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"{name}: Triton kernels need a CUDA tensor (got {t.device}); on a CPU set "
@@ -488,12 +493,16 @@ class MHCPreFunction(torch.autograd.Function):
 def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
     """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n), and h passed through (B, T, n, C):
     give that one to mhc_post_res, so one kernel sums h's two gradients. Reference: MHCConnection."""
+    _check_streams("mhc_pre", h)
     B, T, n, C = h.shape
     if n < 4 or n & (n - 1):
         raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
     _check("h", h)
     _runnable(h, "mhc_pre")
     _check("phi", phi, (n * C, n * n + 2 * n))
+    for name, t, shape in (("gates", gates, (3,)), ("b_pre", b_pre, (n,)), ("b_post", b_post, (n,)),
+                           ("b_res", b_res, (n, n))):
+        _check(name, t, shape)
     x_in, post, res, h_pass = MHCPreFunction.apply(h.reshape(B * T, n, C).contiguous(), phi, gates, b_pre,
                                                    b_post, b_res, iters)
     return x_in.view(B, T, C), post.view(B, T, n), res.view(B, T, n, n), h_pass.view(B, T, n, C)
@@ -588,12 +597,15 @@ class PostResFunction(torch.autograd.Function):
 
 def mhc_post_res(h, f, post, res):
     """h (B, T, n, C), f (B, T, C), post (B, T, n), res (B, T, n, n) -> res h + post^T f (B, T, n, C)."""
+    _check_streams("mhc_post_res", h)
     B, T, n, C = h.shape
     if n & (n - 1):
         raise ValueError(f"mhc_post_res kernel: n must be a power of 2 (got {n}); use the plain path")
     _check("h", h)
     _runnable(h, "mhc_post_res")
     _check("f", f, (B, T, C))
+    _check("post", post, (B, T, n))
+    _check("res", res, (B, T, n, n))
     N = B * T
     out = PostResFunction.apply(h.reshape(N, n, C).contiguous(), f.reshape(N, C).to(h.dtype).contiguous(),
                                 post.reshape(N, n).float().contiguous(), res.reshape(N, n, n).float().contiguous())

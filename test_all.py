@@ -461,8 +461,29 @@ def test_kernel_input_checks():
         raise AssertionError("float64 accepted")
     except TypeError as e:
         assert "float64" in str(e)
-    model = small_model(arch="mhc", hc_rate=2)
+    # wrong shapes and dtypes of the other inputs: an error that names the argument, never a silent read
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    conn = mhc_connection(16).to(device)
+    h, f = torch.randn(1, 3, 4, 16, device=device), torch.randn(1, 3, 16, device=device)
+    post, res = torch.rand(1, 3, 4, device=device), torch.rand(1, 3, 4, 4, device=device)
+    pre_args = dict(phi=conn.phi, gates=conn.gates, b_pre=conn.b_pre, b_post=conn.b_post, b_res=conn.b_res)
+    bad_calls = [
+        (lambda: kernels.mhc_pre(h, **dict(pre_args, gates=conn.gates[:2])), "gates: shape (2,), expected (3,)"),
+        (lambda: kernels.mhc_pre(h, **dict(pre_args, b_pre=conn.b_pre[:3])), "b_pre: shape (3,), expected (4,)"),
+        (lambda: kernels.mhc_pre(h, **dict(pre_args, b_res=conn.b_res[:3])), "b_res: shape (3, 4), expected (4, 4)"),
+        (lambda: kernels.mhc_pre(h[0], **pre_args), "h must be the streams (B, T, n, C)"),
+        (lambda: kernels.mhc_post_res(h, f, post[..., :3], res), "post: shape (1, 3, 3), expected (1, 3, 4)"),
+        (lambda: kernels.mhc_post_res(h, f, post, res[..., :3]), "res: shape (1, 3, 4, 3), expected (1, 3, 4, 4)"),
+        (lambda: kernels.mhc_post_res(h, f, post.double(), res), "post: dtype torch.float64"),
+        (lambda: kernels.mhc_post_res(h, f, post, res.int()), "res: dtype torch.int32"),
+    ]
+    for call, message in bad_calls:
+        try:
+            call()
+            raise AssertionError(f"accepted: {message}")
+        except (ValueError, TypeError) as e:
+            assert message in str(e), (message, str(e))
+    model = small_model(arch="mhc", hc_rate=2)
     assert train.set_kernels(model, "on", device) is False  # n = 2: the plain path
 
 
@@ -1569,7 +1590,10 @@ def test_bad_arguments_are_refused():
         (["--arch", "hc", "--hc-mode", "sometimes"], ["invalid choice", "static"]),
         (["--arch", "tpa", "--tpa-rank-k", "0"], ["--tpa-rank-k must be at least 1"]),
         (["--arch", "tpa", "--tpa-head-dim", "7"], ["--tpa-head-dim must be even"]),
+        (["--device", "gpu"], ["--device gpu: not a device name"]),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], ["--device cuda", "sees no CUDA GPU"]))
     for args, phrases in cases:
         cwd = tempfile.mkdtemp(dir=WORK)
         r = run_train(*TINY, "--max-iters", "2", *args, cwd=cwd, data=False)

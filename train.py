@@ -1497,7 +1497,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                 kwargs["action"] = "store_true"
             else:
                 kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type).split()[0]]
-                kwargs["metavar"] = f.name.upper()
+                if "choices" not in kwargs:  # with choices, argparse's {a,b,c} says what to type
+                    kwargs["metavar"] = f.name.upper()
             group.add_argument(flag, dest=f.name, **kwargs)
     return parser
 
@@ -1518,9 +1519,22 @@ def parse_args(argv=None):
     return mcfg, cfg, explicit
 
 
+def check_device(name: str):
+    """--device names a device torch has here (before any run, sample or bench builds on it)."""
+    if name in ("auto", "cpu"):
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cuda, cpu or auto)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu or auto")
+
+
 def main(argv=None) -> int:
     mcfg, cfg, explicit = parse_args(argv)
     try:
+        check_device(cfg.device)
         if cfg.sample is not None:
             return sample_main(mcfg, cfg)
         if cfg.bench:
