@@ -174,6 +174,32 @@ def mhc_write_back_bytes(answer=None):
                 "arithmetic.")
 
 
+@exercise("mhc.5", "predict")
+def mhc_wide_floor(answer=None):
+    """How much of mHC's cost is stream traffic in a wide model?
+
+    The README's width table runs d = 4096, 6 layers (12 sub-layers), 16,384 tokens a step, n = 4
+    streams stored in bf16. Counting only passes over the streams (one pass = every stream value of
+    every token read or written once) at the ~3.0 TB/s an H100 copy reaches: how many ms a step do
+    this repository's kernels (~13.5 passes per sub-layer) need at least, and how many would a design
+    that keeps only the ~5 passes no fusion removes? Set them against the measured 39 ms of extra time
+    and the plain step's 241 ms (README, "HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
+    parts = need_answer(answer, "MS_13.5_PASSES,MS_5_PASSES").replace(" ", "").split(",")
+    if len(parts) != 2:
+        raise NotReady("--answer two numbers: MS_13.5_PASSES,MS_5_PASSES")
+    given = [as_number(p) for p in parts]
+    n, C, tokens, sublayers = 4, 4096, 32 * 512, 12
+    one_pass_ms = n * C * tokens * 2 / 3.0e12 * 1e3  # bf16: 2 bytes a value
+    truth = [passes * one_pass_ms * sublayers for passes in (13.5, 5)]
+    ok = all(abs(g - t) <= 0.03 * t for g, t in zip(given, truth))
+    return ok, (f"{'right' if ok else 'not quite'}: one pass is {n} x {C} x {tokens:,} x 2 bytes = "
+                f"{n * C * tokens * 2 / 1e6:.0f} MB, {one_pass_ms:.3f} ms; x {sublayers} sub-layers: {truth[0]:.1f} ms "
+                f"a step for 13.5 passes ({100 * truth[0] / 241:.0f}% of the plain step; the kernels take 39 ms), "
+                f"{truth[1]:.1f} ms for 5 ({100 * truth[1] / 241:.1f}%). At d = 384 the same 5 passes are 10% of "
+                "the step: the matmuls grow with C^2, the streams with C, so the paper's 6.7% is a wide model's "
+                "number.")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Hyena (hyena.py)
 

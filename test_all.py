@@ -1208,9 +1208,11 @@ def test_exercises_have_checks_that_pass_and_fail():
     # predictions: the right answers (worked out by hand, as a student would) pass, others do not
     cfg = train.GPTConfig(arch="tpa")
     mib = [v * 2 * 65536 * cfg.n_layer / 2**20 for v in (2 * cfg.n_embd, 2 * 2 * (12 + 64))]  # MHA, TPA h=12
-    right = {"mhc.2": "3", "mhc.3": "rows", "mhc.4": "453,226.5", "hyena.2": "199", "tpa.1": str(2 * (20 + 64)),
+    right = {"mhc.2": "3", "mhc.3": "rows", "mhc.4": "453,226.5", "mhc.5": "29,10.7",
+             "hyena.2": "199", "tpa.1": str(2 * (20 + 64)),
              "tpa.2": f"{mib[0]:.1f},{mib[1]:.1f}", "linearity.1": "no,yes"}
-    wrong = {"mhc.2": "4", "mhc.3": "both", "mhc.4": "201,101", "hyena.2": "200", "tpa.1": "768", "tpa.2": "576,100",
+    wrong = {"mhc.2": "4", "mhc.3": "both", "mhc.4": "201,101", "mhc.5": "2.4,0.9",
+             "hyena.2": "200", "tpa.1": "768", "tpa.2": "576,100",
              "linearity.1": "yes,yes"}
     for ex_id in right:
         assert outcome(ex_id) == "not ready", ex_id  # no --answer
