@@ -1,23 +1,34 @@
 """
-compare.py -- every arch of this repository on TinyStories at equal tokens, and the four papers' claims
-next to what our runs show.
+compare.py -- every arch of this repository on TinyStories at equal tokens, over several seeds, and the
+four papers' claims next to what our runs show.
 
-    python compare.py                          # all of it, ~17 min on one H100; results in out/compare/
+    python compare.py                          # all of it, 3 seeds; results in out/compare/
+    python compare.py --parallel 8             # 8 runs side by side (tiny models leave a GPU mostly idle)
     python compare.py --runs gpt,mhc+tpa       # some runs only
     python compare.py --stages report          # rebuild the report from the runs already there
     python compare.py --readme README.md       # ... and put it in the README, between its two markers
+    python compare.py --stages sweep           # the Hyena filter sweep behind hyena.py's defaults
     python compare.py -- --device cpu          # anything after `--` goes to every train.py run
 
-What it runs, each a plain command you could type yourself (its log is out/compare/RUN/train.log):
-    train       train.py --arch ARCH --max-iters 300 --eval-interval 50 for every arch (same seed, same
-                data order, same 32K tokens a step, so equal tokens), and gpt with --reg cosine;
-    linearity   linearity.py on every checkpoint (+ --prune 3 for gpt and gpt + cosine);
-    recall      train.py --task recall for gpt and hyena at two sequence lengths;
-    speed       kernels.py --bench hyena (GPU only): Hyena vs attention, 256 to 64K tokens;
-    report      results.md (tables) and loss_curves.png (matplotlib, optional) from what the others wrote.
-A run that already finished is skipped (delete its folder to redo it), so a stopped comparison continues.
-The report reads only small files (metrics.jsonl, run.json, linearity.json, hyena_speed.json), never a
-checkpoint, and says which runs are missing.
+What it runs, each a plain command you could type yourself (its log is out/compare/RUN/seedS/train.log):
+    train       train.py --arch ARCH --max-iters 300 --eval-interval 50 --seed S for every arch and seed
+                (same seed, same data order across archs, 32K tokens a step, so equal tokens), and gpt with
+                the cosine regulariser over two ranges of layer pairs;
+    linearity   linearity.py on every checkpoint (+ --prune 3 for gpt and the gpt + cosine runs);
+    recall      train.py --task recall (MQAR, Zoology) and --task recall1 (the Hyena paper's single-query
+                task) for gpt and hyena at several sequence lengths;
+    speed       kernels.py --bench hyena (GPU only, alone on the GPU): Hyena vs attention, 256 to 64K tokens;
+    report      results.md, results.json (every seed's numbers) and loss_curves.png from what the others wrote;
+    sweep       (not in the default stages) Hyena's filter settings on TinyStories and both recall tasks.
+A run that already finished is skipped (delete its folder to redo it), so a stopped comparison continues,
+one seed at a time. The report reads only small files (metrics.jsonl, run.json, linearity.json,
+hyena_speed.json), never a checkpoint, and says which runs are missing.
+
+Verdicts: a loss (or score) difference between two archs is paired by seed (the same seed gives the same
+data order), and its 95% confidence interval (Student's t over the seeds) decides: below 0, above 0, or
+"within noise" when it spans 0. A threshold claim must hold in every seed. With one seed there is no
+spread, so no verdict. Runs side by side (--parallel > 1) share the GPU, so their ms/step is not shown:
+step times come from a run that had the GPU alone, or from `train.py --bench`.
 """
 from __future__ import annotations
 
@@ -25,9 +36,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import train
@@ -35,27 +48,49 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Runs on TinyStories: every arch of train.ARCHS but mhc+hyena (one combination is enough to show the
-# plug-in points compose), and the plain GPT with the linearity paper's cosine regulariser.
-DEFAULT_RUNS = ["gpt", "hc", "mhc", "tpa", "tpa-kvonly", "hyena", "mhc+tpa", "gpt-cosine"]
-EXTRA_RUNS = {"gpt-cosine": ["--arch", "gpt", "--reg", "cosine"]}  # run name -> train.py arguments
-PRUNED = ("gpt", "gpt-cosine")  # linearity.py --prune 3 on these (the paper prunes plain residual models)
+# plug-in points compose), and the plain GPT with the linearity paper's cosine regulariser, summed over
+# the block -> block pairs only and over every pair (embedding -> block 1 included): the paper leaves the
+# range open and the two disagree on LS_wo.
+DEFAULT_RUNS = ["gpt", "hc", "mhc", "tpa", "tpa-kvonly", "hyena", "mhc+tpa", "gpt-cosine", "gpt-cosine-all"]
+EXTRA_RUNS = {"gpt-cosine": ["--arch", "gpt", "--reg", "cosine", "--reg-pairs", "blocks"],
+              "gpt-cosine-all": ["--arch", "gpt", "--reg", "cosine", "--reg-pairs", "all"]}
+PRUNED = ("gpt", "gpt-cosine", "gpt-cosine-all")  # linearity.py --prune 3 (the paper prunes plain models)
+SEED0 = 1337  # train.py's default seed; seed i of --seeds N is SEED0 + i
 
-# Associative recall (Hyena paper Sec. 4.1, Zoology's MQAR): 8 key-value pairs over 16 keys and 16
-# values, then the 8 keys queried again in random order; a 2-layer, width-128 model of each mixer.
+# Associative recall. MQAR (Zoology, arXiv 2312.04927): 8 key-value pairs over 16 keys and 16 values, then
+# the 8 keys queried again; a 2-layer, width-128 model of each mixer.
 RECALL_ARCHS = ("gpt", "hyena")
 RECALL_ARGS = ["--task", "recall", "--recall-vocab", "33", "--recall-pairs", "8", "--n-layer", "2",
                "--n-embd", "128", "--n-head", "2", "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4"]
+# The Hyena paper's single-query task (Sec. 4.1): vocabulary 30, 2 layers, width 64, one head of 64.
+RECALL1_ARGS = ["--task", "recall1", "--recall-vocab", "30", "--n-layer", "2", "--n-embd", "64", "--n-head", "1",
+                "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4"]
+RECALL_TASKS = {"recall": RECALL_ARGS, "recall1": RECALL1_ARGS}
+
+# The Hyena filter sweep (--stages sweep): each setting on TinyStories and on both recall tasks, at the
+# comparison's budget. Name -> train.py flags; everything else at train.py's defaults.
+HYENA_SWEEP = {
+    "w14-e33-kaiming": ["--hyena-w", "14", "--hyena-emb-dim", "33", "--hyena-filter-init", "kaiming"],
+    "w14-e33": ["--hyena-w", "14", "--hyena-emb-dim", "33", "--hyena-filter-init", "normal"],
+    "w1-e33": ["--hyena-w", "1", "--hyena-emb-dim", "33", "--hyena-filter-init", "normal"],
+    "w10-e5": ["--hyena-w", "10", "--hyena-emb-dim", "5", "--hyena-filter-init", "normal"],
+    "w10-e5-bias": ["--hyena-w", "10", "--hyena-emb-dim", "5", "--hyena-filter-init", "normal", "--hyena-bias", "on"],
+    "w10-e5-pos": ["--hyena-w", "10", "--hyena-emb-dim", "5", "--hyena-filter-init", "normal",
+                   "--hyena-pos-trainable", "on"],
+}
 
 BEGIN = "<!-- compare.py results: begin (generated; edit compare.py, not this block) -->"
 END = "<!-- compare.py results: end -->"
+LOG_LOCK = threading.Lock()
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    with LOG_LOCK:
+        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Running the commands
+# Running the commands, several at once
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -78,83 +113,172 @@ def finished(run_dir: str, max_iters: int) -> bool:
                for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
 
 
-def run_logged(cmd: list[str], log_path: str, show=("val loss", "error", "recall accuracy")) -> int:
-    """Run cmd with its output in log_path; echo the lines that show progress."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
-        for line in proc.stdout:
-            f.write(line)
-            if any(s in line for s in show):
-                log("    " + line.rstrip())
-        return proc.wait()
+class Job:
+    """One command with its log file; `label` prefixes the progress lines it echoes."""
+
+    def __init__(self, label: str, cmd: list[str], log_path: str, show=("val loss", "error", "recall accuracy"),
+                 before=None, then=None):
+        self.label, self.cmd, self.log_path, self.show, self.before = label, cmd, log_path, show, before
+        self.then = then  # called after a success: more jobs to run next (e.g. this run's linearity)
+        self.proc, self.rc = None, None
 
 
-def train_runs(runs: list[str], args, extra: list[str]) -> list[str]:
-    failed = []
-    for i, name in enumerate(runs, 1):
-        run_dir = os.path.join(args.out, name)
-        if finished(run_dir, args.max_iters):
-            log(f"[train {i}/{len(runs)}] {name}: finished earlier ({run_dir})")
-            continue
-        cmd = [sys.executable, "train.py", *EXTRA_RUNS.get(name, ["--arch", name]),
-               "--max-iters", str(args.max_iters), "--eval-interval", str(args.eval_interval),
-               "--out-dir", run_dir, *extra]
-        log(f"[train {i}/{len(runs)}] {name}: {' '.join(cmd[1:])}")
-        stale = os.path.join(run_dir, "linearity.json")  # scores of an earlier checkpoint
-        if os.path.isfile(stale):
-            os.remove(stale)
-        t0 = time.time()
-        rc = run_logged(cmd, os.path.join(run_dir, "train.log"))
-        log(f"    {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s")
-        if rc != 0:
-            failed.append(name)
+SHARED_MARK = "shared_gpu"  # a file in a run's folder: it ran beside others, so its ms/step is not its own
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> list[str]:
+    """Run jobs, at most `parallel` at once, each with its output in its log; echo progress lines.
+    Ctrl-C: every running child gets SIGINT (train.py checkpoints and says so), then we stop."""
+    failed, running, pending, total = [], [], list(jobs), len(jobs)
+
+    def pump(job):
+        with open(job.log_path, "a") as f:
+            for line in job.proc.stdout:
+                f.write(line)
+                f.flush()
+                if any(s in line for s in job.show):
+                    log(f"    [{job.label}] {line.rstrip()}")
+
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                run_dir = os.path.dirname(job.log_path)
+                os.makedirs(run_dir, exist_ok=True)
+                if job.before:
+                    job.before()
+                mark = os.path.join(run_dir, SHARED_MARK)
+                if parallel > 1:
+                    open(mark, "w").close()
+                elif os.path.exists(mark):
+                    os.remove(mark)
+                with open(job.log_path, "w") as f:
+                    f.write("$ " + " ".join(job.cmd) + "\n")
+                log(f"[{total - len(pending)}/{total}] {job.label}: {' '.join(job.cmd[1:])}")
+                job.t0 = time.time()
+                # a new process group: Ctrl-C in this terminal reaches us, and we pass it on once
+                job.proc = subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            cwd=HERE, start_new_session=True)
+                job.thread = threading.Thread(target=pump, args=(job,), daemon=True)
+                job.thread.start()
+                running.append(job)
+            time.sleep(0.2)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                job.thread.join()
+                running.remove(job)
+                rc = job.proc.returncode
+                log(f"    [{job.label}] {'done' if rc == 0 else f'FAILED (exit {rc}; see {job.log_path})'} "
+                    f"in {time.time() - job.t0:.0f} s")
+                if rc != 0:
+                    failed.append(job.label)
+                elif job.then:
+                    new_jobs = job.then()
+                    pending[:0] = new_jobs
+                    total += len(new_jobs)
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: stopping {len(running)} running command(s) (they checkpoint where they can)")
+        for job in running:
+            job.proc.send_signal(signal.SIGINT)
+        for job in running:
+            try:
+                job.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+        raise
     return failed
 
 
-def linearity_runs(runs: list[str], args) -> list[str]:
-    failed = []
+def seeds_of(args) -> list[int]:
+    return [SEED0 + i for i in range(args.seeds)]
+
+
+def train_jobs(runs: list[str], args, extra: list[str], linearity: bool = False) -> list[Job]:
+    """Every run and seed not finished yet; with linearity, each run's scores follow it at once (its
+    checkpoint is there, and a stopped comparison keeps what it finished)."""
+    jobs = []
     for name in runs:
-        run_dir = os.path.join(args.out, name)
-        out = os.path.join(run_dir, "linearity.json")
-        if not finished(run_dir, args.max_iters) or not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
-            log(f"[linearity] {name}: no finished run with a checkpoint; skipped")
-            continue
-        if os.path.isfile(out):
-            log(f"[linearity] {name}: done earlier ({out})")
-            continue
-        cmd = [sys.executable, "linearity.py", os.path.join(run_dir, "ckpt.pt"), "--json", out,
-               "--tokens", str(args.linearity_tokens)]
-        if name in PRUNED:
-            n_layer = read_json(os.path.join(run_dir, "run.json"))["model_config"]["n_layer"]
-            cmd += ["--prune", str(min(3, n_layer)), "--distill-steps", str(args.distill_steps)]
-        log(f"[linearity] {name}: {' '.join(cmd[1:])}")
-        rc = run_logged(cmd, os.path.join(run_dir, "linearity.log"), show=("error",))
-        if rc != 0:
-            log(f"    FAILED (exit {rc}); see {run_dir}/linearity.log")
-            failed.append(name)
-    return failed
-
-
-def recall_runs(args, extra: list[str]) -> list[str]:
-    failed = []
-    for length in args.recall_lengths:
-        for arch in RECALL_ARCHS:
-            run_dir = os.path.join(args.out, f"recall-{arch}-{length}")
-            if finished(run_dir, args.recall_steps):
-                log(f"[recall] {arch} at L={length}: finished earlier")
+        for seed in seeds_of(args):
+            run_dir = os.path.join(args.out, name, f"seed{seed}")
+            if finished(run_dir, args.max_iters):
+                log(f"[train] {name} seed {seed}: finished earlier ({run_dir})")
                 continue
-            # extra first: the task's own settings below win over anything passed after `--`
-            cmd = [sys.executable, "train.py", *extra, "--arch", arch, *RECALL_ARGS, "--block-size", str(length),
-                   "--max-iters", str(args.recall_steps), "--eval-interval", str(args.recall_steps // 4),
-                   "--log-interval", "100", "--out-dir", run_dir]
-            log(f"[recall] {arch} at L={length}: {' '.join(cmd[1:])}")
-            rc = run_logged(cmd, os.path.join(run_dir, "train.log"))
-            if rc != 0:
-                log(f"    FAILED (exit {rc})")
-                failed.append(f"recall-{arch}-{length}")
-    return failed
+            stale = os.path.join(run_dir, "linearity.json")  # scores of an earlier checkpoint
+
+            def before(stale=stale):
+                if os.path.isfile(stale):
+                    os.remove(stale)
+            cmd = [sys.executable, "train.py", *EXTRA_RUNS.get(name, ["--arch", name]),
+                   "--max-iters", str(args.max_iters), "--eval-interval", str(args.eval_interval),
+                   "--seed", str(seed), "--out-dir", run_dir, *extra]
+            then = (lambda name=name, seed=seed: linearity_jobs([name], args, [seed])) if linearity else None
+            jobs.append(Job(f"{name} seed {seed}", cmd, os.path.join(run_dir, "train.log"), before=before, then=then))
+    return jobs
+
+
+def linearity_jobs(runs: list[str], args, seeds=None) -> list[Job]:
+    jobs = []
+    for name in runs:
+        for seed in seeds or seeds_of(args):
+            run_dir = os.path.join(args.out, name, f"seed{seed}")
+            out = os.path.join(run_dir, "linearity.json")
+            if not finished(run_dir, args.max_iters) or not os.path.isfile(os.path.join(run_dir, "ckpt.pt")):
+                log(f"[linearity] {name} seed {seed}: no finished run with a checkpoint; skipped")
+                continue
+            if os.path.isfile(out):
+                log(f"[linearity] {name} seed {seed}: done earlier ({out})")
+                continue
+            cmd = [sys.executable, "linearity.py", os.path.join(run_dir, "ckpt.pt"), "--json", out,
+                   "--tokens", str(args.linearity_tokens)]
+            if name in PRUNED:
+                n_layer = read_json(os.path.join(run_dir, "run.json"))["model_config"]["n_layer"]
+                cmd += ["--prune", str(min(3, n_layer)), "--distill-steps", str(args.distill_steps)]
+            jobs.append(Job(f"linearity {name} seed {seed}", cmd, os.path.join(run_dir, "linearity.log"),
+                            show=("error",)))
+    return jobs
+
+
+def recall_dir(args, task: str, arch: str, length: int, seed: int, setting: str = "") -> str:
+    return os.path.join(args.out, f"{task}-{arch}{setting}-{length}", f"seed{seed}")
+
+
+def recall_jobs(args, extra: list[str], archs=None, settings=None, seeds=None) -> list[Job]:
+    """Both recall tasks for each arch, length and seed; settings: {name: extra train.py flags} (the sweep)."""
+    jobs = []
+    for task, lengths in (("recall", args.recall_lengths), ("recall1", args.recall1_lengths)):
+        for length in lengths:
+            for arch in archs or args.recall_archs:
+                for setting, flags in (settings or {"": []}).items():
+                    for seed in seeds or seeds_of(args):
+                        run_dir = recall_dir(args, task, arch, length, seed, f"-{setting}" if setting else "")
+                        label = f"{task} {arch}{' ' + setting if setting else ''} L={length} seed {seed}"
+                        steps = args.recall1_steps if task == "recall1" else args.recall_steps
+                        if finished(run_dir, steps):
+                            log(f"[recall] {label}: finished earlier")
+                            continue
+                        # extra first: the task's own settings below win over anything passed after `--`
+                        cmd = [sys.executable, "train.py", *extra, "--arch", arch, *RECALL_TASKS[task], *flags,
+                               "--block-size", str(length), "--max-iters", str(steps),
+                               "--eval-interval", str(steps // 4), "--log-interval", "100",
+                               "--seed", str(seed), "--out-dir", run_dir]
+                        jobs.append(Job(label, cmd, os.path.join(run_dir, "train.log")))
+    return jobs
+
+
+def sweep_jobs(args, extra: list[str]) -> list[Job]:
+    """The Hyena filter sweep: every HYENA_SWEEP setting on TinyStories and both recall tasks, 2+ seeds."""
+    jobs, seeds = [], seeds_of(args)[:max(2, min(args.seeds, 3))]
+    for setting, flags in HYENA_SWEEP.items():
+        for seed in seeds:
+            run_dir = os.path.join(args.out, "sweep", f"hyena-{setting}", f"seed{seed}")
+            if finished(run_dir, args.max_iters):
+                log(f"[sweep] {setting} seed {seed}: finished earlier")
+                continue
+            cmd = [sys.executable, "train.py", "--arch", "hyena", *flags, "--max-iters", str(args.max_iters),
+                   "--eval-interval", str(args.eval_interval), "--seed", str(seed), "--out-dir", run_dir, *extra]
+            jobs.append(Job(f"sweep {setting} seed {seed}", cmd, os.path.join(run_dir, "train.log")))
+    sub = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "sweep"),  # the shortest lengths
+                                "recall_lengths": args.recall_lengths[:1], "recall1_lengths": args.recall1_lengths[:1]})
+    return jobs + recall_jobs(sub, extra, archs=("hyena",), settings=HYENA_SWEEP, seeds=seeds)
 
 
 def speed_run(args) -> list[str]:
@@ -168,9 +292,7 @@ def speed_run(args) -> list[str]:
         return []
     cmd = [sys.executable, "kernels.py", "--bench", "hyena", "--json", out,
            "--plot", os.path.join(args.out, "hyena_speed.png")]
-    log(f"[speed] {' '.join(cmd[1:])}")
-    rc = run_logged(cmd, os.path.join(args.out, "hyena_speed.log"), show=("| 1 |", "error"))
-    return [] if rc == 0 else ["speed"]
+    return run_jobs([Job("speed", cmd, os.path.join(args.out, "hyena_speed.log"), show=("| 1 |", "error"))], 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,20 +308,32 @@ def summarise(name: str, run_dir: str) -> dict | None:
     logs = [r for r in records if "ms_per_step" in r]
     gains = [r for r in records if "gain_fwd" in r]
     steady = logs[1:] or logs  # the first log interval includes compilation
+    alone = not os.path.exists(os.path.join(run_dir, SHARED_MARK))
     return {
         "name": name, "info": info, "evals": evals, "logs": logs, "gains": gains,
+        "seed": info["train_config"]["seed"],
         "final_step": evals[-1]["step"] if evals else 0,
         "val": evals[-1]["val_loss"] if evals else math.nan,
         "best": min(r["val_loss"] for r in evals) if evals else math.nan,
         "accuracy": evals[-1].get("recall_accuracy") if evals else None,
-        "ms": statistics.median(r["ms_per_step"] for r in steady) if steady else math.nan,
-        "tok_s": statistics.median(r["tokens_per_s"] for r in steady) if steady else math.nan,
+        "ms": statistics.median(r["ms_per_step"] for r in steady) if steady and alone else math.nan,
+        "tok_s": statistics.median(r["tokens_per_s"] for r in steady) if steady and alone else math.nan,
         # peak memory of training alone: logged before the first (uncompiled, more hungry) evaluation
         "mem": max((r.get("peak_mem_gib", math.nan) for r in logs if not evals or r["step"] < evals[0]["step"]),
                    default=math.nan),
         "cache": cache_values_per_token(info["model_config"]),
         "linearity": read_json(os.path.join(run_dir, "linearity.json")),
     }
+
+
+def load_seeds(folder: str, name: str, seeds: list[int]) -> dict[int, dict]:
+    """{seed: summary} of the runs of one name that exist (an unfinished seed is left out)."""
+    out = {}
+    for seed in seeds:
+        s = summarise(name, os.path.join(folder, f"seed{seed}"))
+        if s and s["evals"]:
+            out[seed] = s
+    return out
 
 
 def cache_values_per_token(model_config: dict) -> int:
@@ -214,6 +348,73 @@ def cache_values_per_token(model_config: dict) -> int:
         return sum(t.numel() for t in mixer.init_cache(1, max_len, "meta", torch.float32).values()
                    if isinstance(t, torch.Tensor))
     return numel(2) - numel(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics over seeds
+
+
+# Student's t, two-sided 95%, by degrees of freedom (n - 1 for n seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t95(df: int) -> float:
+    return T95.get(df, 2.086 if df <= 20 else 2.042 if df <= 30 else 1.96)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def pm(xs: list[float], spec=".3f") -> str:
+    """mean ± std over seeds (just the value for one seed)."""
+    m, s = mean_std(xs)
+    return "—" if math.isnan(m) else format(m, spec) if math.isnan(s) else f"{format(m, spec)} ± {format(s, spec)}"
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """a - b paired by seed: mean difference, its 95% CI half-width (t over the seeds), n."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    m = statistics.mean(d)
+    hw = t95(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return {"mean": m, "hw": hw, "n": len(d), "diffs": d}
+
+
+def diff_text(p: dict, spec=".3f", unit=" nats") -> str:
+    if p["n"] < 2:
+        return f"{p['mean']:+{spec}}{unit} (1 seed)"
+    return f"{p['mean']:+{spec}} ± {p['hw']:{spec}}{unit} (95% CI, {p['n']} seeds)"
+
+
+def direction(p: dict | None) -> str | None:
+    """'lower' / 'higher' when the 95% CI of the paired difference excludes 0, 'noise' when it spans 0,
+    None with fewer than 2 seeds (no spread, no verdict)."""
+    if p is None or p["n"] < 2:
+        return None
+    if p["mean"] + p["hw"] < 0:
+        return "lower"
+    if p["mean"] - p["hw"] > 0:
+        return "higher"
+    return "noise"
+
+
+NO_SPREAD = "— (one seed: no spread; --seeds 3)"
+
+
+def loss_verdict(p: dict | None) -> str:
+    """For 'X lowers the loss': yes when the CI is below 0."""
+    return {None: NO_SPREAD, "lower": "yes (CI below 0)", "higher": "no: worse (CI above 0)",
+            "noise": "within noise (CI spans 0)"}[direction(p)]
+
+
+def every(values: list[bool]) -> str:
+    return f"{sum(values)}/{len(values)} seeds"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,14 +434,14 @@ def lin_means(s: dict | None) -> tuple[float, float] | None:
     return statistics.mean(p["ls"] for p in prof), statistics.mean(p["ls_wo"] for p in prof)
 
 
-# Loss differences smaller than this are called "within noise": identical commands differ by ~0.01 nats
-# between runs here (bf16, compile autotuning, non-deterministic kernels), and these are single seeds.
-NOISE = 0.02
-
-
-def loss_verdict(d: float) -> str:
-    return (f"yes (< -{NOISE})" if d < -NOISE else f"within noise (±{NOISE})" if abs(d) <= NOISE
-            else f"no (> +{NOISE})")
+def per_seed(seeds: dict[int, dict], f) -> dict[int, float]:
+    """{seed: f(summary)} where f gives a number (None: left out)."""
+    out = {}
+    for seed, s in seeds.items():
+        v = f(s)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out[seed] = v
+    return out
 
 
 # The papers' claims (the papers are cited in each technique file): key -> (paper, claim).
@@ -252,8 +453,9 @@ CLAIMS = {
     "hyena_loss": ("Hyena", "matches attention's perplexity (at 125M and 5B+ tokens)"),
     "hyena_cross": ("Hyena", "faster than FlashAttention from 4K-8K tokens (order 2, fused FFT conv)"),
     "hyena_64k": ("Hyena", "~100x faster than FlashAttention at 64K"),
-    "recall": ("Hyena / Zoology", "at short lengths attention solves associative recall; gated convolutions "
-               "trail it"),
+    "recall1": ("Hyena", "solves single-query associative recall (vocab 30: 100% at 30K-64K tokens), which "
+                "attention also solves at short lengths"),
+    "recall": ("Zoology", "on multi-query recall (MQAR) gated convolutions trail attention"),
     "tpa": ("TPA", "KV cache 3.9-5.6x smaller than MHA's (paper configs) at equal or better loss"),
     "ls": ("Linearity", "consecutive hidden states are ~0.99 linear with the residual"),
     "ls_wo": ("Linearity", "much lower without the residual (middle layers ~0.35-0.65)"),
@@ -262,48 +464,58 @@ CLAIMS = {
     "prune": ("Linearity", "replacing the most linear blocks by linear maps (+ distillation) costs less than "
               "removing them"),
 }
+COSINE_RUNS = {"gpt-cosine": "block pairs", "gpt-cosine-all": "all pairs"}
 
 
 def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str, str, str]]:
-    """(paper, claim, our run, verdict) rows. Each verdict is computed from the numbers by the rule
-    stated in brackets beside it, so a rerun that comes out differently says so."""
+    """(paper, claim, our run, verdict) rows. runs: {name: {seed: summary}}; recall: {task: {length: {arch:
+    {seed: accuracy}}}}. Each verdict is computed from the numbers by the rule stated in brackets beside it,
+    so a rerun that comes out differently says so."""
     rows = []
-    gpt = runs.get("gpt")
+    gpt = runs.get("gpt", {})
 
     def row(key, ours, verdict):
         rows.append((*CLAIMS[key], ours, verdict))
 
-    def delta(name):  # final validation loss minus gpt's, at equal tokens
-        return runs[name]["val"] - gpt["val"] if name in runs and gpt else None
+    def delta(name, base="gpt"):  # final validation loss minus base's, paired by seed
+        if not runs.get(name) or not runs.get(base):
+            return None
+        return paired(per_seed(runs[name], lambda s: s["val"]), per_seed(runs[base], lambda s: s["val"]))
 
     # HC / mHC
-    if "hc" in runs and runs["hc"]["gains"]:
-        g = max(r["gain_fwd"] for r in runs["hc"]["gains"])
-        row("hc_gain", f"hc, {runs['hc']['info']['model_config']['n_layer']} layers: max {g:.2f} over training",
-            "grows (> 1.5)" if g > 1.5 else "no (<= 1.5)")
+    if runs.get("hc") and all(s["gains"] for s in runs["hc"].values()):
+        g = per_seed(runs["hc"], lambda s: max(r["gain_fwd"] for r in s["gains"]))
+        n_layer = next(iter(runs["hc"].values()))["info"]["model_config"]["n_layer"]
+        ok = [v > 1.5 for v in g.values()]
+        row("hc_gain", f"hc, {n_layer} layers: max {pm(list(g.values()), '.2f')} over training",
+            f"grows (> 1.5 in {every(ok)})" if all(ok) else f"no (> 1.5 in {every(ok)})")
     else:
         row("hc_gain", "not run (hc)", "—")
     for name in ("mhc", "mhc+tpa"):
-        if name in runs and runs[name]["gains"]:
-            g = max(max(r["gain_fwd"], r["gain_bwd"]) for r in runs[name]["gains"])
-            row("mhc_gain", f"{name}: max {g:.3f} (forward or backward, over training)",
-                "yes (<= 1.6)" if g <= 1.6 else "no (> 1.6)")
+        if runs.get(name) and all(s["gains"] for s in runs[name].values()):
+            g = per_seed(runs[name], lambda s: max(max(r["gain_fwd"], r["gain_bwd"]) for r in s["gains"]))
+            ok = [v <= 1.6 for v in g.values()]
+            row("mhc_gain", f"{name}: max {pm(list(g.values()))} (forward or backward, over training)",
+                f"yes (<= 1.6 in {every(ok)})" if all(ok) else f"no (<= 1.6 in {every(ok)})")
         elif name == "mhc":
             row("mhc_gain", "not run (mhc)", "—")
     for name in ("hc", "mhc"):
-        d = delta(name)
-        row(f"{name}_loss", f"{name} - gpt: {d:+.3f} nats" if d is not None else f"not run ({name}, gpt)",
-            "—" if d is None else loss_verdict(d))
+        p = delta(name)
+        row(f"{name}_loss", f"{name} - gpt: {diff_text(p)}" if p else f"not run ({name}, gpt)",
+            "—" if p is None else loss_verdict(p))
     # Hyena
-    d = delta("hyena")
-    if d is None:
+    p = delta("hyena")
+    if p is None:
         row("hyena_loss", "not run (hyena, gpt)", "—")
     else:
-        row("hyena_loss", f"hyena - gpt: {d:+.3f} nats ({runs['hyena']['info']['params'] / 1e6:.0f}M "
-            f"parameters, {tokens_str(runs['hyena'])} tokens)",
-            f"yes (within ±{NOISE})" if abs(d) <= NOISE else f"better (< -{NOISE})" if d < 0 else f"no (> +{NOISE})")
+        h = next(iter(runs["hyena"].values()))
+        row("hyena_loss", f"hyena - gpt: {diff_text(p)} ({h['info']['params'] / 1e6:.0f}M parameters, "
+            f"{tokens_str(h)} tokens)",
+            {None: NO_SPREAD, "noise": "yes (CI spans 0)", "lower": "better (CI below 0)",
+             "higher": "no: worse (CI above 0)"}[direction(p)])
     if speed:
         b1 = sorted((r for r in speed["rows"] if r["B"] == 1), key=lambda r: r["L"])
+
         def length(L):  # a crossover length as the table prints it
             return f"{L:,}" if L else "never"
 
@@ -323,53 +535,82 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
         row("hyena_64k", f"{ratio:.2f}x at {last['L']:,} tokens", "yes (>= 50x)" if ratio >= 50 else "no (< 50x)")
     else:
         row("hyena_cross", "not run (speed: kernels.py --bench hyena needs a GPU)", "—")
-    short = min(recall) if recall else None
-    if short and {"gpt", "hyena"} <= set(recall[short]):
-        acc = recall[short]
-        row("recall", f"L={short}: gpt {100 * acc['gpt']:.1f}%, hyena {100 * acc['hyena']:.1f}% (chance 6.2%)",
-            "yes (attention ahead)" if acc["gpt"] > acc["hyena"] else "no")
+    # recall: single-query (Hyena) and multi-query (Zoology)
+    one = {L: acc for L, acc in recall.get("recall1", {}).items() if {"gpt", "hyena"} <= set(acc)}
+    if one:
+        text = "; ".join(f"L={L}: gpt {pm([100 * v for v in acc['gpt'].values()], '.1f')}%, hyena "
+                         f"{pm([100 * v for v in acc['hyena'].values()], '.1f')}%" for L, acc in sorted(one.items()))
+        solved = [L for L, acc in one.items() if statistics.mean(acc["gpt"].values()) >= 0.9]
+        ok = [v >= 0.9 for L in solved for v in one[L]["hyena"].values()]
+        verdict = ("— (attention reached 90% at no length)" if not solved else
+                   f"yes (hyena >= 90% wherever gpt is: {every(ok)})" if all(ok) else
+                   f"no (hyena >= 90% wherever gpt is: {every(ok)})")
+        row("recall1", text, verdict)
+    else:
+        row("recall1", "not run (recall1)", "—")
+    multi = {L: acc for L, acc in recall.get("recall", {}).items() if {"gpt", "hyena"} <= set(acc)}
+    if multi:
+        short = min(multi)
+        p = paired(multi[short]["gpt"], multi[short]["hyena"])
+        row("recall", f"L={short}: gpt - hyena accuracy {diff_text({**p, 'mean': 100 * p['mean'], 'hw': 100 * p['hw']}, '.1f', ' points')}",
+            {None: NO_SPREAD, "higher": "yes (attention ahead, CI above 0)", "noise": "no (within noise)",
+             "lower": "no (hyena ahead, CI below 0)"}[direction(p)])
     else:
         row("recall", "not run (recall)", "—")
     # TPA, against the same model with attention (mhc+tpa against mhc)
     for name, base in (("tpa", "gpt"), ("tpa-kvonly", "gpt"), ("mhc+tpa", "mhc")):
-        if name not in runs or base not in runs:
+        p = delta(name, base)
+        if p is None:
             if name == "tpa":
                 row("tpa", "not run (tpa, gpt)", "—")
             continue
-        d = runs[name]["val"] - runs[base]["val"]
-        ratio = runs[base]["cache"] / runs[name]["cache"]
+        c, cb = next(iter(runs[name].values()))["cache"], next(iter(runs[base].values()))["cache"]
+        ratio = cb / c
         size = ("yes (>= 3.9x)" if ratio >= 3.9 else f"smaller, {ratio:.1f}x, not 3.9x" if ratio > 1
                 else "no (not smaller)")
-        row("tpa", f"{name}: cache {runs[name]['cache']} vs {base}'s (MHA) {runs[base]['cache']} values per token "
-            f"and layer; loss - {base} {d:+.3f}",
-            f"{size}; loss {'equal or better' if d <= NOISE else 'worse'} (<= +{NOISE})")
+        loss = {None: "loss: no spread", "lower": "loss better (CI below 0)", "noise": "loss equal (CI spans 0)",
+                "higher": "loss worse (CI above 0)"}[direction(p)]
+        row("tpa", f"{name}: cache {c} vs {base}'s (MHA) {cb} values per token and layer; loss - {base} "
+            f"{diff_text(p)}", f"{size}; {loss}")
     # Linearity
-    lm, lc = lin_means(gpt), lin_means(runs.get("gpt-cosine"))
+    lm = per_seed(gpt, lin_means)
     if lm:
-        row("ls", f"gpt: mean LS {lm[0]:.3f} over the pairs after the first (all pairs below)",
-            "yes (>= 0.98)" if lm[0] >= 0.98 else "high, not 0.99 (0.9 to 0.98)" if lm[0] >= 0.9 else "no (< 0.9)")
-        row("ls_wo", f"gpt: mean LS_wo {lm[1]:.3f}",
-            "yes (>= 0.2 below LS)" if lm[0] - lm[1] >= 0.2 else "no (< 0.2 below LS)")
+        ls, wo = {k: v[0] for k, v in lm.items()}, {k: v[1] for k, v in lm.items()}
+        hi, mid = [v >= 0.98 for v in ls.values()], [v >= 0.9 for v in ls.values()]
+        row("ls", f"gpt: mean LS {pm(list(ls.values()))} over the pairs after the first (all pairs below)",
+            f"yes (>= 0.98 in {every(hi)})" if all(hi) else f"high, not 0.99 (>= 0.9 in {every(mid)})" if all(mid)
+            else f"no (>= 0.9 in {every(mid)})")
+        gap = [ls[k] - wo[k] >= 0.2 for k in ls]
+        row("ls_wo", f"gpt: mean LS_wo {pm(list(wo.values()))}",
+            f"yes (>= 0.2 below LS in {every(gap)})" if all(gap) else f"no (>= 0.2 below LS in {every(gap)})")
+        for name, pairs in COSINE_RUNS.items():
+            lc = per_seed(runs.get(name, {}), lin_means)
+            if not lc:
+                continue
+            p = paired({k: v[1] for k, v in lc.items()}, wo)
+            row("cos_ls", f"{name} (regulariser over {pairs}) - gpt: mean LS_wo {diff_text(p, unit='')}",
+                {None: NO_SPREAD, "lower": "yes (lower, CI below 0)", "noise": "within noise (CI spans 0)",
+                 "higher": "no: it rose (CI above 0)"}[direction(p)])
+            p = delta(name)
+            row("cos_loss", f"{name} - gpt: {diff_text(p)}", loss_verdict(p))
     else:
         row("ls", "not run (linearity of gpt)", "—")
-    if lm and lc:
-        d = delta("gpt-cosine")
-        row("cos_ls", f"mean LS_wo {lm[1]:.3f} (gpt) -> {lc[1]:.3f} (gpt-cosine)",
-            "yes (lower)" if lc[1] < lm[1] else "no (it rose)")
-        row("cos_loss", f"gpt-cosine - gpt: {d:+.3f} nats", loss_verdict(d))
-    else:
-        row("cos_ls", "not run (linearity of gpt and gpt-cosine)", "—")
-    prune = gpt and gpt.get("linearity") and gpt["linearity"].get("prune")
-    if prune:
-        ks = [r for r in prune if r["k"] > 0]
-        row("prune", "gpt, perplexity removed / fit + distilled: " +
-            ", ".join(f"k={r['k']} {r['removed']:.1f} / {r['distilled']:.1f}" for r in ks),
-            "yes (at every k)" if all(r["distilled"] < r["removed"] for r in ks) else "no (not at every k)")
+    prunes = per_seed(gpt, lambda s: (s.get("linearity") or {}).get("prune"))
+    if prunes:
+        ks = sorted({r["k"] for rows_ in prunes.values() for r in rows_ if r["k"] > 0})
+        ok = [r["distilled"] < r["removed"] for rows_ in prunes.values() for r in rows_ if r["k"] > 0]
+
+        def at(k, key):
+            return pm([r[key] for rows_ in prunes.values() for r in rows_ if r["k"] == k], ".1f")
+        row("prune", "gpt, perplexity removed / fit / fit + distilled: " +
+            ", ".join(f"k={k} {at(k, 'removed')} / {at(k, 'linear')} / {at(k, 'distilled')}" for k in ks),
+            f"yes (at every k, in {len(prunes)} seeds)" if all(ok) else
+            f"no (distilled < removed in {sum(ok)}/{len(ok)} (k, seed) pairs)")
     return rows
 
 
 def kernels_used(runs: dict) -> str:
-    on = [s["info"]["kernels"] for s in runs.values()]
+    on = [s["info"]["kernels"] for seeds in runs.values() for s in seeds.values()]
     return "on where an arch has them" if all(on) else "off" if not any(on) else "on for some runs"
 
 
@@ -378,16 +619,20 @@ def tokens_str(s: dict) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def load_recall(args) -> tuple[dict, dict | None]:
-    """{length: {arch: final recall accuracy}} of the finished recall runs at --recall-lengths, and one
-    run's run.json (for the caption: what they were trained with)."""
-    table, info = {}, None
-    for length in args.recall_lengths:
-        for arch in RECALL_ARCHS:
-            s = summarise(f"recall-{arch}-{length}", os.path.join(args.out, f"recall-{arch}-{length}"))
-            if s and s["accuracy"] is not None:
-                table.setdefault(length, {})[arch] = s["accuracy"]
-                info = s["info"]
+def load_recall(args, folder: str | None = None, setting: str = "", archs=RECALL_ARCHS) -> tuple[dict, dict]:
+    """{task: {length: {arch: {seed: final accuracy}}}} of the finished recall runs, and {task: one run's
+    run.json} (for the captions: what they were trained with)."""
+    table, info = {}, {}
+    sub = argparse.Namespace(out=folder or args.out)
+    for task, lengths in (("recall", args.recall_lengths), ("recall1", args.recall1_lengths)):
+        for length in lengths:
+            for arch in archs:
+                for seed in seeds_of(args):
+                    s = summarise(arch, recall_dir(sub, task, arch, length, seed, setting))
+                    steps = args.recall1_steps if task == "recall1" else args.recall_steps
+                    if s and s["accuracy"] is not None and s["final_step"] == steps:
+                        table.setdefault(task, {}).setdefault(length, {}).setdefault(arch, {})[seed] = s["accuracy"]
+                        info[task] = s["info"]
     return table, info
 
 
@@ -402,43 +647,76 @@ def faster_from(rows: list[dict], key: str, base: str = "attention") -> int | No
     return start
 
 
-def report(run_names: list[str], args, target: str) -> str:
-    """The results in markdown; target is the file it goes into (the plot is linked relative to it)."""
-    runs = {n: s for n in run_names if (s := summarise(n, os.path.join(args.out, n)))}
+def load_runs(run_names: list[str], args) -> dict:
+    runs = {n: load_seeds(os.path.join(args.out, n), n, seeds_of(args)) for n in run_names}
+    return {n: seeds for n, seeds in runs.items() if seeds}
+
+
+def recall_caption(task: str, info: dict) -> str:
+    mc, rc = info["model_config"], info["train_config"]
+    what = (f"MQAR, `train.py --task recall`: {rc['recall_pairs']} pairs, then each key queried again"
+            if task == "recall" else "single query, `train.py --task recall1`: pairs with repeated keys, a "
+            "fresh map per example, loss on every position, accuracy on the final query")
+    return (f"{what}; vocabulary {rc['recall_vocab']}, {mc['n_layer']} layers, width {mc['n_embd']}, batch "
+            f"{rc['batch_size']}, lr {rc['lr']:g}, {rc['max_iters']} steps; chance {100 * train.recall_chance(task, rc['recall_vocab']):.1f}%")
+
+
+def recall_table(recall: dict, archs) -> list[str]:
+    lengths = sorted(recall)
+    lines = ["| arch | " + " | ".join(f"L = {L}" for L in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for arch in archs:
+        lines.append(f"| {arch} | " + " | ".join(pm([100 * v for v in recall[L][arch].values()], ".1f") + "%"
+                                                 if arch in recall[L] else "—" for L in lengths) + " |")
+    return lines
+
+
+def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
+    """The results in markdown, and every seed's numbers as a dict (results.json); target is the file the
+    markdown goes into (the plot is linked relative to it)."""
+    runs = load_runs(run_names, args)
     recall, recall_info = load_recall(args)
     speed = read_json(os.path.join(args.out, "hyena_speed.json"))
     lines = []
-    missing = [n for n in run_names if n not in runs]
+    missing = [f"{n} seed {seed}" for n in run_names for seed in seeds_of(args) if seed not in runs.get(n, {})]
     if runs:
-        first = next(iter(runs.values()))["info"]
-        tc = first["train_config"]
+        first = next(iter(next(iter(runs.values())).values()))
+        info, tc = first["info"], first["info"]["train_config"]
+        n_seeds = sorted({len(seeds) for seeds in runs.values()})
+        shared = all(math.isnan(s["ms"]) for seeds in runs.values() for s in seeds.values())
         lines += [
             f"Every run: `python train.py --arch ARCH --max-iters {tc['max_iters']} --eval-interval "
-            f"{tc['eval_interval']}` (seed {tc['seed']}, so the same data order), {first['tokens_per_step']:,} "
-            f"tokens a step, {tokens_str(next(iter(runs.values())))} tokens per run; {first['device']}, "
-            f"{first['dtype']}, torch.compile {'on' if first['compile'] else 'off'}, kernels "
-            f"{kernels_used(runs)}, torch {first['torch']}, Triton {first['triton']}. Data: {first['train_tokens']:,} training "
-            f"and {first['val_tokens']:,} validation tokens of TinyStories (GPT-2 BPE), so "
-            f"{tc['max_iters'] * first['tokens_per_step'] / first['train_tokens']:.1f} epochs. One seed each.",
-            ""]
+            f"{tc['eval_interval']} --seed S`, {'/'.join(map(str, n_seeds))} seeds from {SEED0} (one seed gives "
+            f"every arch the same data order), {info['tokens_per_step']:,} tokens a step, {tokens_str(first)} "
+            f"tokens per run; {info['device']}, {info['dtype']}, torch.compile {'on' if info['compile'] else 'off'}, "
+            f"kernels {kernels_used(runs)}, torch {info['torch']}, Triton {info['triton']}. Data: "
+            f"{info['train_tokens']:,} training and {info['val_tokens']:,} validation tokens of TinyStories "
+            f"(GPT-2 BPE), so {tc['max_iters'] * info['tokens_per_step'] / info['train_tokens']:.1f} epochs. "
+            "Losses are mean ± standard deviation over the seeds."
+            + (" The runs shared the GPU (`--parallel`), so no step times here: see `train.py --bench`."
+               if shared else ""), ""]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
     # the main table
-    evals = sorted({r["step"] for s in runs.values() for r in s["evals"]})
-    shown = evals if len(evals) <= 3 else [evals[len(evals) // 3 - 1], evals[2 * len(evals) // 3 - 1], evals[-1]]
-    head = "| run | token mixer | residual stream | params (M) | " + " | ".join(f"val @{e}" for e in shown)
-    head += " | best val | ms/step | tokens/s | peak mem, training (GiB) | cache values / token / layer |"
+    evals = sorted({r["step"] for seeds in runs.values() for s in seeds.values() for r in s["evals"]})
+    shown = evals if len(evals) <= 3 else [evals[len(evals) // 3 - 1], evals[2 * len(evals) // 3 - 1]]
+    head = "| run | token mixer | residual stream | params (M) | " + "".join(f"val @{e} | " for e in shown)
+    head += "final val | ms/step | tokens/s | peak mem, training (GiB) | cache values / token / layer |"
     lines += [head, "|---|---|---|---:|" + "---:|" * len(shown) + "---:|---:|---:|---:|---:|"]
-    for n, s in runs.items():
-        mixer, stream = train.ARCHS[s["info"]["arch"]]
-        reg = s["info"]["train_config"].get("reg", "none")
-        at = {r["step"]: r["val_loss"] for r in s["evals"]}
-        lines.append(f"| {n} | {mixer} | {stream}{' + ' + reg + ' reg.' if reg != 'none' else ''} | "
-                     f"{s['info']['params'] / 1e6:.2f} | " + " | ".join(fmt(at.get(e)) for e in shown) +
-                     f" | {fmt(s['best'])} | {fmt(s['ms'], '.1f')} | {fmt(s['tok_s'], ',.0f')} | "
-                     f"{fmt(s['mem'], '.1f')} | {s['cache']} |")
+    for n, seeds in runs.items():
+        s0 = next(iter(seeds.values()))
+        mixer, stream = train.ARCHS[s0["info"]["arch"]]
+        tc = s0["info"]["train_config"]
+        reg = tc.get("reg", "none")
+        reg = f" + {reg} reg. ({tc.get('reg_pairs', 'all')} pairs)" if reg != "none" else ""
+        at = lambda e: [r["val_loss"] for s in seeds.values() for r in s["evals"] if r["step"] == e]  # noqa: E731
+        lines.append(f"| {n} | {mixer} | {stream}{reg} | {s0['info']['params'] / 1e6:.2f} | " +
+                     "".join(f"{fmt(statistics.mean(at(e)) if at(e) else None)} | " for e in shown) +
+                     f"{pm([s['val'] for s in seeds.values()])} | "
+                     f"{fmt(mean_std([s['ms'] for s in seeds.values()])[0], '.1f')} | "
+                     f"{fmt(mean_std([s['tok_s'] for s in seeds.values()])[0], ',.0f')} | "
+                     f"{fmt(max(s['mem'] for s in seeds.values()), '.1f')} | {s0['cache']} |")
     if runs:
-        p = [s["info"]["params"] / 1e6 for s in runs.values()]
+        p = [next(iter(seeds.values()))["info"]["params"] / 1e6 for seeds in runs.values()]
         lines += ["", f"Parameters are matched to within {100 * (max(p) / min(p) - 1):.1f}% (TPA's heads by "
                   "`tpa.matched_heads`; HC/mHC and Hyena add their own small parameters). Cache: numbers kept "
                   "per generated token and layer by the mixer's `init_cache` (attention 2C, TPA (R_K + R_V)(h + d), "
@@ -447,39 +725,51 @@ def report(run_names: list[str], args, target: str) -> str:
         rel = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(target)))
         lines += ["", f"![validation loss vs tokens, every run]({rel})"]
     # claims
+    rows = claims(runs, recall, speed)
     lines += ["", "**The papers' claims and our runs** (verdicts are computed by `compare.claims` from the "
-              "numbers, by the rule in brackets):", "", "| paper | claim | our run | verdict |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in claims(runs, recall, speed)]
+              "numbers, by the rule in brackets; differences are paired by seed, with the 95% confidence "
+              "interval of Student's t):", "", "| paper | claim | our run | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     # linearity and pruning
-    lin = {n: s["linearity"] for n, s in runs.items() if s.get("linearity")}
+    lin = {n: per_seed(seeds, lambda s: s.get("linearity")) for n, seeds in runs.items()}
+    lin = {n: v for n, v in lin.items() if v}
     if lin:
-        pairs = len(next(iter(lin.values()))["profile"])
+        any_lin = next(iter(next(iter(lin.values())).values()))
+        pairs = len(any_lin["profile"])
         names = ["e -> 1"] + [f"{i} -> {i + 1}" for i in range(1, pairs)]
-        lines += ["", f"Linearity per layer pair, `python linearity.py RUN/ckpt.pt` "
-                  f"({next(iter(lin.values()))['tokens']:,} validation tokens); LS with the residual / LS_wo "
-                  "without:", "", "| run | " + " | ".join(names) + " |", "|---|" + "---:|" * pairs]
-        for n, l in lin.items():
-            lines.append(f"| {n} | " + " | ".join(f"{p['ls']:.3f} / {p['ls_wo']:.3f}" for p in l["profile"]) + " |")
-        pr = {n: l["prune"] for n, l in lin.items() if l.get("prune")}
+        lines += ["", f"Linearity per layer pair, `python linearity.py RUN/ckpt.pt` ({any_lin['tokens']:,} "
+                  "validation tokens); LS with the residual / LS_wo without, mean over seeds:", "",
+                  "| run | " + " | ".join(names) + " |", "|---|" + "---:|" * pairs]
+        for n, by_seed in lin.items():
+            cells = []
+            for i in range(pairs):
+                ls = statistics.mean(l["profile"][i]["ls"] for l in by_seed.values())
+                wo = statistics.mean(l["profile"][i]["ls_wo"] for l in by_seed.values())
+                cells.append(f"{ls:.3f} / {wo:.3f}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        pr = {n: {seed: l["prune"] for seed, l in by_seed.items() if l.get("prune")} for n, by_seed in lin.items()}
+        pr = {n: v for n, v in pr.items() if v}
         if pr:
             lines += ["", "Pruning the k most linear blocks (`linearity.py RUN/ckpt.pt --prune K`; validation "
-                      "perplexity):", "",
-                      "| run | k | blocks | (a) removed | (b) linear fit | (c) fit + distilled |",
-                      "|---|--:|---|---:|---:|---:|"]
-            for n, rows in pr.items():
-                lines += [f"| {n} | {r['k']} | {r['blocks']} | {r['removed']:.2f} | {r['linear']:.2f} | "
-                          f"{r['distilled']:.2f} |" for r in rows]
-    if recall:
-        lengths = sorted(recall)
-        mc, rc = recall_info["model_config"], recall_info["train_config"]
-        lines += ["", f"Associative recall (`train.py --task recall`: {rc['recall_pairs']} pairs, vocabulary "
-                  f"{rc['recall_vocab']}, {mc['n_layer']} layers, width {mc['n_embd']}, batch {rc['batch_size']}, "
-                  f"lr {rc['lr']:g}, {rc['max_iters']} steps; accuracy on the queried values, chance "
-                  f"1/{(rc['recall_vocab'] - 1) // 2}):", "",
-                  "| arch | " + " | ".join(f"L = {L}" for L in lengths) + " |", "|---|" + "---:|" * len(lengths)]
-        for arch in RECALL_ARCHS:
-            lines.append(f"| {arch} | " + " | ".join(fmt(100 * recall[L][arch], ".1f") + "%" if arch in recall[L]
-                                                     else "—" for L in lengths) + " |")
+                      "perplexity, mean ± std over seeds; distillation's objective, the student's layer-wise MSE "
+                      "to the teacher, before -> after):", "",
+                      "| run | k | blocks (per seed) | (a) removed | (b) linear fit | (c) fit + distilled | "
+                      "distillation MSE |", "|---|--:|---|---:|---:|---:|---:|"]
+            for n, by_seed in pr.items():
+                for k in sorted({r["k"] for rows_ in by_seed.values() for r in rows_}):
+                    at_k = [r for rows_ in by_seed.values() for r in rows_ if r["k"] == k]
+                    blocks = " ".join(str(r["blocks"]).replace(" ", "") for r in at_k)
+                    mse = [(r.get("distill_mse_before"), r.get("distill_mse_after")) for r in at_k]
+                    mse = [m for m in mse if None not in m]
+                    mse_txt = (f"{pm([m[0] for m in mse], '.2e')} -> {pm([m[1] for m in mse], '.2e')}"
+                               if mse and k > 0 else "—")
+                    lines.append(f"| {n} | {k} | {blocks} | {pm([r['removed'] for r in at_k], '.2f')} | "
+                                 f"{pm([r['linear'] for r in at_k], '.2f')} | {pm([r['distilled'] for r in at_k], '.2f')} | "
+                                 f"{mse_txt} |")
+    for task in ("recall1", "recall"):
+        if recall.get(task):
+            lines += ["", f"Associative recall ({recall_caption(task, recall_info[task])}); final accuracy, mean ± "
+                      "std over seeds:", ""] + recall_table(recall[task], RECALL_ARCHS)
     if speed:
         b1 = sorted((r for r in speed["rows"] if r["B"] == 1), key=lambda r: r["L"])
         lines += ["", f"Hyena order-2 mixing vs causal SDPA, B = 1, D = 768, forward + backward GPU ms "
@@ -487,6 +777,36 @@ def report(run_names: list[str], args, target: str) -> str:
                   "| L | " + " | ".join(f"{r['L']:,}" for r in b1) + " |", "|---|" + "---:|" * len(b1)]
         for key, label in (("attention", "attention"), ("plain", "Hyena, plain"), ("kernel", "Hyena, kernels")):
             lines.append(f"| {label} | " + " | ".join(f"{r['gpu_ms'][key]:.3f}" for r in b1) + " |")
+    data = {"seeds": seeds_of(args),
+            "runs": {n: {seed: {"val": s["val"], "best": s["best"], "ms": s["ms"], "mem": s["mem"],
+                                "linearity": s["linearity"], "evals": s["evals"]}
+                         for seed, s in seeds.items()} for n, seeds in runs.items()},
+            "recall": recall, "claims": [dict(zip(("paper", "claim", "ours", "verdict"), r)) for r in rows]}
+    return "\n".join(lines) + "\n", data
+
+
+def sweep_report(args) -> str:
+    """The Hyena filter sweep as a markdown table: TinyStories loss and both recall tasks per setting."""
+    folder = os.path.join(args.out, "sweep")
+    seeds = seeds_of(args)[:max(2, min(args.seeds, 3))]
+    sub = argparse.Namespace(**{**vars(args), "seeds": len(seeds)})
+    gpt = load_seeds(os.path.join(args.out, "gpt"), "gpt", seeds)
+    lines = [f"Hyena filter settings (`python compare.py --stages sweep`; TinyStories: {args.max_iters} steps as "
+             f"the comparison; recall: {args.recall_steps} (MQAR) and {args.recall1_steps} (single query) steps at the "
+             f"shortest length of each task; mean ± std "
+             f"over seeds {', '.join(map(str, seeds))}):", "",
+             "| setting | flags | TinyStories val loss | - gpt (paired) | MQAR accuracy | single-query accuracy |",
+             "|---|---|---:|---:|---:|---:|"]
+    for setting, flags in HYENA_SWEEP.items():
+        runs = load_seeds(os.path.join(folder, f"hyena-{setting}"), setting, seeds)
+        rec, _ = load_recall(sub, folder, f"-{setting}", archs=("hyena",))
+        p = paired(per_seed(runs, lambda s: s["val"]), per_seed(gpt, lambda s: s["val"])) if runs and gpt else None
+
+        def acc(task):
+            t = rec.get(task, {})
+            return pm([100 * v for v in t[min(t)]["hyena"].values()], ".1f") + "%" if t else "—"
+        lines.append(f"| {setting} | `{' '.join(flags)}` | {pm([s['val'] for s in runs.values()])} | "
+                     f"{diff_text(p, unit='') if p else '—'} | {acc('recall')} | {acc('recall1')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -495,30 +815,37 @@ def plot_curves(run_names: list[str], args) -> bool:
     if plt is None:
         log("(matplotlib is not installed: no plot of the loss and pruning curves)")
         return False
-    runs = {n: s for n in run_names if (s := summarise(n, os.path.join(args.out, n)))}
+    runs = load_runs(run_names, args)
     if not runs:
         return False
-    pruned = {n: s["linearity"]["prune"] for n, s in runs.items() if s["linearity"] and s["linearity"]["prune"]}
+    pruned = {n: [s["linearity"]["prune"] for s in seeds.values() if s["linearity"] and s["linearity"].get("prune")]
+              for n, seeds in runs.items()}
+    pruned = {n: v for n, v in pruned.items() if v}
     fig, axes = plt.subplots(1, 2 if pruned else 1, figsize=(12 if pruned else 7, 4.5), squeeze=False)
     ax = axes[0, 0]
-    for n, s in runs.items():
-        tps = s["info"]["tokens_per_step"] / 1e6
-        ax.plot([r["step"] * tps for r in s["evals"]], [r["val_loss"] for r in s["evals"]], marker="o", ms=3,
-                label=n)
+    for i, (n, seeds) in enumerate(runs.items()):  # mean over seeds, the band from the lowest to the highest
+        s0 = next(iter(seeds.values()))
+        tps = s0["info"]["tokens_per_step"] / 1e6
+        steps = sorted({r["step"] for s in seeds.values() for r in s["evals"]})
+        vals = [[r["val_loss"] for s in seeds.values() for r in s["evals"] if r["step"] == st] for st in steps]
+        x = [st * tps for st in steps]
+        ax.plot(x, [statistics.mean(v) for v in vals], marker="o", ms=3, color=f"C{i}", label=n)
+        ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], color=f"C{i}", alpha=0.2)
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"TinyStories, equal tokens ({next(iter(runs.values()))['info']['device']})")
+    ax.set_title(f"TinyStories, equal tokens, {args.seeds} seeds ({s0['info']['device']})")
     ax.legend(ncol=2, fontsize=8)
-    if pruned:  # the pruning curves: perplexity vs blocks pruned, three ways
+    if pruned:  # the pruning curves: perplexity vs blocks pruned, three ways, mean over seeds
         ax = axes[0, 1]
-        for i, (n, rows) in enumerate(pruned.items()):
-            ks = [r["k"] for r in rows]
+        for i, (n, tables) in enumerate(pruned.items()):
+            ks = sorted({r["k"] for rows in tables for r in rows})
             for key, style in (("removed", ":"), ("linear", "--"), ("distilled", "-")):
-                ax.plot(ks, [r[key] for r in rows], style, color=f"C{i}", marker="o", ms=3, label=f"{n}: {key}")
+                ax.plot(ks, [statistics.mean(r[key] for rows in tables for r in rows if r["k"] == k) for k in ks],
+                        style, color=f"C{i}", marker="o", ms=3, label=f"{n}: {key}")
         ax.set_xlabel("blocks pruned (most linear first)")
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
-        ax.set_xticks(sorted({r["k"] for rows in pruned.values() for r in rows}))
+        ax.set_xticks(sorted({r["k"] for tables in pruned.values() for rows in tables for r in rows}))
         ax.set_title("pruning: removed / linear fit / fit + distilled")
         ax.legend(fontsize=7)
     os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
@@ -540,14 +867,28 @@ def replace_block(path: str, block: str) -> None:
     text = check_markers(path)
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(head + BEGIN + "\n" + block + END + tail)
-    os.replace(tmp, path)
+    write_atomic(path, head + BEGIN + "\n" + block + END + tail)
+
+
+def write_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
+
+
+def int_list(p, flag: str, text: str, least: int) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        p.error(f"{flag} takes a comma list of integers, e.g. 128,512")
+    if any(v < least for v in values):
+        p.error(f"{flag}: every length must be at least {least}")
+    return values
 
 
 def parse_args(argv=None):
@@ -555,19 +896,27 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                                 epilog="Arguments after `--` are passed to every train.py run.")
     p.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                   help="TinyStories runs: arch names of train.py, or gpt-cosine (gpt + cosine regulariser)")
+                   help="TinyStories runs: arch names of train.py, or gpt-cosine / gpt-cosine-all (gpt + the "
+                        "cosine regulariser over block pairs / all pairs)")
     p.add_argument("--stages", default="train,linearity,recall,speed,report",
-                   help="which of train, linearity, recall, speed, report to do")
+                   help="which of train, linearity, recall, speed, report, sweep to do")
+    p.add_argument("--seeds", type=int, default=3, help=f"seeds per run: {SEED0}, {SEED0 + 1}, ...")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="training runs side by side (their step times are then not reported)")
     p.add_argument("--max-iters", type=int, default=300,
                    help="steps per TinyStories run: 9.8M tokens, ~9 epochs of the 1M-token sample")
     p.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
     p.add_argument("--linearity-tokens", type=int, default=200_000, help="linearity.py --tokens (validation)")
     p.add_argument("--distill-steps", type=int, default=200, help="linearity.py --prune's distillation steps")
-    p.add_argument("--recall-lengths", default="128,512", help="sequence lengths of the recall runs")
-    p.add_argument("--recall-steps", type=int, default=3000, help="steps per recall run")
+    p.add_argument("--recall-lengths", default="128,512", help="sequence lengths of the MQAR runs")
+    p.add_argument("--recall1-lengths", default="256,1024,2048", help="sequence lengths of the single-query runs")
+    p.add_argument("--recall-steps", type=int, default=3000, help="steps per MQAR run")
+    p.add_argument("--recall1-steps", type=int, default=10000,
+                   help="steps per single-query run (its loss on every position learns the lookup slowly)")
+    p.add_argument("--recall-archs", default=",".join(RECALL_ARCHS), help="archs of the recall runs")
     p.add_argument("--out", default="out/compare", help="where the runs and the report go")
     p.add_argument("--plot", default=None, help="where the plot of loss and pruning curves goes (None: OUT/loss_curves.png)")
     p.add_argument("--readme", default=None, metavar="README.md",
@@ -580,20 +929,20 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown run(s) {', '.join(bad)}; choose from {', '.join([*train.ARCHS, *EXTRA_RUNS])}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    stages = {"train", "linearity", "recall", "speed", "report"}
+    stages = {"train", "linearity", "recall", "speed", "report", "sweep"}
     if not args.stages or set(args.stages) - stages:
         p.error(f"--stages takes a comma list of {', '.join(sorted(stages))}")
-    try:
-        args.recall_lengths = sorted({int(x) for x in args.recall_lengths.split(",")})
-    except ValueError:
-        p.error("--recall-lengths takes a comma list of integers, e.g. 128,512")
-    if any(L < 32 for L in args.recall_lengths):
-        p.error("--recall-lengths: 8 pairs and their 8 queries need at least 32 tokens")
-    for name in ("max_iters", "eval_interval", "recall_steps", "distill_steps", "linearity_tokens"):
+    args.recall_lengths = int_list(p, "--recall-lengths", args.recall_lengths, 32)  # 8 pairs + 8 queries
+    args.recall1_lengths = int_list(p, "--recall1-lengths", args.recall1_lengths, 8)
+    args.recall_archs = [a.strip() for a in args.recall_archs.split(",") if a.strip()]
+    if set(args.recall_archs) - set(train.ARCHS):
+        p.error(f"--recall-archs: choose from {', '.join(train.ARCHS)}")
+    for name in ("seeds", "parallel", "max_iters", "eval_interval", "recall_steps", "recall1_steps", "distill_steps",
+                 "linearity_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.recall_steps < 4:
-        p.error("--recall-steps must be at least 4 (it is evaluated 4 times)")
+    if min(args.recall_steps, args.recall1_steps) < 4:
+        p.error("--recall-steps and --recall1-steps must be at least 4 (a run is evaluated 4 times)")
     if args.readme and not os.path.isfile(args.readme):
         p.error(f"--readme {args.readme}: no such file")
     if args.readme and "report" not in args.stages:
@@ -609,28 +958,39 @@ def main(argv=None) -> int:
     args, extra = parse_args(argv)
     t0 = time.time()
     failed = []
-    if "train" in args.stages:
-        failed += train_runs(args.runs, args, extra)
-    if "linearity" in args.stages:
-        failed += linearity_runs(args.runs, args)
-    if "recall" in args.stages:
-        failed += recall_runs(args, extra)
-    if "speed" in args.stages:
-        failed += speed_run(args)
+    try:
+        jobs = []  # training and recall are independent: one pool, so side-by-side runs fill the GPU
+        if "train" in args.stages:
+            jobs += train_jobs(args.runs, args, extra, linearity="linearity" in args.stages)
+        if "sweep" in args.stages:
+            jobs += sweep_jobs(args, extra)
+        if "recall" in args.stages:
+            jobs += recall_jobs(args, extra)
+        failed += run_jobs(jobs, args.parallel)
+        if "linearity" in args.stages:
+            failed += run_jobs(linearity_jobs(args.runs, args), args.parallel)
+        if "speed" in args.stages:  # alone on the GPU: it times kernels
+            failed += speed_run(args)
+    except KeyboardInterrupt:
+        log("compare.py: interrupted; rerun the same command to continue (finished runs are skipped)")
+        return 130
+    if "sweep" in args.stages:
+        text = sweep_report(args)
+        write_atomic(os.path.join(args.out, "sweep.md"), text)
+        print("\n" + text)
+        log(f"sweep table: {os.path.join(args.out, 'sweep.md')}")
     if "report" in args.stages:
         has_plot = plot_curves(args.runs, args)
         if not has_plot:
             args.plot = None
         path = os.path.join(args.out, "results.md")
-        text = report(args.runs, args, path)
-        os.makedirs(args.out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        text, data = report(args.runs, args, path)
+        write_atomic(path, text)
+        write_atomic(os.path.join(args.out, "results.json"), json.dumps(data, indent=1, default=str))
         print("\n" + text)
-        log(f"report: {path}")
+        log(f"report: {path} (every seed's numbers: results.json)")
         if args.readme:
-            replace_block(args.readme, report(args.runs, args, args.readme))
+            replace_block(args.readme, report(args.runs, args, args.readme)[0])
             log(f"README block replaced: {args.readme}")
     log(f"compare.py: {time.time() - t0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -32,6 +32,15 @@ convolution and gates before convolving, y = x^0 * (h conv (x^1 * v) + D (x^1 * 
 paper's recursion with a configurable --hyena-order; `--arch hyena` uses order 2 (two long
 convolutions, three projections), the paper's own order for language modelling.
 
+Filter and projection settings (train.py flags; the Pile values are not a safe default for a small model):
+    --hyena-w, --hyena-emb-dim     the Sin's initial frequency and the positional features (Pile: 14, 33;
+                                   safari's recall config: 10, 5)
+    --hyena-filter-init normal     the FFN at N(0, 0.02) with zero biases, as safari's training pipeline
+                                   re-initialises it; kaiming (PyTorch's default, safari's standalone file)
+                                   makes the filters start as white noise
+    --hyena-bias off               biases on the in/out projections (safari: on, starting at zero)
+    --hyena-pos-trainable off      positions z(t) fixed (safari's recall config) or learned
+
 Notation (shape comments): B batch, L (or T) time, C model width, N order, F filter FFN width.
 """
 import math
@@ -97,25 +106,35 @@ class ImplicitFilter(nn.Module):
 
     Positional encoding (emb_dim = 1 + 2 bands, paper Appendix D.3):
         z(t) = [t_norm, cos(2 pi f_k t / l_max), sin(2 pi f_k t / l_max)],  t = 0..l_max-1, f_k = 0..bands-1
+        fixed (pos_trainable False) or a trainable parameter without weight decay (True)
     FFN: Linear(emb, F) -> Sin -> Linear(F, F) -> Sin -> Linear(F, F) -> Sin -> Linear(F, N C)
-    Window: exp(-t_norm |delta_c|), delta spread over channels so the fastest decays to `target` at
-        fast_decay_pct of l_max and the slowest at slow_decay_pct (safari's ExponentialModulation).
+        init "normal": N(0, 0.02) weights, zero biases; "kaiming": PyTorch's default
+    Window: exp(-t_norm |delta_{n,c}|), N C rates spread so the fastest decays to `target` at fast_decay_pct
+        of l_max and the slowest at slow_decay_pct (safari's ExponentialModulation), dealt out to the N
+        filters in turn: filter n, channel c gets rate n + N c of the spread.
     """
 
     def __init__(self, n_embd: int, order: int, l_max: int, emb_dim: int = 33, width: int = 64,
                  w: float = 14.0, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
-                 target: float = 1e-2):
+                 target: float = 1e-2, init: str = "normal", pos_trainable: bool = False):
         super().__init__()
         if emb_dim < 3 or emb_dim % 2 == 0:
             raise ValueError(f"filter emb_dim must be odd and >= 3 (1 + 2 bands), got {emb_dim}")
-        self.order, self.n_embd, self.l_max = order, n_embd, l_max
+        if init not in ("normal", "kaiming"):
+            raise ValueError(f"filter init must be 'normal' or 'kaiming', got {init!r}")
+        self.order, self.n_embd, self.l_max, self.init = order, n_embd, l_max, init
         bands = (emb_dim - 1) // 2
         t_norm = torch.linspace(0, 1, l_max)  # (l_max,)
         # Frequencies start at 1e-4, not 0, as in safari, so no band is a constant.
         freqs = torch.linspace(1e-4, bands - 1, bands)  # (bands,)
         angle = 2 * math.pi * freqs[None, :] * torch.arange(l_max)[:, None] / l_max  # (l_max, bands)
         pos = torch.cat([t_norm[:, None], angle.cos(), angle.sin()], dim=-1)  # (l_max, emb_dim)
-        self.register_buffer("pos", pos, persistent=False)
+        # Fixed by default, as safari's recall config (lr_pos_emb 0); trainable, it learns at the model's
+        # learning rate (safari gives it its own, lr_pos_emb).
+        if pos_trainable:
+            self.pos = nn.Parameter(pos)
+        else:
+            self.register_buffer("pos", pos, persistent=False)
         self.register_buffer("t_norm", t_norm, persistent=False)
         # One Sin (one set of frequencies) shared by the three activations, as in safari.
         self.act = Sin(width, w)
@@ -123,18 +142,30 @@ class ImplicitFilter(nn.Module):
                                   nn.Linear(width, width), nn.Linear(width, order * n_embd, bias=False)])
         slowest = math.log(1 / target) / slow_decay_pct  # decays to target at t_norm = slow_decay_pct
         fastest = math.log(1 / target) / fast_decay_pct
-        self.register_buffer("deltas", torch.linspace(slowest, fastest, n_embd), persistent=False)  # (C,)
+        # One spread over all N C filter channels, dealt out in turn as safari's training module does
+        # (src/models/sequence/hyena.py, '(v o)'): every filter spans the whole range, at rates of its own.
+        # (safari's standalone file hands out contiguous slices instead, which would give filter 1 only
+        # the slow windows.) Order 1 is the plain spread over C.
+        spread = torch.linspace(slowest, fastest, order * n_embd)  # (N C,)
+        self.register_buffer("deltas", spread.view(n_embd, order).t().contiguous(), persistent=False)  # (N, C)
         # The skip term D of each long convolution (safari: randn init, a choice we keep).
         self.skip = nn.Parameter(torch.randn(order, n_embd))
         for p in self.parameters():
             p.no_weight_decay = True  # the paper: no weight decay on the filter parameters
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        # The GPT's generic N(0, 0.02) would make the filter FFN's outputs vanish; use PyTorch's default
-        # (Kaiming-uniform) linear init instead, as safari does.
+        # "normal": N(0, 0.02) and zero biases, as safari's training pipeline (_init_weights) re-initialises
+        # every linear layer; "kaiming": PyTorch's default, which survives only in safari's standalone file
+        # and makes the filters start as white noise (sin(w x) of wide pre-activations).
         for lin in self.ffn:
-            lin.reset_parameters()
+            if self.init == "kaiming":
+                lin.reset_parameters()
+            else:
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
 
     def forward(self, L: int) -> torch.Tensor:
         if L > self.l_max:
@@ -152,7 +183,7 @@ class ImplicitFilter(nn.Module):
             # the last layer computed transposed, W z^T: time comes out last and contiguous, as the long
             # convolutions want it (no transposed copies forward or backward)
             h = (w_last @ z.to(w_last.dtype).transpose(0, 1)).view(self.order, self.n_embd, L)  # (N, C, L)
-            window = torch.exp(-self.deltas[:, None] * self.t_norm[None, :L])  # (C, L)
+            window = torch.exp(-self.deltas[:, :, None] * self.t_norm[:L])  # (N, C, L)
             return h * window  # (N, C, L), fp32
 
 
@@ -177,6 +208,13 @@ def long_conv_gate(z, x, h, skip):
     return (x.to(y.dtype) * y).to(z.dtype)
 
 
+def _switch(name: str, value) -> bool:
+    """An on/off setting: "on"/"off" (train.py's flags) or a bool."""
+    if value in ("on", True) or value in ("off", False):
+        return value in ("on", True)
+    raise ValueError(f"{name} must be 'on' or 'off', got {value!r}")
+
+
 class HyenaMixer(nn.Module):
     """Token mixer 'hyena': Definition 3.1 with order N (cfg.hyena_order), causal, O(L log L).
 
@@ -189,24 +227,33 @@ class HyenaMixer(nn.Module):
             raise ValueError(f"hyena order must be at least 1 (got {cfg.hyena_order})")
         C, N = cfg.n_embd, cfg.hyena_order
         self.order, self.n_embd = N, C
-        self.in_proj = nn.Linear(C, (N + 1) * C, bias=False)
+        # Biases on the projections: safari has them (nn.Linear's default), off by default here, as the
+        # GPT's other linear layers; when on they start at zero, as safari's training pipeline sets them.
+        bias = _switch("hyena_bias", getattr(cfg, "hyena_bias", "off"))
+        pos_trainable = _switch("hyena_pos_trainable", getattr(cfg, "hyena_pos_trainable", "off"))
+        self.in_proj = nn.Linear(C, (N + 1) * C, bias=bias)
         # Short conv: depthwise, 3 taps, with bias (safari's nn.Conv1d). PyTorch's default init (uniform,
         # bound 1/sqrt(3)), which our generic init leaves alone.
         conv = nn.Conv1d((N + 1) * C, (N + 1) * C, 3, groups=(N + 1) * C)
         self.conv_weight = nn.Parameter(conv.weight.detach().view(-1, 3).clone())  # ((N+1) C, 3)
         self.conv_bias = nn.Parameter(conv.bias.detach().clone())  # ((N+1) C,)
         self.filter = ImplicitFilter(C, N, cfg.block_size, emb_dim=cfg.hyena_emb_dim,
-                                     width=cfg.hyena_filter_width, w=cfg.hyena_w)
-        self.proj = nn.Linear(C, C, bias=False)
+                                     width=cfg.hyena_filter_width, w=cfg.hyena_w,
+                                     init=getattr(cfg, "hyena_filter_init", "normal"), pos_trainable=pos_trainable)
+        self.proj = nn.Linear(C, C, bias=bias)
         self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
         # kernels.hyena_filter: the implicit filters (two kernels forward, 2N + 1 backward); kernels.hyena_long_conv:
         # the Toeplitz kernel for large batches of short sequences (training), the Monarch-FFT kernel
         # otherwise up to 16K tokens, the cuFFT path beyond
         width = cfg.hyena_filter_width
         self.kernel_supported = kernels is not None and width >= 16 and width & (width - 1) == 0  # hyena_filter's tiles
+        self.filter_kernel = not pos_trainable  # hyena_filter treats the positions as constants
 
     def init_weights(self):
         nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity
+        for lin in (self.in_proj, self.proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
     def flops_per_token(self, seq_len: int) -> int:
         # FFT convolutions are not tensor-core matmuls; MFU counts the projections (6N) only.
@@ -228,7 +275,8 @@ class HyenaMixer(nn.Module):
         if cache is not None:
             return self.decode(u, start_pos, cache)
         # N filters (C, T) fp32; unbound, not indexed: h[n]'s backward would write a zero-filled (N, C, T) per n
-        h = kernels.hyena_filter(self.filter, T) if self.use_kernels else self.filter(T).unbind(0)
+        h = (kernels.hyena_filter(self.filter, T) if self.use_kernels and self.filter_kernel
+             else self.filter(T).unbind(0))
         skips = self.filter.skip.unbind(0)  # N x (C,); unbound for the reason above
         v, *gates = self.streams(u)
         z = v  # z^1 = v
@@ -300,6 +348,42 @@ def recall_example(seq_len: int, vocab_size: int, n_pairs: int, generator: torch
     return x[:-1], y
 
 
+def recall_single_query_example(seq_len: int, vocab_size: int, generator: torch.Generator):
+    """The Hyena paper's associative recall (Sec. 4.1, after safari's synthetic "assoc_recall" data): key-value
+    pairs with keys drawn WITH repetition and a fresh key -> value map per example (a repeated key repeats its
+    value), then a query marker and one key whose value must come next:
+
+        k3 v3 k1 v1 k3 v3 k2 v2 ... kP vP  =>  k1 [v1]        (=> is token 0; keys 1..K, values K+1..2K)
+
+    Returns (input, target), (seq_len,) each, target = input shifted by one, so a target at EVERY position
+    (the paper trains with the plain next-token loss: keys are unpredictable, a value is predictable once its
+    key has appeared before). The query is always the last input position: recall accuracy is scored on
+    target[-1] alone. How it differs from MQAR (recall_example above; Zoology, arXiv 2312.04927): one query
+    instead of one per pair, keys repeat instead of being distinct, no filler tokens, and loss everywhere
+    instead of only at the queries."""
+    n_keys = (vocab_size - 1) // 2
+    if n_keys < 2 or seq_len < 4:
+        raise ValueError(f"recall1: needs vocab_size >= 5 (2 keys, 2 values, the marker; got {vocab_size}) "
+                         f"and seq_len >= 4 (one pair, the marker, the query; got {seq_len})")
+    # K = (V - 1) // 2 keys and as many values: with V = 30 that is 14 + 14 and token 29 unused, as safari
+    # splits its 28 non-special tokens in halves (its 2 special tokens: the marker, and a "no answer" dot
+    # that never appears in the paper's setting, see the query below).
+    # seq_len is the model's input length: safari's input_seq_len (the pairs) + 2 (marker, query key).
+    n_pairs = (seq_len - 2) // 2
+    keys = torch.randint(n_keys, (n_pairs,), generator=generator) + 1
+    # The map draws each key's value independently (as safari does), so two keys may share a value.
+    kv = torch.randint(n_keys, (n_keys + 1,), generator=generator) + n_keys + 1  # kv[k]: key k's value
+    # The query key is one that appeared (safari's allow_dot=False, the paper's setting): otherwise the answer
+    # would be "no answer" and accuracy capped below 100%. Uniform over the distinct keys present.
+    present = keys.unique()
+    query = present[torch.randint(len(present), (1,), generator=generator)]
+    x = torch.zeros(seq_len + 1, dtype=torch.long)  # one extra: targets are inputs shifted by one
+    pad = seq_len % 2  # an odd length starts with one marker token, so the query still ends the sequence
+    x[pad:pad + 2 * n_pairs:2], x[pad + 1:pad + 2 * n_pairs:2] = keys, kv[keys]
+    x[-2:] = torch.cat([query, kv[query]])  # x[-3] stays 0: the query marker
+    return x[:-1], x[1:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Self-demo (CPU, seconds): python hyena.py
 
@@ -326,6 +410,14 @@ def _demo():
     leak, past = x.grad[0, t + 1:].abs().max().item(), x.grad[0, :t + 1].abs().max().item()
     x = x.detach().float()
     print(f"   output {t}: max |grad| from the future {leak:.1e}, from the past {past:.1e}")
+    other = HyenaMixer(SimpleNamespace(**vars(cfg), hyena_filter_init="kaiming", hyena_bias="on",
+                                       hyena_pos_trainable="on"), 0).double()
+    for p in (other.proj.weight, other.in_proj.bias, other.proj.bias):
+        nn.init.normal_(p, std=0.02)  # the biases start at zero (init_weights); make them count
+    xo = x.double().requires_grad_()
+    other(xo)[0, t].sum().backward()
+    leak_other = xo.grad[0, t + 1:].abs().max().item()
+    print(f"   with Kaiming filter init, projection biases and trainable positions: {leak_other:.1e}")
 
     print("3. Cached decoding, one token at a time, equals the full forward")
     with torch.no_grad():
@@ -340,12 +432,13 @@ def _demo():
     h = mixer.filter(cfg.block_size)  # (N, C, L)
     n_filter = sum(p.numel() for p in mixer.filter.parameters())
     print(f"   {n_filter} filter parameters for {h.numel()} filter taps; |h| first 8 / last 8 taps of the "
-          f"fastest channel: {h[0, -1, :8].abs().mean():.3f} / {h[0, -1, -8:].abs().mean():.4f}")
+          f"fastest channel: {h[-1, -1, :8].abs().mean():.3f} / {h[-1, -1, -8:].abs().mean():.4f}")
 
     print("5. An associative-recall example (vocab 9: keys 1-4, values 5-8; 2 pairs, 12 tokens)")
     xr, yr = recall_example(12, 9, 2, torch.Generator().manual_seed(1))
     print(f"   input  {xr.tolist()}\n   target {yr.tolist()}")
-    assert err < 1e-9 and leak < 1e-12 and (dec - full).abs().max() < 1e-4
+    assert err < 1e-9 and leak < 1e-12 and leak_other < 1e-12 and (dec - full).abs().max() < 1e-4
+    assert h[-1, -1, -8:].abs().mean() < 0.01 * h[-1, -1, :8].abs().mean()  # the window: 1% by 30% of l_max
 
 
 if __name__ == "__main__":

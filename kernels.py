@@ -99,42 +99,51 @@ def _runnable(t: torch.Tensor, name: str):
 
 if HAVE_TRITON:
     @triton.jit
-    def _sk_forward(m, ITERS: tl.constexpr, EPS: tl.constexpr):
-        """m = exp(logits - max) (BLOCK_N, n, n); ITERS x (columns, then rows) normalisation."""
-        for _ in range(ITERS):
+    def _sk_softmax(logits):
+        """Iteration 1's column step (BLOCK_N, n, n): a softmax over each column i, shifted by that column's
+        own max (a constant: no gradient), so no column underflows to zero."""
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None, :])
+        return e / tl.sum(e, axis=1)[:, None, :]
+
+    @triton.jit
+    def _sk_forward(p, ITERS: tl.constexpr, EPS: tl.constexpr):
+        """p = _sk_softmax(logits); + eps, iteration 1's rows, then ITERS - 1 x (columns, rows)."""
+        m = p + EPS
+        m = m / (tl.sum(m, axis=2)[:, :, None] + EPS)  # rows sum to 1
+        for _ in range(ITERS - 1):
             m = m / (tl.sum(m, axis=1)[:, None, :] + EPS)  # columns sum to 1
             m = m / (tl.sum(m, axis=2)[:, :, None] + EPS)  # rows sum to 1
         return m
 
     @triton.jit
-    def _sk_exp(logits):
-        mx = tl.max(tl.max(logits, axis=2), axis=1)  # (BLOCK_N,), a constant shift (no gradient)
-        return tl.exp(logits - mx[:, None, None])
+    def _sk_backward(p, g, ITERS: tl.constexpr, EPS: tl.constexpr, scratch_ptr, offs, mask, stride):
+        """Gradient w.r.t. the logits, given p = _sk_softmax(logits) and g = dL/d(output).
 
-    @triton.jit
-    def _sk_backward(m0, g, ITERS: tl.constexpr, EPS: tl.constexpr, scratch_ptr, offs, mask, stride):
-        """Gradient w.r.t. the logits, given m0 = exp(logits - max) and g = dL/d(output).
-
-        Iteration t maps m -> a = m / colsum(m) -> out = a / rowsum(a). Going backwards through t:
+        Iterations 2..ITERS map m -> a = m / colsum(m) -> out = a / rowsum(a). Going backwards through one:
             g_a[i, k] = (g[i, k] - sum_j g[i, j] out[i, j]) / s_i        s_i = rowsum(a)_i + eps
             g_m[k, j] = (g_a[k, j] - sum_i g_a[i, j] a[i, j]) / t_j      t_j = colsum(m)_j + eps
-        The forward iterations are recomputed once and each one's input m is kept in scratch (this
-        program's own rows, written and read back at once, so it stays in the L2): O(iters) work."""
-        m = m0
-        for it in range(ITERS):
+        Iteration 1 is out = (p + eps) / s with the rows' step as above, then the softmax's Jacobian per
+        column: dlogits[i, j] = p[i, j] (g_p[i, j] - sum_k g_p[k, j] p[k, j]). The forward iterations are
+        recomputed once and each one's input m is kept in scratch (this program's own rows, written and
+        read back at once, so it stays in the L2): O(iters) work."""
+        m1 = p + EPS
+        s1 = tl.sum(m1, axis=2)[:, :, None] + EPS
+        m = m1 / s1
+        for it in range(ITERS - 1):
             tl.store(scratch_ptr + it * stride + offs, m, mask=mask)
             m = m / (tl.sum(m, axis=1)[:, None, :] + EPS)
             m = m / (tl.sum(m, axis=2)[:, :, None] + EPS)
         tl.debug_barrier()
-        for back in range(ITERS):
-            m = tl.load(scratch_ptr + (ITERS - 1 - back) * stride + offs, mask=mask, other=1.0)
+        for back in range(ITERS - 1):
+            m = tl.load(scratch_ptr + (ITERS - 2 - back) * stride + offs, mask=mask, other=1.0)
             t = tl.sum(m, axis=1)[:, None, :] + EPS
             a = m / t
             s = tl.sum(a, axis=2)[:, :, None] + EPS
             out = a / s
             g_a = (g - tl.sum(g * out, axis=2)[:, :, None]) / s
             g = (g_a - tl.sum(g_a * a, axis=1)[:, None, :]) / t
-        return g * m0  # through m0 = exp(logits - max)
+        g = (g - tl.sum(g * (m1 / s1), axis=2)[:, :, None]) / s1  # iteration 1's rows
+        return p * (g - tl.sum(g * p, axis=1)[:, None, :])  # the softmax per column
 
     @triton.jit
     def _sinkhorn_fwd_kernel(logits_ptr, out_ptr, N, EPS: tl.constexpr, N_STREAMS: tl.constexpr,
@@ -144,7 +153,7 @@ if HAVE_TRITON:
         offs = rows[:, None, None] * (N_STREAMS * N_STREAMS) + ij[None, :, :]
         mask = (rows < N)[:, None, None]
         logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, _sk_forward(_sk_exp(logits), ITERS, EPS), mask=mask)
+        tl.store(out_ptr + offs, _sk_forward(_sk_softmax(logits), ITERS, EPS), mask=mask)
 
     @triton.jit
     def _sinkhorn_bwd_kernel(logits_ptr, grad_ptr, dlogits_ptr, scratch_ptr, N, EPS: tl.constexpr,
@@ -155,7 +164,7 @@ if HAVE_TRITON:
         mask = (rows < N)[:, None, None]
         logits = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dlogits_ptr + offs, _sk_backward(_sk_exp(logits), g, ITERS, EPS, scratch_ptr, offs, mask,
+        tl.store(dlogits_ptr + offs, _sk_backward(_sk_softmax(logits), g, ITERS, EPS, scratch_ptr, offs, mask,
                                                   N * N_STREAMS * N_STREAMS), mask=mask)
 
 
@@ -182,7 +191,7 @@ class SinkhornFunction(torch.autograd.Function):
         n = flat.size(-1)
         dlogits = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
         block = SINKHORN["block_n"]
-        scratch = torch.empty((ctx.iters,) + tuple(flat.shape), device=flat.device, dtype=torch.float32)
+        scratch = torch.empty((max(ctx.iters - 1, 1),) + tuple(flat.shape), device=flat.device, dtype=torch.float32)
         _sinkhorn_bwd_kernel[(triton.cdiv(flat.size(0), block),)](
             flat, grad.reshape(-1, n, n).contiguous(), dlogits, scratch, flat.size(0), EPS=ctx.eps, N_STREAMS=n,
             ITERS=ctx.iters, BLOCK_N=block, num_warps=SINKHORN["num_warps"])
@@ -193,6 +202,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
     n = logits.size(-1)
     if logits.size(-2) != n or n & (n - 1) or n < 2:
         raise ValueError(f"sinkhorn kernel: square matrices of a power-of-2 size, got {tuple(logits.shape[-2:])}")
+    if iters < 1:
+        raise ValueError(f"sinkhorn kernel: iters must be at least 1 (got {iters})")
     _check("logits", logits)
     _runnable(logits, "sinkhorn")
     return SinkhornFunction.apply(logits, iters, eps)
@@ -290,7 +301,7 @@ if HAVE_TRITON:
         u, sumsq = _mhc_project(h_ptr, phi_ptr, rows, rmask, C, N_STREAMS, G, BLOCK_N, BLOCK_K, DOT)
         r = tl.rsqrt(sumsq / (N_STREAMS * C) + EPS)  # RMSNorm of the flattened streams, applied after the matmul
         pre, post, logits, _, _, _ = _mhc_coefficients(u, r, coef_ptr, N_STREAMS, G, BLOCK_N)
-        res = _sk_forward(_sk_exp(logits), ITERS, SK_EPS)
+        res = _sk_forward(_sk_softmax(logits), ITERS, SK_EPS)
         streams = tl.arange(0, N_STREAMS)
         tl.store(u_ptr + rows[:, None] * (4 * G) + tl.arange(0, 4 * G)[None, :], u, mask=rmask[:, None])
         tl.store(r_ptr + rows, r, mask=rmask)
@@ -356,7 +367,7 @@ if HAVE_TRITON:
         # through the activations: sigmoid' = s (1 - s); (2 sigmoid)' = post (1 - post / 2); Sinkhorn
         dz_pre = _spread(d_pre * pre * (1 - pre), N_STREAMS, G, BLOCK_N)
         dz_post = _spread(d_post * post * (1 - 0.5 * post), N_STREAMS, G, BLOCK_N)
-        d_logits = _sk_backward(_sk_exp(logits), d_res, ITERS, SK_EPS, scratch_ptr, offs3, rmask[:, None, None],
+        d_logits = _sk_backward(_sk_softmax(logits), d_res, ITERS, SK_EPS, scratch_ptr, offs3, rmask[:, None, None],
                                 N * N_STREAMS * N_STREAMS)
         dz_res = tl.reshape(d_logits, (BLOCK_N, G))
         # through z = gate * c + b, c = r u:  du = gate r dz,  dr = sum gate (c / r) dz
@@ -472,7 +483,7 @@ class MHCPreFunction(torch.autograd.Function):
         blocks = triton.cdiv(N, cfg["coef_bwd_block_n"])
         du, drc = torch.empty(N, W, **f32), torch.empty(N, **f32)
         partial = torch.empty(blocks, 2, W, **f32)  # per block of tokens: sum of dz, sum of dz * c
-        scratch = torch.empty(ctx.iters, N, n, n, **f32)
+        scratch = torch.empty(max(ctx.iters - 1, 1), N, n, n, **f32)  # iterations 2..iters' inputs
         _mhc_coef_bwd_kernel[(blocks,)](
             d_pre, u, r, coef, d_post, d_res, du, drc, partial, scratch, N, C, SK_EPS=1e-6, N_STREAMS=n, G=W // 4,
             ITERS=ctx.iters, BLOCK_N=cfg["coef_bwd_block_n"], num_warps=cfg["coef_bwd_num_warps"])
@@ -497,6 +508,8 @@ def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
     B, T, n, C = h.shape
     if n < 4 or n & (n - 1):
         raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
+    if iters < 1:
+        raise ValueError(f"mhc_pre kernel: Sinkhorn iters must be at least 1 (got {iters})")
     _check("h", h)
     _runnable(h, "mhc_pre")
     _check("phi", phi, (n * C, n * n + 2 * n))
@@ -1330,7 +1343,8 @@ if HAVE_TRITON:
             js = (tl.program_id(1) * chunks_per_program + i) * BLOCK_C + tl.arange(0, BLOCK_C)
             w4 = tl.load(w4_ptr + js[:, None] * F + f[None, :], mask=(js < NC)[:, None], other=0.0)  # (BLOCK_C, F)
             # W4 a3^T: (BLOCK_C, BLOCK_L), time last, as the long convolutions read it
-            h = tl.dot(w4, a3t, input_precision=DOT) * _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, C, NC)
+            # deltas (N, C): one rate per row j of W4, so the window's channel index is j itself
+            h = tl.dot(w4, a3t, input_precision=DOT) * _filter_window(deltas_ptr, tnorm_ptr, js, ts, L, NC, NC)
             tl.store(h_ptr + js[:, None] * L + ts[None, :], h, mask=(js < NC)[:, None] & (ts < L)[None, :])
 
     @triton.jit
@@ -1440,7 +1454,7 @@ class ImplicitFilterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, L, order, dot, pos, t_norm, deltas, freq, w1, b1, w2, b2, w3, b3, w4):
         F_, E = w1.shape
-        NC, C = w4.size(0), deltas.size(0)
+        NC, C = w4.size(0), deltas.size(-1)  # deltas (N, C)
         bl, bc = FILTER["block_l"], FILTER["block_c"]
         mlp = dict(EP=max(16, triton.next_power_of_2(E)), F=F_, BLOCK_L=FILTER["mlp_block_l"],
                    MLP_DOT=FILTER["mlp_dot"], num_warps=FILTER["num_warps"])
@@ -1474,8 +1488,8 @@ class ImplicitFilterFunction(torch.autograd.Function):
         da = torch.empty(len(dhs) * splits_c, L, F_, device=w4.device, dtype=torch.float32)
         for n, dh in enumerate(dhs):
             dh = dh.contiguous()
-            _filter_dw4_kernel[(n_c, splits_l)](a3, t_norm, deltas, dh, dw4, L, C, NC, n * C, blocks, **m["big"])
-            _filter_da3_kernel[(n_l, splits_c)](w4, t_norm, deltas, dh, da, L, C, n * C, n * splits_c, chunks,
+            _filter_dw4_kernel[(n_c, splits_l)](a3, t_norm, deltas[n], dh, dw4, L, C, NC, n * C, blocks, **m["big"])
+            _filter_da3_kernel[(n_l, splits_c)](w4, t_norm, deltas[n], dh, da, L, C, n * C, n * splits_c, chunks,
                                                 **m["big"])
         n_mlp = triton.cdiv(L, m["mlp"]["BLOCK_L"])
         part = torch.empty(n_mlp, F_ * E + 2 * F_ * F_ + 4 * F_, device=w4.device, dtype=torch.float32)

@@ -3,10 +3,12 @@ linearity.py -- "Your Transformer is Secretly Linear": how linear is each block 
 
     python linearity.py                          # CPU self-demo (seconds)
     python linearity.py out/gpt/ckpt.pt          # per-layer profile of a trained model, held-out text
+    python linearity.py out/gpt/ckpt.pt --prune 3   # + pruning: remove / replace / replace and distil
     python train.py --arch gpt --reg cosine      # train with the paper's cosine regulariser (lambda 0.5)
 
 Paper: Razzhigaev, Mikhalchuk, Goncharova, Gerasimenko, Oseledets, Dimitrov, Kuznetsov,
-"Your Transformer is Secretly Linear", ACL 2024, arXiv 2405.12250 (score: Sec. 3.1; regularisers: Sec. 4).
+"Your Transformer is Secretly Linear", ACL 2024, arXiv 2405.12250 (score: Sec. 3.1; regularisers: Sec. 4;
+pruning: Sec. 5).
 
 The idea. Collect the hidden states of two consecutive layers over many tokens, X and Y (N x d, the
 same tokens in the same order). If some single d x d matrix maps X onto Y almost exactly, the block
@@ -28,6 +30,11 @@ t_yy = ||Yc||_F^2, the least-squares residual is SSE = t_yy - tr(C_xy^T C_xx^+ C
 (mapping X onto Y - X leaves the same residual: A' = A - I). Both are pooled R^2 values. The
 accumulators (n, means, C_xx, C_xy, t_yy) are merged batch by batch with Chan's parallel update in
 float64, so any number of tokens streams through in fixed memory.
+
+Pruning (--prune K): remove the k most linear blocks, or replace each by its least-squares map
+h -> h W + b, or replace and distil: train only the maps to lower the layer-wise objective, the mean over
+the hidden states from the first replaced block on of the MSE to the full model's (distill_objective),
+printed before -> after on the training text it trains on.
 
 Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_L, pair l = (h_l, h_{l+1}).
 """
@@ -132,23 +139,39 @@ def linearity_score(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Regularisers (paper Sec. 4), added to the LM loss by train.py --reg cosine|mse --reg-weight
+# Regularisers (paper Sec. 4), added to the LM loss by train.py --reg cosine|mse --reg-weight --reg-pairs
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 -> fp32; fp64 stays (gradcheck)
 
 
-def cosine_regulariser(hidden: list[torch.Tensor]) -> torch.Tensor:
-    """sum over consecutive pairs (h_{i-1}, h_i), i = 1..L (the embedding counts as h_0), of the mean
-    over tokens of 1 - cos(h_{i-1}, h_i). The paper writes a sum over i and does not say how tokens are
-    combined; we average tokens so that the weight does not depend on the batch size."""
+REG_PAIRS = ("blocks", "all")
+
+
+def regularised_states(hidden: list[torch.Tensor], pairs: str = "blocks") -> list[torch.Tensor]:
+    """The hidden states whose consecutive pairs a regulariser sums over: "blocks" = h_1 .. h_L (the pairs
+    block i -> block i+1), "all" = h_0 .. h_L (adds the pair embedding -> block 1)."""
+    if pairs not in REG_PAIRS:
+        raise ValueError(f"pairs must be one of {REG_PAIRS} (got {pairs!r})")
+    return hidden[1:] if pairs == "blocks" else hidden
+
+
+def cosine_regulariser(hidden: list[torch.Tensor], pairs: str = "blocks") -> torch.Tensor:
+    """sum over consecutive pairs (h_{i-1}, h_i) of the mean over tokens of 1 - cos(h_{i-1}, h_i).
+    The paper writes a sum over i and does not say how tokens are combined; we average tokens so that the
+    weight does not depend on the batch size. Nor does it say where the sum starts. Default "blocks"
+    (i = 2..L): the embedding pair compares a context-free token lookup with a transformed state, its
+    1 - cos is far the largest term, so with it the penalty acts mostly on block 1 and little on the
+    block-to-block steps the linearity scores; "all" (i = 1..L, h_0 the embedding) keeps it."""
+    hidden = regularised_states(hidden, pairs)
     return sum((1 - torch.nn.functional.cosine_similarity(_upcast(a), _upcast(b), dim=-1, eps=1e-8)).mean()
                for a, b in zip(hidden[:-1], hidden[1:]))
 
 
-def mse_regulariser(hidden: list[torch.Tensor]) -> torch.Tensor:
-    """sum over consecutive pairs of the mean over tokens of ||h_i - h_{i-1}||^2."""
+def mse_regulariser(hidden: list[torch.Tensor], pairs: str = "blocks") -> torch.Tensor:
+    """sum over consecutive pairs of the mean over tokens of ||h_i - h_{i-1}||^2 (pairs: as the cosine's)."""
+    hidden = regularised_states(hidden, pairs)
     return sum(((_upcast(b) - _upcast(a)) ** 2).sum(-1).mean() for a, b in zip(hidden[:-1], hidden[1:]))
 
 
@@ -181,8 +204,9 @@ def layer_profile(model, batches, device, use_kernel: bool = False) -> list[tupl
 # with the residual every block scores ~0.99 and the ranking says little), most linear first, without
 # re-scoring after each removal; the replacement starts from the least-squares fit W, b on training
 # text (not the score's A: that maps normalised X to normalised Y and is no drop-in replacement); the
-# distillation trains only the replacements, to match the full model's hidden state after each
-# replaced block (layer-wise MSE) when fed the pruned model's own input to it.
+# distillation ("layer-wise", as the paper names it) trains only the replacements, to match the full
+# model's hidden state at every layer from the first replaced block on (distill_objective), on the
+# same training text as the fit.
 
 
 class SkipBlock(torch.nn.Module):
@@ -211,27 +235,66 @@ def perplexity(model, batches, device) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def distill(student, teacher, replaced: list[int], batches, steps: int, device, lr: float = 1e-3):
-    """Train only the replacements so that the hidden state after each replaced block l matches the full
-    model's (mean squared error over tokens and features, summed over the replaced blocks)."""
+def distill_objective(hidden: list[torch.Tensor], target: list[torch.Tensor], first: int) -> torch.Tensor:
+    """The layer-wise distillation loss: the mean over the hidden states after the first replaced block
+    (h_{first+1} .. h_L) of the mean squared error (over tokens and features) between the pruned model's
+    state and the full model's. Every later layer counts, not only the replaced blocks' outputs: the
+    least-squares fit already minimises a lone replaced block's own error on the full model's inputs."""
+    later = list(zip(hidden[first + 1:], target[first + 1:]))
+    return sum(torch.nn.functional.mse_loss(h.float(), t.float()) for h, t in later) / len(later)
+
+
+@torch.no_grad()
+def distill_loss(student, teacher, first: int, batches, device) -> float:
+    """distill_objective averaged over the token batches ((x, y) pairs)."""
+    total = 0.0
+    for x, _ in batches:
+        target = teacher(x.to(device), return_hidden=True)[2]
+        total += distill_objective(student(x.to(device), return_hidden=True)[2], target, first).item()
+    return total / len(batches)
+
+
+def distill(student, teacher, replaced: list[int], batches, steps: int, device,
+            lr: float = 1e-6) -> tuple[float, float]:
+    """Train only the replacements (the student's blocks `replaced`) to lower distill_objective, one batch
+    of `batches` a step, cycling. Returns the objective over all of `batches` before and after: the same
+    batches it trains on (and the least-squares fit was made on), so after < before is what the training
+    achieved, not generalisation (the validation perplexity says that). If training did not lower it, the
+    fit is put back (after == before): when the only replaced block is the last one, the objective is the
+    fit's own least-squares error and the fit is already its minimum."""
+    first = min(replaced)
     params = [p for l in replaced for p in student.blocks[l].parameters()]
+    for p in student.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    # Adam moves every weight by about lr a step whatever its gradient's size, and a step of a weight moves
+    # the output by lr times the (large) hidden-state entries; the fit is already near the optimum, so
+    # lr 1e-4 multiplied the objective several times over within a few steps of a small trained model;
+    # hence a small lr, and the fit kept (below) wherever training still does not lower the objective.
     opt = torch.optim.Adam(params, lr=lr)
-    student.train()
+    student.eval()  # no dropout in these models; eval only says nothing else changes
+    fit = [p.detach().clone() for p in params]
+    before = distill_loss(student, teacher, first, batches, device)
     for step in range(steps):
         x, _ = batches[step % len(batches)]
         with torch.no_grad():
-            _, _, target = teacher(x.to(device), return_hidden=True)
-        _, _, hidden = student(x.to(device), return_hidden=True)
-        loss = sum(torch.nn.functional.mse_loss(hidden[l + 1], target[l + 1]) for l in replaced)
+            target = teacher(x.to(device), return_hidden=True)[2]
+        loss = distill_objective(student(x.to(device), return_hidden=True)[2], target, first)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    student.eval()
+    after = distill_loss(student, teacher, first, batches, device)
+    if not after < before:
+        with torch.no_grad():
+            for p, p0 in zip(params, fit):
+                p.copy_(p0)
+        after = before
+    return before, after
 
 
 def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int, device) -> list[dict]:
     """Validation perplexity after removing the k most linear blocks, k = 0..k_max, three ways:
-    (a) removal, (b) linear replacement (least squares), (c) linear replacement + distillation."""
+    (a) removal, (b) linear replacement (least squares), (c) linear replacement + distillation; each
+    row also holds the distillation objective over fit_batches before and after (distill_mse_*)."""
     import copy
     L = len(model.blocks)
     if not 1 <= k_max <= L:
@@ -246,6 +309,7 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
     order = sorted(range(L), key=lambda l: -stats[l].scores()[1])  # most linear (LS_wo) first
     rows = [{"k": 0, "blocks": [], "removed": perplexity(model, val_batches, device)}]
     rows[0]["linear"] = rows[0]["distilled"] = rows[0]["removed"]
+    rows[0]["distill_mse_before"] = rows[0]["distill_mse_after"] = 0.0
     for k in range(1, k_max + 1):
         chosen = sorted(order[:k])
         removed, linear = copy.deepcopy(model), copy.deepcopy(model)
@@ -254,7 +318,8 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
             linear.blocks[l] = LinearBlock(*stats[l].linear_map()).to(device)
         row = {"k": k, "blocks": chosen, "removed": perplexity(removed, val_batches, device),
                "linear": perplexity(linear, val_batches, device)}
-        distill(linear, model, chosen, fit_batches, distill_steps, device)
+        row["distill_mse_before"], row["distill_mse_after"] = distill(linear, model, chosen, fit_batches,
+                                                                      distill_steps, device)
         row["distilled"] = perplexity(linear, val_batches, device)
         rows.append(row)
     return rows
@@ -387,7 +452,10 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="write the profile as a PNG here (needs matplotlib)")
     parser.add_argument("--prune", type=int, default=0, metavar="K",
                         help="also print the perplexity table for removing / replacing the 1..K most linear blocks")
-    parser.add_argument("--distill-steps", type=int, default=200, help="steps of distillation per k (pruning)")
+    parser.add_argument("--distill-steps", type=int, default=200,
+                        help="Adam steps of layer-wise distillation per k (pruning): the replacements learn to "
+                             "lower the mean MSE to the full model's hidden states from the first replaced "
+                             "block on, on the training windows; 0: the plain fit")
     parser.add_argument("--kernels", choices=["on", "off"], default="off",
                         help="per-batch statistics from the Triton cross-Gram kernel (fp32) instead of float64 "
                              "torch; on an H100 the two are equally fast, on GPUs with slow float64 use on")
@@ -465,11 +533,13 @@ def main(argv=None) -> int:
                        for i in range(0, len(fit_starts), args.batch_size)]
         rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
         print("\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
-        print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled |")
-        print("|--:|-----------------|------------:|---------------:|--------------------:|")
+        print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled | distillation MSE, before -> after |")
+        print("|--:|-----------------|------------:|---------------:|--------------------:|----------------------------------:|")
         for r in rows:
             print(f"| {r['k']} | {str(r['blocks']):15s} | {r['removed']:11.2f} | {r['linear']:14.2f} | "
-                  f"{r['distilled']:19.2f} |")
+                  f"{r['distilled']:19.2f} | {r['distill_mse_before']:.4g} -> {r['distill_mse_after']:.4g} |")
+        print("(distillation MSE: the layer-wise objective, mean over the layers from the first replaced block on, "
+              "on the training windows it trains on)")
     if args.json:
         train.write_json_atomic(args.json, {
             "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T,

@@ -25,8 +25,6 @@ RoPE(Q_t) = Q_t T_t = (1 / R_Q) sum_r a_r (outer) (b_r T_t): rotating the B fact
 
 Notation (shape comments): B batch, T time, C model width, h heads, d = d_h head width, R rank.
 """
-import math
-
 import torch
 import torch.nn as nn
 
@@ -115,14 +113,18 @@ class TPAttention(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # The official code: Xavier-uniform on 3-D views (C, h, R) of W_A and (C, R, d) of W_B, i.e.
-        # bound sqrt(6 / (fan_in + fan_out)) with fan_in = h R (resp. R d), fan_out = C R (resp. C d):
-        # B starts about 3x smaller than A. Output projection zero, as in the rest of our GPT.
-        C = self.proj.out_features
-        r = self.w_b.out_features // self.d
-        if self.fixed_a is None:
-            nn.init.uniform_(self.w_a.weight, -1, 1).mul_(math.sqrt(6 / (self.h * r + C * r)))
-        nn.init.uniform_(self.w_b.weight, -1, 1).mul_(math.sqrt(6 / (r * self.d + C * self.d)))
+        # As the official code (tensorgi/TPA): xavier_uniform_ on each projection's own 3-D view, (C, h, R)
+        # of its A rows and (C, R, d) of its B rows with that projection's rank, so torch's fans give std
+        # sqrt(2 / (R (h + C))) for A and sqrt(2 / (d (R + C))) for B; KV-only W_q 2-D Xavier; output zero.
+        C, h, d = self.proj.out_features, self.h, self.d
+        start = 0
+        for r in ([] if self.kv_only else [self.rq]) + [self.rk, self.rv]:
+            if self.fixed_a is None:
+                nn.init.xavier_uniform_(self.w_a.weight[start * h:(start + r) * h].view(C, h, r))
+            nn.init.xavier_uniform_(self.w_b.weight[start * d:(start + r) * d].view(C, r, d))
+            start += r
+        if self.kv_only:
+            nn.init.xavier_uniform_(self.w_q.weight)
         nn.init.zeros_(self.proj.weight)
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype):

@@ -109,9 +109,21 @@ class GPTConfig:
     # hyena (hyena.py)
     hyena_order: int = field(default=2, metadata={"help": "hyena: long convolutions per operator, the paper's N"})
     hyena_filter_width: int = field(default=64, metadata={"help": "hyena: width of the implicit filter's FFN"})
-    hyena_emb_dim: int = field(default=33, metadata={"help": "hyena: positional features (1 + 2 bands, odd)"})
-    hyena_w: float = field(default=14.0, metadata={"help": "hyena: initial frequency of the filter's Sin "
-                                                           "(paper: 14)"})
+    # Filter defaults: safari's recall config (w 10, emb_dim 5), not the Pile's (w 14, emb_dim 33), chosen by
+    # the sweep in the README's Hyena section (compare.py --stages sweep): best on recall, as good on TinyStories.
+    hyena_emb_dim: int = field(default=5, metadata={"help": "hyena: positional features (1 + 2 bands, odd; "
+                                                            "Pile config: 33)"})
+    hyena_w: float = field(default=10.0, metadata={"help": "hyena: initial frequency of the filter's Sin "
+                                                           "(Pile config: 14)"})
+    hyena_filter_init: str = field(default="normal", metadata={
+        "help": "hyena: init of the filter FFN's linear layers. normal: N(0, 0.02) weights, zero biases (safari's "
+                "training pipeline); kaiming: PyTorch's default (safari's standalone file; the filters start as "
+                "white noise)", "choices": ["normal", "kaiming"]})
+    hyena_bias: str = field(default="off", metadata={"help": "hyena: biases on the in and out projections "
+                                                             "(safari: on)", "choices": ["off", "on"]})
+    hyena_pos_trainable: str = field(default="off", metadata={
+        "help": "hyena: the filters' positional features z(t) a trainable parameter (no weight decay) rather "
+                "than fixed (safari's recall config: lr_pos_emb 0, fixed)", "choices": ["off", "on"]})
 
     @property
     def padded_vocab_size(self) -> int:
@@ -684,7 +696,12 @@ def prepare_tokens(train_text: str, val_text: str | None, cache_dir: str, lowerc
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"source": {"train": train_text, "val": val_text}, "key": key_src,
                        "splits": {"train": train_meta, "val": val_meta}}, f, indent=1)
-        os.rename(tmp, folder)  # the cache appears complete or not at all
+        try:
+            os.rename(tmp, folder)  # the cache appears complete or not at all
+        except OSError:
+            if not os.path.exists(meta_path):
+                raise
+            log(f"tokens: another process built {folder} first; using it")  # runs started side by side
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"tokens: train {train_meta['tokens']:,}, val {val_meta['tokens']:,}")
@@ -728,18 +745,23 @@ class TokenData:
 
 
 class RecallData:
-    """Synthetic associative recall (hyena.recall_example) behind TokenData's interface: example number
-    i of a split is always the same sequence, so runs and evaluations are reproducible."""
+    """Synthetic associative recall behind TokenData's interface: task "recall" (MQAR,
+    hyena.recall_example, n_pairs pairs) or "recall1" (single query, hyena.recall_single_query_example;
+    n_pairs unused). Example number i of a split is always the same sequence, so runs and evaluations are
+    reproducible."""
 
-    def __init__(self, split_seed: int, vocab_size: int, n_pairs: int):
-        self.split_seed, self.vocab_size, self.n_pairs = split_seed, vocab_size, n_pairs
+    def __init__(self, split_seed: int, vocab_size: int, n_pairs: int, task: str = "recall"):
+        self.split_seed, self.vocab_size, self.n_pairs, self.task = split_seed, vocab_size, n_pairs, task
 
     def __len__(self):
         return 1 << 40  # examples are generated on demand
 
     def windows(self, starts, seq_len: int):
-        pairs = [hyena.recall_example(seq_len, self.vocab_size, self.n_pairs,
-                                      torch.Generator().manual_seed(self.split_seed + int(i))) for i in starts]
+        gens = (torch.Generator().manual_seed(self.split_seed + int(i)) for i in starts)
+        if self.task == "recall1":
+            pairs = [hyena.recall_single_query_example(seq_len, self.vocab_size, g) for g in gens]
+        else:
+            pairs = [hyena.recall_example(seq_len, self.vocab_size, self.n_pairs, g) for g in gens]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (N, T) each
 
     def train_starts(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -747,7 +769,16 @@ class RecallData:
 
 
 def recall_pairs(cfg, seq_len: int) -> int:
+    """Key-value pairs per sequence: --recall-pairs (or seq_len / 8) for MQAR; recall1 fills the sequence
+    up to the marker and the query."""
+    if cfg.task == "recall1":
+        return (seq_len - 2) // 2
     return cfg.recall_pairs or max(1, seq_len // 8)
+
+
+def recall_chance(task: str, vocab_size: int) -> float:
+    """Accuracy of guessing a value uniformly: both recall tasks have (vocab_size - 1) // 2 values."""
+    return 1 / max(1, (vocab_size - 1) // 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -757,13 +788,17 @@ def recall_pairs(cfg, seq_len: int) -> int:
 @dataclass
 class TrainConfig:
     # data
-    task: str = field(default="tinystories", metadata={"help": "tinystories (language modelling) or recall "
-                                                               "(synthetic multi-query associative recall, "
-                                                               "hyena.py)", "choices": ["tinystories", "recall"]})
-    recall_vocab: int = field(default=257, metadata={"help": "recall: vocabulary (filler + keys + values); "
-                                                             "it becomes the model's --vocab-size"})
+    task: str = field(default="tinystories", metadata={"help": "tinystories (language modelling), recall "
+                                                               "(synthetic multi-query associative recall, MQAR) "
+                                                               "or recall1 (the Hyena paper's single-query "
+                                                               "recall: loss everywhere, accuracy on the query); "
+                                                               "hyena.py",
+                                                       "choices": ["tinystories", "recall", "recall1"]})
+    recall_vocab: int = field(default=257, metadata={"help": "recall, recall1: vocabulary (filler or query marker "
+                                                             "+ keys + values); it becomes the model's "
+                                                             "--vocab-size"})
     recall_pairs: int = field(default=0, metadata={"help": "recall: key-value pairs per sequence "
-                                                           "(0: seq_len / 8)"})
+                                                           "(0: seq_len / 8); recall1 fills the sequence"})
     data: str = field(default=None, metadata={"help": "TinyStories folder or file (.txt/.txt.xz); "
                                                       "default: $TINYSTORIES_DIR, out/data, or download"})
     download_mb: int = field(default=512, metadata={"help": "MiB of the train file to download (~130M tokens)"})
@@ -790,6 +825,10 @@ class TrainConfig:
                                                        "(linearity.py, paper Sec. 4)",
                                                "choices": ["none", "cosine", "mse"]})
     reg_weight: float = field(default=0.5, metadata={"help": "the regulariser's lambda (paper: 0.5)"})
+    reg_pairs: str = field(default="blocks", metadata={"help": "the regulariser's consecutive pairs: blocks "
+                                                               "(block i -> i+1) or all (also embedding -> "
+                                                               "block 1); linearity.cosine_regulariser says why",
+                                                       "choices": ["blocks", "all"]})
     seed: int = field(default=1337, metadata={"help": "seed for init and data order"})
     # evaluation and logging
     eval_interval: int = field(default=250, metadata={"help": "steps between val loss and checkpoint"})
@@ -872,11 +911,12 @@ def set_kernels(model: nn.Module, setting: str, device: torch.device, other_user
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
     # Decay matrices only; norms' gains and any parameter marked no_weight_decay (e.g. Hyena's filter
-    # parameters) are left alone.
+    # parameters) are left alone, and any marked weight_decay (e.g. HC's dynamic vectors) is decayed.
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+            matrix = p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+            (decay if matrix or getattr(p, "weight_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -900,6 +940,12 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                         "sigmoid(b_pre), which for n = 1 needs b_pre = +inf); hc runs with 1")
     if mcfg.hyena_emb_dim < 3 or mcfg.hyena_emb_dim % 2 == 0:
         raise UserError(f"--hyena-emb-dim must be odd and at least 3 (1 + 2 bands; got {mcfg.hyena_emb_dim})")
+    if not math.isfinite(mcfg.hyena_w):
+        raise UserError(f"--hyena-w must be a finite number (got {mcfg.hyena_w})")
+    for f in dataclasses.fields(GPTConfig):  # argparse checks the flags; this, configs built in code
+        if "choices" in f.metadata and getattr(mcfg, f.name) not in f.metadata["choices"]:
+            raise UserError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])} "
+                            f"(got {getattr(mcfg, f.name)!r})")
     if mcfg.tpa_head_dim < 2 or mcfg.tpa_head_dim % 2:
         raise UserError(f"--tpa-head-dim must be even and at least 2 for RoPE (got {mcfg.tpa_head_dim})")
     non_negative = {"max_iters": cfg.max_iters, "warmup_iters": cfg.warmup_iters, "top_k": cfg.top_k,
@@ -925,9 +971,19 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
         if pairs > keys or 4 * pairs > seq_len:
             raise UserError(f"recall: {pairs} pairs need at least {pairs} keys (--recall-vocab {cfg.recall_vocab} "
                             f"has {keys}) and --seq-len >= {4 * pairs} (got {seq_len})")
+    if cfg.task == "recall1":
+        seq_len = cfg.seq_len or mcfg.block_size
+        if cfg.recall_pairs:
+            raise UserError("--recall-pairs goes with --task recall; recall1 fills the sequence with pairs")
+        if cfg.recall_vocab < 5 or seq_len < 4:
+            raise UserError(f"recall1 needs --recall-vocab >= 5 (2 keys, 2 values, the query marker; got "
+                            f"{cfg.recall_vocab}) and --seq-len >= 4 (a pair, the marker, the query; got {seq_len})")
     if cfg.batch_size % (cfg.grad_accum * world_size):
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} "
                         f"x {world_size} process(es) = {cfg.grad_accum * world_size}")
+    if cfg.reg != "none" and cfg.reg_pairs == "blocks" and mcfg.n_layer < 2:
+        raise UserError(f"--reg {cfg.reg} --reg-pairs blocks needs at least 2 blocks (one block has no "
+                        "block -> block pair); use --reg-pairs all")
     if cfg.bench_no_reference and not cfg.bench:
         raise UserError("--bench-no-reference goes with --bench")
     if cfg.profile and not (cfg.bench and torch.cuda.is_available() and cfg.device != "cpu"):
@@ -936,13 +992,14 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
 
 @torch.no_grad()
 def evaluate(model, data, seq_len: int, micro_batch: int, n_batches: int, device, autocast,
-             accuracy: bool = False):
+             accuracy: str = ""):
     """Mean loss over consecutive, non-overlapping windows from the start of the validation set, so
-    every evaluation of every run sees the same tokens. With accuracy: (loss, fraction of targets
-    whose argmax prediction is right)."""
+    every evaluation of every run sees the same tokens. With accuracy "targets" (MQAR: every position
+    whose target is not -1) or "last" (single-query recall: the final position only): (loss, fraction of
+    those whose argmax prediction is right)."""
     model.eval()
     starts = range(0, len(data) - seq_len - 1, seq_len)[:n_batches * micro_batch]
-    total, count, right = 0.0, 0, 0
+    total, count, right, scored = 0.0, 0, 0, 0
     for i in range(0, len(starts), micro_batch):
         x, y = data.windows(starts[i:i + micro_batch], seq_len)
         x, y = x.to(device), y.to(device)
@@ -951,9 +1008,14 @@ def evaluate(model, data, seq_len: int, micro_batch: int, n_batches: int, device
         n = int((y != -1).sum())  # positions with a target (all of them for language modelling)
         total += loss.item() * n
         count += n
-        right += int(((logits.argmax(-1) == y) & (y != -1)).sum())
+        if accuracy == "last":
+            right += int((logits[:, -1].argmax(-1) == y[:, -1]).sum())
+            scored += len(y)
+        elif accuracy:
+            right += int(((logits.argmax(-1) == y) & (y != -1)).sum())
+            scored += n
     model.train()
-    return (total / count, right / count) if accuracy else total / count
+    return (total / count, right / scored) if accuracy else total / count
 
 
 def sample_text(model, enc, prompt: str, n: int, cfg: TrainConfig, device, autocast) -> list[str]:
@@ -1023,13 +1085,22 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+# Settings added after checkpoints were first written: a saved config without them gets the behaviour
+# its model was built with, whatever today's defaults are (so its parameters still fit).
+LEGACY_MODEL_CONFIG = {"hyena_filter_init": "kaiming", "hyena_bias": "off", "hyena_pos_trainable": "off"}
+
+
+def saved_model_config(model_config: dict) -> GPTConfig:
+    return GPTConfig(**{**LEGACY_MODEL_CONFIG, **model_config})
+
+
 def model_from_checkpoint(ckpt: dict, path: str) -> tuple[GPT, GPTConfig]:
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = set(ckpt["model_config"]) - names
     if unknown or ckpt["arch"] not in ARCHS:
         raise UserError(f"checkpoint {path} is for arch {ckpt['arch']!r} with settings this version does not "
                         f"know ({', '.join(sorted(unknown)) or 'unknown arch'})")
-    mcfg = GPTConfig(**ckpt["model_config"])
+    mcfg = saved_model_config(ckpt["model_config"])
     model = GPT(mcfg)
     try:
         model.load_state_dict(ckpt["model"])
@@ -1099,8 +1170,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    recall = cfg.task == "recall"
-    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + ("-recall" if recall else ""))
+    recall = cfg.task in ("recall", "recall1")
+    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + (f"-{cfg.task}" if recall else ""))
     if recall and not cfg.resume:
         mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1108,13 +1179,15 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        saved = GPTConfig(**{k: v for k, v in ckpt["model_config"].items()
-                             if k in {f.name for f in dataclasses.fields(GPTConfig)}})
+        saved = saved_model_config({k: v for k, v in ckpt["model_config"].items()
+                                    if k in {f.name for f in dataclasses.fields(GPTConfig)}})
         clashes = [f"--{k.replace('_', '-')} {getattr(mcfg, k)} (checkpoint: {getattr(saved, k)})"
                    for k in explicit if hasattr(saved, k) and getattr(mcfg, k) != getattr(saved, k)]
         if clashes:
             raise UserError(f"checkpoint {ckpt_path} was trained with another config: " + "; ".join(clashes))
         mcfg = saved  # the model is the checkpoint's; training settings may change (e.g. --max-iters)
+        if "reg_pairs" not in explicit:  # but the regulariser's pairs stay (checkpoints without the key: all)
+            cfg.reg_pairs = ckpt["train_config"].get("reg_pairs", "all")
     seq_len = cfg.seq_len or mcfg.block_size
     validate(mcfg, cfg, world)
     if device.type == "cuda":
@@ -1141,8 +1214,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     if error:
         raise UserError(error)
     if recall:  # fresh synthetic sequences; validation examples come from a disjoint seed range
-        train_data = RecallData(0, cfg.recall_vocab, recall_pairs(cfg, seq_len))
-        val_data = RecallData(1 << 62, cfg.recall_vocab, recall_pairs(cfg, seq_len))
+        train_data = RecallData(0, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
+        val_data = RecallData(1 << 62, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
     else:
         train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
     for split, d in (("train", train_data), ("validation", val_data)):
@@ -1179,7 +1252,9 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         f"batch {cfg.batch_size} x {seq_len} = "
         f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
         f"{world} process(es)); {cfg.max_iters} steps; "
-        + (f"recall: {train_data.n_pairs} pairs, vocab {cfg.recall_vocab}" if recall
+        + (f"{cfg.task}: {train_data.n_pairs} pairs"
+           f"{' (keys repeat), then one query' if cfg.task == 'recall1' else ''}, vocab {cfg.recall_vocab}, "
+           f"chance {100 * recall_chance(cfg.task, cfg.recall_vocab):.1f}%" if recall
            else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1188,6 +1263,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
             "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
             "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
+            "recall_chance": recall_chance(cfg.task, cfg.recall_vocab) if recall else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
             "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
             "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None})
@@ -1214,7 +1290,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     def eval_and_checkpoint(step):
         nonlocal best_val
         val_loss = evaluate(raw_model, val_data, seq_len, micro_batch, cfg.eval_batches, device, autocast,
-                            accuracy=recall)
+                            accuracy={"recall": "targets", "recall1": "last"}.get(cfg.task, ""))
         if recall:
             val_loss, accuracy = val_loss
             log(f"step {step}: val loss {val_loss:.4f}, recall accuracy {100 * accuracy:.1f}%")
@@ -1239,9 +1315,12 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)  # the LM loss alone, summed over the steps of a log interval
     reg_sum = torch.zeros((), device=device)
-    regulariser = None if cfg.reg == "none" else linearity.REGULARISERS[cfg.reg]
-    if cfg.reg == "cosine" and use_kernels:
-        regulariser = kernels.cosine_regulariser  # fused: one read of each pair of hidden states
+    regulariser = None
+    if cfg.reg != "none":
+        def regulariser(hidden):
+            if cfg.reg == "cosine" and use_kernels:  # fused: one read of each pair of hidden states
+                return kernels.cosine_regulariser(linearity.regularised_states(hidden, cfg.reg_pairs))
+            return linearity.REGULARISERS[cfg.reg](hidden, cfg.reg_pairs)
 
     def check_finite():
         bad = int(first_bad.item())
