@@ -785,28 +785,45 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", data
 
 
+def is_default(flags: list[str]) -> bool:
+    """Whether a sweep setting's flags are train.py's defaults (then the comparison's own hyena runs are it)."""
+    cfg = train.GPTConfig()
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    return all(str(getattr(cfg, k[2:].replace("-", "_"))) in (v, v + ".0") for k, v in pairs.items()) and \
+        cfg.hyena_bias == "off" and cfg.hyena_pos_trainable == "off"
+
+
 def sweep_report(args) -> str:
-    """The Hyena filter sweep as a markdown table: TinyStories loss and both recall tasks per setting."""
+    """The Hyena filter sweep as a markdown table: TinyStories loss and both recall tasks per setting. The
+    setting that matches train.py's defaults takes the comparison's hyena runs where the sweep has none."""
     folder = os.path.join(args.out, "sweep")
     seeds = seeds_of(args)[:max(2, min(args.seeds, 3))]
     sub = argparse.Namespace(**{**vars(args), "seeds": len(seeds)})
     gpt = load_seeds(os.path.join(args.out, "gpt"), "gpt", seeds)
     lines = [f"Hyena filter settings (`python compare.py --stages sweep`; TinyStories: {args.max_iters} steps as "
-             f"the comparison; recall: {args.recall_steps} (MQAR) and {args.recall1_steps} (single query) steps at the "
-             f"shortest length of each task; mean ± std "
-             f"over seeds {', '.join(map(str, seeds))}):", "",
+             f"the comparison; recall: {args.recall_steps} (MQAR) and {args.recall1_steps} (single query) steps at "
+             f"the shortest length of each task; mean ± std over the seeds that finished, of "
+             f"{', '.join(map(str, seeds))}; (n) where fewer than {len(seeds)}):", "",
              "| setting | flags | TinyStories val loss | - gpt (paired) | MQAR accuracy | single-query accuracy |",
              "|---|---|---:|---:|---:|---:|"]
+
+    def cell(xs, spec=".3f", unit=""):
+        return "—" if not xs else pm(xs, spec) + unit + (f" ({len(xs)})" if len(xs) < len(seeds) else "")
     for setting, flags in HYENA_SWEEP.items():
+        default = is_default(flags)
         runs = load_seeds(os.path.join(folder, f"hyena-{setting}"), setting, seeds)
+        if not runs and default:
+            runs = load_seeds(os.path.join(args.out, "hyena"), "hyena", seeds)
         rec, _ = load_recall(sub, folder, f"-{setting}", archs=("hyena",))
+        main_rec = load_recall(sub, archs=("hyena",))[0] if default else {}
         p = paired(per_seed(runs, lambda s: s["val"]), per_seed(gpt, lambda s: s["val"])) if runs and gpt else None
 
         def acc(task):
-            t = rec.get(task, {})
-            return pm([100 * v for v in t[min(t)]["hyena"].values()], ".1f") + "%" if t else "—"
-        lines.append(f"| {setting} | `{' '.join(flags)}` | {pm([s['val'] for s in runs.values()])} | "
-                     f"{diff_text(p, unit='') if p else '—'} | {acc('recall')} | {acc('recall1')} |")
+            t = rec.get(task) or main_rec.get(task, {})
+            return cell([100 * v for v in t[min(t)]["hyena"].values()], ".1f", "%") if t else "—"
+        lines.append(f"| {setting}{' (default)' if default else ''} | `{' '.join(flags)}` | "
+                     f"{cell([s['val'] for s in runs.values()])} | {diff_text(p, unit='') if p else '—'} | "
+                     f"{acc('recall')} | {acc('recall1')} |")
     return "\n".join(lines) + "\n"
 
 
