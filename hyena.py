@@ -114,8 +114,10 @@ class ImplicitFilter(nn.Module):
         filters in turn: filter n, channel c gets rate n + N c of the spread.
     """
 
-    def __init__(self, n_embd: int, order: int, l_max: int, emb_dim: int = 33, width: int = 64,
-                 w: float = 14.0, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
+    # Defaults: safari's recall config (w 10, emb_dim 5) and training-pipeline init, not the paper's Pile
+    # config (w 14, emb_dim 33), chosen by the sweep in RESULTS.md (compare.py --stages sweep).
+    def __init__(self, n_embd: int, order: int, l_max: int, emb_dim: int = 5, width: int = 64,
+                 w: float = 10.0, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
                  target: float = 1e-2, init: str = "normal", pos_trainable: bool = False):
         super().__init__()
         if emb_dim < 3 or emb_dim % 2 == 0:

@@ -255,40 +255,70 @@ def distill_loss(student, teacher, first: int, batches, device) -> float:
 
 
 def distill(student, teacher, replaced: list[int], batches, steps: int, device,
-            lr: float = 1e-6) -> tuple[float, float]:
-    """Train only the replacements (the student's blocks `replaced`) to lower distill_objective, one batch
-    of `batches` a step, cycling. Returns the objective over all of `batches` before and after: the same
-    batches it trains on (and the least-squares fit was made on), so after < before is what the training
-    achieved, not generalisation (the validation perplexity says that). If training did not lower it, the
-    fit is put back (after == before): when the only replaced block is the last one, the objective is the
-    fit's own least-squares error and the fit is already its minimum."""
-    first = min(replaced)
-    params = [p for l in replaced for p in student.blocks[l].parameters()]
+            damping: float = 1e-4) -> tuple[float, float]:
+    """Train only the replacements (the student's LinearBlocks `replaced`) to lower distill_objective over
+    all of `batches` (full batch: one step sums the gradient over every batch). Returns the objective
+    before and after, on the same batches it trains on (and the least-squares fit was made on): after <
+    before is what the training achieved, not generalisation (the validation perplexity says that). A
+    step is kept only if it lowers the objective, so after <= before always; after == before when no step
+    does (e.g. when the only replaced block is the last: the fit is then the exact minimum already)."""
+    first, d = min(replaced), student.blocks[replaced[0]].weight.size(0)
+    maps = [student.blocks[l] for l in replaced]
+    params = [p for m in maps for p in (m.weight, m.bias)]
     for p in student.parameters():
         p.requires_grad_(any(p is q for q in params))
-    # Adam moves every weight by about lr a step whatever its gradient's size, and a step of a weight moves
-    # the output by lr times the (large) hidden-state entries; the fit is already near the optimum, so
-    # lr 1e-4 multiplied the objective several times over within a few steps of a small trained model;
-    # hence a small lr, and the fit kept (below) wherever training still does not lower the objective.
-    opt = torch.optim.Adam(params, lr=lr)
     student.eval()  # no dropout in these models; eval only says nothing else changes
-    fit = [p.detach().clone() for p in params]
-    before = distill_loss(student, teacher, first, batches, device)
-    for step in range(steps):
-        x, _ = batches[step % len(batches)]
+    # Why this method: the hidden states are large and badly scaled, so a plain (or Adam) step small
+    # enough not to raise the objective barely moves it. Each map's gradient G (for [W; b], (d+1) x d) is
+    # preconditioned by its input's damped second moment C = mean [h;1][h;1]^T over the tokens the map sees
+    # in the student (computed once, at the start: any fixed positive-definite preconditioner keeps the
+    # step a descent direction), scaled so that step 1 is the exact least-squares (Gauss-Newton) step for a
+    # map whose own output is the only term; a backtracking line search (Armijo) keeps only steps that
+    # lower the full objective, halving the step until one does and doubling it after each success.
+    C = [torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device) for _ in maps]
+    n = 0
+    with torch.no_grad():
+        for x, _ in batches:
+            hidden = student(x.to(device), return_hidden=True)[2]
+            for c, l in zip(C, replaced):
+                h = hidden[l].reshape(-1, d).double()
+                h = torch.cat([h, torch.ones_like(h[:, :1])], 1)
+                c += h.T @ h
+            n += x.numel()
+    eye = torch.eye(d + 1, dtype=torch.float64, device=device)
+    chol = [torch.linalg.cholesky(c / n + damping * (c / n).diagonal().mean() * eye) for c in C]
+    scale = d * (len(student.blocks) - first) / 2  # 1 / (Gauss-Newton curvature of one term's MSE)
+    best = before = distill_loss(student, teacher, first, batches, device)
+    t = 1.0
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        for x, _ in batches:
+            with torch.no_grad():
+                target = teacher(x.to(device), return_hidden=True)[2]
+            loss = distill_objective(student(x.to(device), return_hidden=True)[2], target, first)
+            (loss / len(batches)).backward()
         with torch.no_grad():
-            target = teacher(x.to(device), return_hidden=True)[2]
-        loss = distill_objective(student(x.to(device), return_hidden=True)[2], target, first)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    after = distill_loss(student, teacher, first, batches, device)
-    if not after < before:
-        with torch.no_grad():
-            for p, p0 in zip(params, fit):
-                p.copy_(p0)
-        after = before
-    return before, after
+            start = [torch.cat([m.weight, m.bias[None]]) for m in maps]
+            grads = [torch.cat([m.weight.grad, m.bias.grad[None]]).double() for m in maps]
+            deltas = [-scale * torch.cholesky_solve(g, r) for g, r in zip(grads, chol)]
+            slope = sum((g * s).sum() for g, s in zip(grads, deltas)).item()  # < 0: a descent direction
+            while t > 1e-10:
+                for m, w0, s in zip(maps, start, deltas):
+                    w = w0 + t * s.float()
+                    m.weight.copy_(w[:-1])
+                    m.bias.copy_(w[-1])
+                f = distill_loss(student, teacher, first, batches, device)
+                if f < best + 1e-4 * t * slope:  # Armijo's sufficient decrease
+                    best, t = f, 2 * t
+                    break
+                t /= 2
+            else:  # the step underflowed: no lower point along this direction; keep the last accepted
+                for m, w0 in zip(maps, start):
+                    m.weight.copy_(w0[:-1])
+                    m.bias.copy_(w0[-1])
+                break
+    return before, best
 
 
 def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int, device) -> list[dict]:
@@ -453,7 +483,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prune", type=int, default=0, metavar="K",
                         help="also print the perplexity table for removing / replacing the 1..K most linear blocks")
     parser.add_argument("--distill-steps", type=int, default=200,
-                        help="Adam steps of layer-wise distillation per k (pruning): the replacements learn to "
+                        help="full-batch steps of layer-wise distillation per k (pruning): the replacements learn to "
                              "lower the mean MSE to the full model's hidden states from the first replaced "
                              "block on, on the training windows; 0: the plain fit")
     parser.add_argument("--kernels", choices=["on", "off"], default="off",

@@ -109,8 +109,7 @@ class GPTConfig:
     # hyena (hyena.py)
     hyena_order: int = field(default=2, metadata={"help": "hyena: long convolutions per operator, the paper's N"})
     hyena_filter_width: int = field(default=64, metadata={"help": "hyena: width of the implicit filter's FFN"})
-    # Filter defaults: safari's recall config (w 10, emb_dim 5), not the Pile's (w 14, emb_dim 33), chosen by
-    # the sweep in the README's Hyena section (compare.py --stages sweep): best on recall, as good on TinyStories.
+    # Filter defaults: safari's recall config, as hyena.ImplicitFilter's (the sweep behind them: RESULTS.md).
     hyena_emb_dim: int = field(default=5, metadata={"help": "hyena: positional features (1 + 2 bands, odd; "
                                                             "Pile config: 33)"})
     hyena_w: float = field(default=10.0, metadata={"help": "hyena: initial frequency of the filter's Sin "
