@@ -922,7 +922,8 @@ def parse_args(argv=None):
                    help="which of train, linearity, recall, speed, report, sweep to do")
     p.add_argument("--seeds", type=int, default=3, help=f"seeds per run: {SEED0}, {SEED0 + 1}, ...")
     p.add_argument("--parallel", type=int, default=1,
-                   help="training runs side by side (their step times are then not reported)")
+                   help="training runs side by side (their step times are then not reported); a d=384 run "
+                        "takes up to ~19 GiB at its first evaluation, so keep N x 19 GiB under the GPU's memory")
     p.add_argument("--max-iters", type=int, default=300,
                    help="steps per TinyStories run: 9.8M tokens, ~9 epochs of the 1M-token sample")
     p.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")

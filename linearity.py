@@ -268,6 +268,19 @@ def distill(student, teacher, replaced: list[int], batches, steps: int, device,
     for p in student.parameters():
         p.requires_grad_(any(p is q for q in params))
     student.eval()  # no dropout in these models; eval only says nothing else changes
+    with torch.no_grad():  # the teacher's h_first .. h_L; the blocks before `first` are the same in both
+        states = [teacher(x.to(device), return_hidden=True)[2][first:] for x, _ in batches]
+
+    def student_states(s):  # the student's h_first .. h_L: distill_loss without the shared part and logits
+        hidden = [s[0]]
+        for block in student.blocks[first:]:
+            hidden.append(block(hidden[-1]))
+        return hidden
+
+    @torch.no_grad()
+    def objective():
+        return sum(distill_objective(student_states(s), s, 0).item() for s in states) / len(states)
+
     # Why this method: the hidden states are large and badly scaled, so a plain (or Adam) step small
     # enough not to raise the objective barely moves it. Each map's gradient G (for [W; b], (d+1) x d) is
     # preconditioned by its input's damped second moment C = mean [h;1][h;1]^T over the tokens the map sees
@@ -276,28 +289,23 @@ def distill(student, teacher, replaced: list[int], batches, steps: int, device,
     # map whose own output is the only term; a backtracking line search (Armijo) keeps only steps that
     # lower the full objective, halving the step until one does and doubling it after each success.
     C = [torch.zeros(d + 1, d + 1, dtype=torch.float64, device=device) for _ in maps]
-    n = 0
     with torch.no_grad():
-        for x, _ in batches:
-            hidden = student(x.to(device), return_hidden=True)[2]
+        for s in states:
+            hidden = student_states(s)
             for c, l in zip(C, replaced):
-                h = hidden[l].reshape(-1, d).double()
+                h = hidden[l - first].reshape(-1, d).double()
                 h = torch.cat([h, torch.ones_like(h[:, :1])], 1)
-                c += h.T @ h
-            n += x.numel()
+                c += h.T @ h / (len(states) * len(h))
     eye = torch.eye(d + 1, dtype=torch.float64, device=device)
-    chol = [torch.linalg.cholesky(c / n + damping * (c / n).diagonal().mean() * eye) for c in C]
+    chol = [torch.linalg.cholesky(c + damping * c.diagonal().mean() * eye) for c in C]
     scale = d * (len(student.blocks) - first) / 2  # 1 / (Gauss-Newton curvature of one term's MSE)
-    best = before = distill_loss(student, teacher, first, batches, device)
+    best = before = objective()
     t = 1.0
     for _ in range(steps):
         for p in params:
             p.grad = None
-        for x, _ in batches:
-            with torch.no_grad():
-                target = teacher(x.to(device), return_hidden=True)[2]
-            loss = distill_objective(student(x.to(device), return_hidden=True)[2], target, first)
-            (loss / len(batches)).backward()
+        for s in states:
+            (distill_objective(student_states(s), s, 0) / len(states)).backward()
         with torch.no_grad():
             start = [torch.cat([m.weight, m.bias[None]]) for m in maps]
             grads = [torch.cat([m.weight.grad, m.bias.grad[None]]).double() for m in maps]
@@ -308,7 +316,7 @@ def distill(student, teacher, replaced: list[int], batches, steps: int, device,
                     w = w0 + t * s.float()
                     m.weight.copy_(w[:-1])
                     m.bias.copy_(w[-1])
-                f = distill_loss(student, teacher, first, batches, device)
+                f = objective()
                 if f < best + 1e-4 * t * slope:  # Armijo's sufficient decrease
                     best, t = f, 2 * t
                     break

@@ -1374,32 +1374,49 @@ def test_pruning_by_linear_replacement():
 
 
 def test_pruning_distillation_lowers_its_layerwise_objective():
-    """Block 1 of 4 (random blocks) replaced by its least-squares fit: distill_objective is the mean over
-    h_2 .. h_4 of the MSE to the full model (checked by hand); distillation lowers it strictly on the
-    batches it trains on, and changes only the replacement."""
+    """Blocks of a 4-block model (random blocks) replaced by their least-squares fits: distill_objective
+    is the mean over h_{first+1} .. h_4 of the MSE to the full model (checked by hand); distillation
+    lowers it strictly on the batches it trains on, with one map and with two, changes only the maps
+    (and not the teacher), and never raises it: not where the fit is already the minimum (the last
+    block alone), not with a preconditioner so weakly damped that its first steps overshoot."""
     import copy
     model = small_model(vocab=100, block=16, layers=4)
+    teacher = copy.deepcopy(model.state_dict())
     torch.manual_seed(0)
     batches = [(torch.randint(100, (4, 16)), None) for _ in range(4)]
-    stats = linearity.PairStats(32)
+    stats = [linearity.PairStats(32) for _ in range(4)]
     with torch.no_grad():
         for x, _ in batches:
             hidden = model(x, return_hidden=True)[2]
-            stats.update(hidden[1], hidden[2])
-    student = copy.deepcopy(model)
-    student.blocks[1] = linearity.LinearBlock(*stats.linear_map())
+            for l, s in enumerate(stats):
+                s.update(hidden[l], hidden[l + 1])
+
+    def pruned(replaced):
+        student = copy.deepcopy(model)
+        for l in replaced:
+            student.blocks[l] = linearity.LinearBlock(*stats[l].linear_map())
+        return student
+    student = pruned([1])
     with torch.no_grad():
         h, t = student(batches[0][0], return_hidden=True)[2], model(batches[0][0], return_hidden=True)[2]
     want = sum(((a - b) ** 2).mean() for a, b in zip(h[2:], t[2:])) / 3
     assert abs(linearity.distill_objective(h, t, 1).item() - want.item()) < 1e-6 * want.item()
-    before, after = linearity.distill(student, model, [1], batches, 30, "cpu", lr=1e-3)  # small hidden states here
-    assert after < 0.99 * before, (before, after)
     assert linearity.distill_loss(model, model, 1, batches, "cpu") == 0
-    with torch.no_grad():
-        assert abs(linearity.distill_loss(student, model, 1, batches, "cpu") - after) < 1e-7 * before
-    for name, p in model.named_parameters():
-        if not name.startswith("blocks.1."):
-            assert torch.equal(p, student.get_parameter(name)), name
+    for replaced, factor in (([1], 0.95), ([1, 2], 0.98)):
+        student = pruned(replaced)
+        fit = copy.deepcopy(student.state_dict())
+        before, after = linearity.distill(student, model, replaced, batches, 10, "cpu")
+        assert before == linearity.distill_loss(pruned(replaced), model, min(replaced), batches, "cpu")
+        assert after < factor * before, (replaced, before, after)
+        assert linearity.distill_loss(student, model, min(replaced), batches, "cpu") == after
+        for name, p in student.state_dict().items():
+            changed = not torch.equal(p, fit[name])
+            assert changed == (name.split(".")[:2] in [["blocks", str(l)] for l in replaced]), name
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, teacher[name]), name
+    for replaced, damping in (([3], 1e-4), ([1, 2], 1e-12)):
+        before, after = linearity.distill(pruned(replaced), model, replaced, batches, 5, "cpu", damping=damping)
+        assert after <= before, (replaced, damping, before, after)
 
 
 def test_cosine_regulariser_training_and_linearity_profile_cli():
