@@ -552,7 +552,8 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
     if multi:
         short = min(multi)
         p = paired(multi[short]["gpt"], multi[short]["hyena"])
-        row("recall", f"L={short}: gpt - hyena accuracy {diff_text({**p, 'mean': 100 * p['mean'], 'hw': 100 * p['hw']}, '.1f', ' points')}",
+        points = {**p, "mean": 100 * p["mean"], "hw": 100 * p["hw"]}  # accuracy in percentage points
+        row("recall", f"L={short}: gpt - hyena accuracy {diff_text(points, '.1f', ' points')}",
             {None: NO_SPREAD, "higher": "yes (attention ahead, CI above 0)", "noise": "no (within noise)",
              "lower": "no (hyena ahead, CI below 0)"}[direction(p)])
     else:
@@ -657,8 +658,9 @@ def recall_caption(task: str, info: dict) -> str:
     what = (f"MQAR, `train.py --task recall`: {rc['recall_pairs']} pairs, then each key queried again"
             if task == "recall" else "single query, `train.py --task recall1`: pairs with repeated keys, a "
             "fresh map per example, loss on every position, accuracy on the final query")
+    chance = train.recall_chance(task, rc["recall_vocab"])
     return (f"{what}; vocabulary {rc['recall_vocab']}, {mc['n_layer']} layers, width {mc['n_embd']}, batch "
-            f"{rc['batch_size']}, lr {rc['lr']:g}, {rc['max_iters']} steps; chance {100 * train.recall_chance(task, rc['recall_vocab']):.1f}%")
+            f"{rc['batch_size']}, lr {rc['lr']:g}, {rc['max_iters']} steps; chance {100 * chance:.1f}%")
 
 
 def recall_table(recall: dict, archs) -> list[str]:
@@ -763,9 +765,8 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
                     mse = [m for m in mse if None not in m]
                     mse_txt = (f"{pm([m[0] for m in mse], '.2e')} -> {pm([m[1] for m in mse], '.2e')}"
                                if mse and k > 0 else "—")
-                    lines.append(f"| {n} | {k} | {blocks} | {pm([r['removed'] for r in at_k], '.2f')} | "
-                                 f"{pm([r['linear'] for r in at_k], '.2f')} | {pm([r['distilled'] for r in at_k], '.2f')} | "
-                                 f"{mse_txt} |")
+                    ppl = [pm([r[key] for r in at_k], ".2f") for key in ("removed", "linear", "distilled")]
+                    lines.append(f"| {n} | {k} | {blocks} | {' | '.join(ppl)} | {mse_txt} |")
     for task in ("recall1", "recall"):
         if recall.get(task):
             lines += ["", f"Associative recall ({recall_caption(task, recall_info[task])}); final accuracy, mean ± "
