@@ -237,21 +237,33 @@ def linearity_jobs(runs: list[str], args, seeds=None) -> list[Job]:
     return jobs
 
 
-def recall_dir(args, task: str, arch: str, length: int, seed: int, setting: str = "") -> str:
-    return os.path.join(args.out, f"{task}-{arch}{setting}-{length}", f"seed{seed}")
+def recall_dir(out: str, task: str, arch: str, length: int, seed: int, setting: str = "") -> str:
+    return os.path.join(out, f"{task}-{arch}{setting}-{length}", f"seed{seed}")
 
 
-def recall_jobs(args, extra: list[str], archs=None, settings=None, seeds=None) -> list[Job]:
+def recall_steps(args, task: str) -> int:
+    return args.recall1_steps if task == "recall1" else args.recall_steps
+
+
+def recall_lengths(args, shortest: bool = False) -> list[tuple[str, list[int]]]:
+    """(task, lengths) of both recall tasks; shortest: only each task's shortest length (the sweep)."""
+    lengths = (("recall", args.recall_lengths), ("recall1", args.recall1_lengths))
+    return [(task, ls[:1] if shortest else ls) for task, ls in lengths]
+
+
+def recall_jobs(args, extra: list[str], out: str | None = None, archs=None, settings=None, seeds=None,
+                shortest: bool = False) -> list[Job]:
     """Both recall tasks for each arch, length and seed; settings: {name: extra train.py flags} (the sweep)."""
     jobs = []
-    for task, lengths in (("recall", args.recall_lengths), ("recall1", args.recall1_lengths)):
+    for task, lengths in recall_lengths(args, shortest):
+        steps = recall_steps(args, task)
         for length in lengths:
             for arch in archs or args.recall_archs:
                 for setting, flags in (settings or {"": []}).items():
                     for seed in seeds or seeds_of(args):
-                        run_dir = recall_dir(args, task, arch, length, seed, f"-{setting}" if setting else "")
+                        run_dir = recall_dir(out or args.out, task, arch, length, seed,
+                                             f"-{setting}" if setting else "")
                         label = f"{task} {arch}{' ' + setting if setting else ''} L={length} seed {seed}"
-                        steps = args.recall1_steps if task == "recall1" else args.recall_steps
                         if finished(run_dir, steps):
                             log(f"[recall] {label}: finished earlier")
                             continue
@@ -264,9 +276,13 @@ def recall_jobs(args, extra: list[str], archs=None, settings=None, seeds=None) -
     return jobs
 
 
+def sweep_seeds(args) -> list[int]:
+    return seeds_of(args)[:max(2, min(args.seeds, 3))]  # 2 or 3, whatever --seeds says
+
+
 def sweep_jobs(args, extra: list[str]) -> list[Job]:
     """The Hyena filter sweep: every HYENA_SWEEP setting on TinyStories and both recall tasks, 2+ seeds."""
-    jobs, seeds = [], seeds_of(args)[:max(2, min(args.seeds, 3))]
+    jobs, seeds = [], sweep_seeds(args)
     for setting, flags in HYENA_SWEEP.items():
         for seed in seeds:
             run_dir = os.path.join(args.out, "sweep", f"hyena-{setting}", f"seed{seed}")
@@ -276,9 +292,8 @@ def sweep_jobs(args, extra: list[str]) -> list[Job]:
             cmd = [sys.executable, "train.py", "--arch", "hyena", *flags, "--max-iters", str(args.max_iters),
                    "--eval-interval", str(args.eval_interval), "--seed", str(seed), "--out-dir", run_dir, *extra]
             jobs.append(Job(f"sweep {setting} seed {seed}", cmd, os.path.join(run_dir, "train.log")))
-    sub = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, "sweep"),  # the shortest lengths
-                                "recall_lengths": args.recall_lengths[:1], "recall1_lengths": args.recall1_lengths[:1]})
-    return jobs + recall_jobs(sub, extra, archs=("hyena",), settings=HYENA_SWEEP, seeds=seeds)
+    return jobs + recall_jobs(args, extra, os.path.join(args.out, "sweep"), archs=("hyena",), settings=HYENA_SWEEP,
+                              seeds=seeds, shortest=True)
 
 
 def speed_run(args) -> list[str]:
@@ -620,18 +635,17 @@ def tokens_str(s: dict) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
-def load_recall(args, folder: str | None = None, setting: str = "", archs=RECALL_ARCHS) -> tuple[dict, dict]:
+def load_recall(args, out: str | None = None, setting: str = "", archs=RECALL_ARCHS,
+                seeds=None) -> tuple[dict, dict]:
     """{task: {length: {arch: {seed: final accuracy}}}} of the finished recall runs, and {task: one run's
     run.json} (for the captions: what they were trained with)."""
     table, info = {}, {}
-    sub = argparse.Namespace(out=folder or args.out)
-    for task, lengths in (("recall", args.recall_lengths), ("recall1", args.recall1_lengths)):
+    for task, lengths in recall_lengths(args):
         for length in lengths:
             for arch in archs:
-                for seed in seeds_of(args):
-                    s = summarise(arch, recall_dir(sub, task, arch, length, seed, setting))
-                    steps = args.recall1_steps if task == "recall1" else args.recall_steps
-                    if s and s["accuracy"] is not None and s["final_step"] == steps:
+                for seed in seeds or seeds_of(args):
+                    s = summarise(arch, recall_dir(out or args.out, task, arch, length, seed, setting))
+                    if s and s["accuracy"] is not None and s["final_step"] == recall_steps(args, task):
                         table.setdefault(task, {}).setdefault(length, {}).setdefault(arch, {})[seed] = s["accuracy"]
                         info[task] = s["info"]
     return table, info
@@ -658,7 +672,7 @@ def recall_caption(task: str, info: dict) -> str:
     what = (f"MQAR, `train.py --task recall`: {rc['recall_pairs']} pairs, then each key queried again"
             if task == "recall" else "single query, `train.py --task recall1`: pairs with repeated keys, a "
             "fresh map per example, loss on every position, accuracy on the final query")
-    chance = train.recall_chance(task, rc["recall_vocab"])
+    chance = train.recall_chance(rc["recall_vocab"])
     return (f"{what}; vocabulary {rc['recall_vocab']}, {mc['n_layer']} layers, width {mc['n_embd']}, batch "
             f"{rc['batch_size']}, lr {rc['lr']:g}, {rc['max_iters']} steps; chance {100 * chance:.1f}%")
 
@@ -788,18 +802,15 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
 
 def is_default(flags: list[str]) -> bool:
     """Whether a sweep setting's flags are train.py's defaults (then the comparison's own hyena runs are it)."""
-    cfg = train.GPTConfig()
-    pairs = dict(zip(flags[::2], flags[1::2]))
-    return all(str(getattr(cfg, k[2:].replace("-", "_"))) in (v, v + ".0") for k, v in pairs.items()) and \
-        cfg.hyena_bias == "off" and cfg.hyena_pos_trainable == "off"
+    parser = train.build_parser()
+    return vars(parser.parse_args(flags)) == vars(parser.parse_args([]))
 
 
 def sweep_report(args) -> str:
     """The Hyena filter sweep as a markdown table: TinyStories loss and both recall tasks per setting. The
     setting that matches train.py's defaults takes the comparison's hyena runs where the sweep has none."""
     folder = os.path.join(args.out, "sweep")
-    seeds = seeds_of(args)[:max(2, min(args.seeds, 3))]
-    sub = argparse.Namespace(**{**vars(args), "seeds": len(seeds)})
+    seeds = sweep_seeds(args)
     gpt = load_seeds(os.path.join(args.out, "gpt"), "gpt", seeds)
     lines = [f"Hyena filter settings (`python compare.py --stages sweep`; TinyStories: {args.max_iters} steps as "
              f"the comparison; recall: {args.recall_steps} (MQAR) and {args.recall1_steps} (single query) steps at "
@@ -815,8 +826,8 @@ def sweep_report(args) -> str:
         runs = load_seeds(os.path.join(folder, f"hyena-{setting}"), setting, seeds)
         if not runs and default:
             runs = load_seeds(os.path.join(args.out, "hyena"), "hyena", seeds)
-        rec, _ = load_recall(sub, folder, f"-{setting}", archs=("hyena",))
-        main_rec = load_recall(sub, archs=("hyena",))[0] if default else {}
+        rec, _ = load_recall(args, folder, f"-{setting}", archs=("hyena",), seeds=seeds)
+        main_rec = load_recall(args, archs=("hyena",), seeds=seeds)[0] if default else {}
         p = paired(per_seed(runs, lambda s: s["val"]), per_seed(gpt, lambda s: s["val"])) if runs and gpt else None
 
         def acc(task):

@@ -859,8 +859,8 @@ def test_recall_evaluate_accuracy():
     assert isinstance(train.evaluate(*args), float)
     assert train.evaluate(*args, accuracy="targets")[1] == 1 / 4  # 1 right of 4 targets a sequence
     assert train.evaluate(*args, accuracy="last")[1] == 1.0
-    assert abs(train.recall_chance("recall1", 30) - 1 / 14) < 1e-12
-    assert abs(train.recall_chance("recall", 33) - 1 / 16) < 1e-12
+    assert abs(train.recall_chance(30) - 1 / 14) < 1e-12
+    assert abs(train.recall_chance(33) - 1 / 16) < 1e-12
 
 
 def test_recall1_train():

@@ -775,7 +775,7 @@ def recall_pairs(cfg, seq_len: int) -> int:
     return cfg.recall_pairs or max(1, seq_len // 8)
 
 
-def recall_chance(task: str, vocab_size: int) -> float:
+def recall_chance(vocab_size: int) -> float:
     """Accuracy of guessing a value uniformly: both recall tasks have (vocab_size - 1) // 2 values."""
     return 1 / max(1, (vocab_size - 1) // 2)
 
@@ -1253,7 +1253,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
         f"{world} process(es)); {cfg.max_iters} steps; "
         + (f"{cfg.task}: {train_data.n_pairs} pairs"
            f"{' (keys repeat), then one query' if cfg.task == 'recall1' else ''}, vocab {cfg.recall_vocab}, "
-           f"chance {100 * recall_chance(cfg.task, cfg.recall_vocab):.1f}%" if recall
+           f"chance {100 * recall_chance(cfg.recall_vocab):.1f}%" if recall
            else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1262,7 +1262,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
             "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
             "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
-            "recall_chance": recall_chance(cfg.task, cfg.recall_vocab) if recall else None,
+            "recall_chance": recall_chance(cfg.recall_vocab) if recall else None,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
             "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
             "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None})
@@ -1315,10 +1315,11 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     loss_sum = torch.zeros((), device=device)  # the LM loss alone, summed over the steps of a log interval
     reg_sum = torch.zeros((), device=device)
     regulariser = None
-    if cfg.reg != "none":
+    if cfg.reg == "cosine" and use_kernels:  # fused: one read of each pair of hidden states
         def regulariser(hidden):
-            if cfg.reg == "cosine" and use_kernels:  # fused: one read of each pair of hidden states
-                return kernels.cosine_regulariser(linearity.regularised_states(hidden, cfg.reg_pairs))
+            return kernels.cosine_regulariser(linearity.regularised_states(hidden, cfg.reg_pairs))
+    elif cfg.reg != "none":
+        def regulariser(hidden):
             return linearity.REGULARISERS[cfg.reg](hidden, cfg.reg_pairs)
 
     def check_finite():
