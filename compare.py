@@ -209,7 +209,7 @@ def train_jobs(runs: list[str], args, extra: list[str], linearity: bool = False)
                     os.remove(stale)
             cmd = [sys.executable, "train.py", *EXTRA_RUNS.get(name, ["--arch", name]),
                    "--max-iters", str(args.max_iters), "--eval-interval", str(args.eval_interval),
-                   "--seed", str(seed), "--out-dir", run_dir, *extra]
+                   "--seed", str(seed), "--out-dir", run_dir, "--overwrite", *extra]
             then = (lambda name=name, seed=seed: linearity_jobs([name], args, [seed])) if linearity else None
             jobs.append(Job(f"{name} seed {seed}", cmd, os.path.join(run_dir, "train.log"), before=before, then=then))
     return jobs
@@ -271,7 +271,7 @@ def recall_jobs(args, extra: list[str], out: str | None = None, archs=None, sett
                         cmd = [sys.executable, "train.py", *extra, "--arch", arch, *RECALL_TASKS[task], *flags,
                                "--block-size", str(length), "--max-iters", str(steps),
                                "--eval-interval", str(steps // 4), "--log-interval", "100",
-                               "--seed", str(seed), "--out-dir", run_dir]
+                               "--seed", str(seed), "--out-dir", run_dir, "--overwrite"]
                         jobs.append(Job(label, cmd, os.path.join(run_dir, "train.log")))
     return jobs
 
@@ -290,7 +290,8 @@ def sweep_jobs(args, extra: list[str]) -> list[Job]:
                 log(f"[sweep] {setting} seed {seed}: finished earlier")
                 continue
             cmd = [sys.executable, "train.py", "--arch", "hyena", *flags, "--max-iters", str(args.max_iters),
-                   "--eval-interval", str(args.eval_interval), "--seed", str(seed), "--out-dir", run_dir, *extra]
+                   "--eval-interval", str(args.eval_interval), "--seed", str(seed), "--out-dir", run_dir,
+                   "--overwrite", *extra]
             jobs.append(Job(f"sweep {setting} seed {seed}", cmd, os.path.join(run_dir, "train.log")))
     return jobs + recall_jobs(args, extra, os.path.join(args.out, "sweep"), archs=("hyena",), settings=HYENA_SWEEP,
                               seeds=seeds, shortest=True)
@@ -630,6 +631,30 @@ def kernels_used(runs: dict) -> str:
     return "on where an arch has them" if all(on) else "off" if not any(on) else "on for some runs"
 
 
+def machines_used(runs: dict) -> str:
+    """The device and library versions the runs ran on; a resumed comparison can span two machines."""
+    count = {}
+    for seeds in runs.values():
+        for s in seeds.values():
+            i = s["info"]
+            key = f"{i['device']}, torch {i['torch']}, Triton {i['triton']}"
+            count[key] = count.get(key, 0) + 1
+    if len(count) == 1:
+        return next(iter(count))
+    return "; ".join(f"{key} ({n} runs)" for key, n in sorted(count.items(), key=lambda kv: -kv[1]))
+
+
+def micro_batches(runs: dict) -> str:
+    """Runs side by side may split each step into micro-batches (-- --grad-accum N): the same batches and
+    the same evaluation windows, less memory; the peak-memory column is then per micro-batch."""
+    accum = sorted({s["info"]["train_config"].get("grad_accum", 1) for seeds in runs.values() for s in seeds.values()})
+    if accum == [1]:
+        return ""
+    return (f" Steps split into {'/'.join(map(str, accum))} micro-batches (`-- --grad-accum N --eval-batches "
+            "20N`: the same tokens per step and the same validation windows, less memory each), so peak memory "
+            "is per micro-batch.")
+
+
 def tokens_str(s: dict) -> str:
     n = s["final_step"] * s["info"]["tokens_per_step"]
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
@@ -703,11 +728,11 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
             f"Every run: `python train.py --arch ARCH --max-iters {tc['max_iters']} --eval-interval "
             f"{tc['eval_interval']} --seed S`, {'/'.join(map(str, n_seeds))} seeds from {SEED0} (one seed gives "
             f"every arch the same data order), {info['tokens_per_step']:,} tokens a step, {tokens_str(first)} "
-            f"tokens per run; {info['device']}, {info['dtype']}, torch.compile {'on' if info['compile'] else 'off'}, "
-            f"kernels {kernels_used(runs)}, torch {info['torch']}, Triton {info['triton']}. Data: "
+            f"tokens per run; {info['dtype']}, torch.compile {'on' if info['compile'] else 'off'}, "
+            f"kernels {kernels_used(runs)}; {machines_used(runs)}. Data: "
             f"{info['train_tokens']:,} training and {info['val_tokens']:,} validation tokens of TinyStories "
             f"(GPT-2 BPE), so {tc['max_iters'] * info['tokens_per_step'] / info['train_tokens']:.1f} epochs. "
-            "Losses are mean ± standard deviation over the seeds."
+            "Losses are mean ± standard deviation over the seeds." + micro_batches(runs)
             + (" The runs shared the GPU (`--parallel`), so no step times here: see `train.py --bench`."
                if shared else ""), ""]
     if missing:
