@@ -17,7 +17,7 @@ What it runs, each a plain command you could type yourself (its log is out/compa
     linearity   linearity.py on every checkpoint (+ --prune 3 for gpt and the gpt + cosine runs);
     recall      train.py --task recall (MQAR, Zoology) and --task recall1 (the Hyena paper's single-query
                 task) for gpt and hyena at several sequence lengths;
-    speed       kernels.py --bench hyena (GPU only, alone on the GPU): Hyena vs attention, 256 to 64K tokens;
+    speed       bench.py hyena (GPU only, alone on the GPU): Hyena vs attention, 256 to 64K tokens;
     report      results.md, results.json (every seed's numbers) and loss_curves.png from what the others wrote;
     sweep       (not in the default stages) Hyena's filter settings on TinyStories and both recall tasks.
 A run that already finished is skipped (delete its folder to redo it), so a stopped comparison continues,
@@ -306,13 +306,22 @@ def speed_run(args) -> list[str]:
     if not torch.cuda.is_available():
         log("[speed] needs a CUDA GPU; skipped")
         return []
-    cmd = [sys.executable, "kernels.py", "--bench", "hyena", "--json", out,
+    cmd = [sys.executable, "bench.py", "hyena", "--json", out,
            "--plot", os.path.join(args.out, "hyena_speed.png")]
     return run_jobs([Job("speed", cmd, os.path.join(args.out, "hyena_speed.log"), show=("| 1 |", "error"))], 1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reading the runs
+
+
+def one_based(lin: dict | None) -> dict | None:
+    """linearity.json numbers blocks from 1 (key first_block); files written before it counted from 0."""
+    if lin and "first_block" not in lin:
+        for r in lin.get("prune") or []:
+            r["blocks"] = [b + 1 for b in r["blocks"]]
+        lin["first_block"] = 1
+    return lin
 
 
 def summarise(name: str, run_dir: str) -> dict | None:
@@ -338,7 +347,7 @@ def summarise(name: str, run_dir: str) -> dict | None:
         "mem": max((r.get("peak_mem_gib", math.nan) for r in logs if not evals or r["step"] < evals[0]["step"]),
                    default=math.nan),
         "cache": cache_values_per_token(info["model_config"]),
-        "linearity": read_json(os.path.join(run_dir, "linearity.json")),
+        "linearity": one_based(read_json(os.path.join(run_dir, "linearity.json"))),
     }
 
 
@@ -550,7 +559,7 @@ def claims(runs: dict, recall: dict, speed: dict | None) -> list[tuple[str, str,
         ratio = last["gpu_ms"]["attention"] / last["gpu_ms"]["kernel"]
         row("hyena_64k", f"{ratio:.2f}x at {last['L']:,} tokens", "yes (>= 50x)" if ratio >= 50 else "no (< 50x)")
     else:
-        row("hyena_cross", "not run (speed: kernels.py --bench hyena needs a GPU)", "—")
+        row("hyena_cross", "not run (speed: bench.py hyena needs a GPU)", "—")
     # recall: single-query (Hyena) and multi-query (Zoology)
     one = {L: acc for L, acc in recall.get("recall1", {}).items() if {"gpt", "hyena"} <= set(acc)}
     if one:
@@ -813,7 +822,7 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
     if speed:
         b1 = sorted((r for r in speed["rows"] if r["B"] == 1), key=lambda r: r["L"])
         lines += ["", f"Hyena order-2 mixing vs causal SDPA, B = 1, D = 768, forward + backward GPU ms "
-                  f"(`python kernels.py --bench hyena`, {speed['device']}):", "",
+                  f"(`python bench.py hyena`, {speed['device']}):", "",
                   "| L | " + " | ".join(f"{r['L']:,}" for r in b1) + " |", "|---|" + "---:|" * len(b1)]
         for key, label in (("attention", "attention"), ("plain", "Hyena, plain"), ("kernel", "Hyena, kernels")):
             lines.append(f"| {label} | " + " | ".join(f"{r['gpu_ms'][key]:.3f}" for r in b1) + " |")

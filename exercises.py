@@ -3,7 +3,8 @@ exercises.py -- three exercises per technique, each with an automatic check.
 
     python exercises.py                    # the list
     python exercises.py mhc.1              # the task, then its check (exit 0 when it passes)
-    python exercises.py tpa.1 --answer 100     # a prediction (a wrong one: the check says so)
+    python exercises.py tpa.1 --answer 100     # a prediction (a wrong one: the check says so, with a hint)
+    python exercises.py tpa.1 --reveal         # the solution, once you want it
 
 Three kinds of exercise:
     change   edit the technique file as asked; the check measures the code as it now is and passes
@@ -12,7 +13,9 @@ Three kinds of exercise:
              computes the truth from the repository's own functions, so it is never a stored answer;
     run      run the commands given; the check reads their outputs (metrics.jsonl, run.json,
              checkpoints) and compares them, with your prediction of the outcome as --answer.
-Every check runs on a CPU in seconds, except what the "run" exercises ask you to train.
+Every check runs on a CPU in seconds, except what the "run" exercises ask you to train. A check that
+does not pass prints a hint, never the solution; --reveal prints the solution (for a "run" exercise, the
+one your runs give).
 """
 from __future__ import annotations
 
@@ -23,12 +26,13 @@ import sys
 
 import torch
 
-EXERCISES = {}  # id -> function(answer) -> (passed, message); its docstring is the task
+EXERCISES = {}  # id -> function(answer) -> (passed, solution); its docstring is the task, .hint the hint
+REVEAL = object()  # the answer --reveal passes: the check computes its solution and judges nothing
 
 
-def exercise(ex_id: str, kind: str):
+def exercise(ex_id: str, kind: str, hint: str):
     def register(fn):
-        fn.kind = kind
+        fn.kind, fn.hint = kind, hint
         EXERCISES[ex_id] = fn
         return fn
     return register
@@ -38,17 +42,42 @@ class NotReady(Exception):
     """The exercise's precondition is missing (an answer, a run, the code change): say what to do."""
 
 
-def need_answer(answer: str | None, form: str) -> str:
+def need_answer(answer, form: str) -> str | None:
+    """The answer, stripped and lower-case; None while revealing (no answer to judge)."""
+    if answer is REVEAL:
+        return None
     if answer is None:
-        raise NotReady(f"give your prediction with --answer ({form})")
+        raise NotReady(f"give your prediction with --answer ({form}), or see the solution with --reveal")
     return answer.strip().lower()
 
 
-def as_number(answer: str) -> float:
+def as_number(answer: str | None, kind=float):
+    if answer is None:  # revealing
+        return None
     try:
-        return float(answer)
+        return kind(float(answer))
     except ValueError:
         raise NotReady(f"--answer {answer!r} is not a number")
+
+
+def need_numbers(answer, form: str, count: int) -> list[float] | None:
+    """`count` comma-separated numbers (form names them, e.g. "MHA,TPA"); None while revealing."""
+    given = need_answer(answer, form)
+    if given is None:
+        return None
+    parts = given.replace(" ", "").split(",")
+    if len(parts) != count:
+        raise NotReady(f"--answer takes {count} numbers, {form}")
+    return [as_number(p) for p in parts]
+
+
+def need_choice(answer, choices: tuple[str, ...]) -> str | None:
+    """One of `choices`; None while revealing."""
+    form = " or ".join(choices)
+    given = need_answer(answer, form)
+    if given is not None and given not in choices:
+        raise NotReady(f"--answer {form}")
+    return given
 
 
 def read_run(out_dir: str, what: str) -> tuple[dict, list[dict]]:
@@ -70,7 +99,10 @@ def read_run(out_dir: str, what: str) -> tuple[dict, list[dict]]:
 # mHC (mhc.py)
 
 
-@exercise("mhc.1", "change")
+@exercise("mhc.1", "change",
+          hint="multiply two 2 x 2 row-stochastic matrices by hand and look at the row sums of the product, "
+               "then at its column sums: which property survives a product? The forward gain is the largest "
+               "row sum, the backward gain the largest column sum.")
 def mhc_row_softmax(answer=None):
     """Replace Sinkhorn-Knopp by a row softmax, and see which gain stays bounded.
 
@@ -86,22 +118,26 @@ def mhc_row_softmax(answer=None):
     import mhc
     g = torch.Generator().manual_seed(0)
     logits = 2 * torch.randn(64, 1, 4, 4, generator=g)  # 64 sub-layers, n = 4
-    res = mhc.sinkhorn_knopp(logits)
+    res = logits.softmax(-1) if answer is REVEAL else mhc.sinkhorn_knopp(logits)  # revealing: the change made
     rows, cols = res.sum(-1), res.sum(-2)
     if (cols - 1).abs().max() < 0.2:  # 20 Sinkhorn iterations leave them within ~0.03 here
         raise NotReady("sinkhorn_knopp still makes the columns sum to ~1: it is still Sinkhorn; make the change")
     if (rows - 1).abs().max() > 1e-4 or (res < 0).any():
-        return False, "the rows of H_res do not sum to 1 with non-negative entries: that is not a row softmax"
+        raise NotReady("the rows of H_res do not sum to 1 with non-negative entries: that is not a row softmax")
     fwd, bwd = mhc.amax_gain(mhc.composite(list(res)))
-    ok = fwd < 1 + 1e-4 and bwd > 1.2
-    return ok, (f"composite of 64 layers: forward gain {fwd:.4f}, backward gain {bwd:.3f}. Rows of a product of "
-                "row-stochastic matrices still sum to 1, so activations cannot grow going forward; nothing holds "
-                "the column sums to 1, so gradients flowing back through the streams are amplified (here up to n, "
-                "since the entries are non-negative and total n; unconstrained HC has no such bound). Sinkhorn "
-                "holds both sides at 1." if ok else f"forward {fwd:.4f}, backward {bwd:.3f}: not what a row softmax gives")
+    if not (fwd < 1 + 1e-4 and bwd > 1.2):
+        raise NotReady(f"forward gain {fwd:.4f}, backward {bwd:.3f}: not what a row softmax gives; check the change")
+    return True, (f"composite of 64 layers: forward gain {fwd:.4f}, backward gain {bwd:.3f}. Rows of a product of "
+                  "row-stochastic matrices still sum to 1, so activations cannot grow going forward; nothing holds "
+                  "the column sums to 1, so gradients flowing back through the streams are amplified (here up to n, "
+                  "since the entries are non-negative and total n; unconstrained HC has no such bound). Sinkhorn "
+                  "holds both sides at 1.")
 
 
-@exercise("mhc.2", "predict")
+@exercise("mhc.2", "predict",
+          hint="write the loop rather than guess twice: for t = 1, 2, ... project the same logits with "
+               "mhc.sinkhorn_knopp(logits, iters=t), multiply the 24 with mhc.composite and read "
+               "mhc.amax_gain(...)[1]; each iteration shrinks the column sums' error by a roughly constant factor.")
 def mhc_iterations(answer=None):
     """How many Sinkhorn iterations does a deep stack need?
 
@@ -112,7 +148,7 @@ def mhc_iterations(answer=None):
     The paper uses 20; each iteration costs time in every sub-layer of every step. --answer t (on the
     unmodified mhc.py)."""
     import mhc
-    t_given = int(as_number(need_answer(answer, "an iteration count")))
+    t_given = as_number(need_answer(answer, "an iteration count"), int)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(24, 256, 4, 4, generator=g)
     gains = {}
@@ -121,12 +157,14 @@ def mhc_iterations(answer=None):
         if gains[t] < 1.02:
             break
     else:
-        return False, "even 40 iterations leave the backward gain above 1.02: is mhc.py modified (mhc.1)?"
+        raise NotReady("even 40 iterations leave the backward gain above 1.02: is mhc.py modified (mhc.1)?")
     shown = ", ".join(f"t={k}: {v:.4f}" for k, v in gains.items())
-    return t_given == t, f"{'right' if t_given == t else 'not quite'}: smallest t is {t} (backward gain {shown})"
+    return t_given == t, f"the smallest t is {t} (backward gain {shown})"
 
 
-@exercise("mhc.3", "predict")
+@exercise("mhc.3", "predict",
+          hint="write out stream i of H_res h when every stream h_j is the same x: a sum over j of H_res[i, j] "
+               "times x. Which sum of H_res is that, and which does the forward pass never form?")
 def mhc_which_sums(answer=None):
     """Which H_res leave mHC's initial streams, and so the plain model, unchanged?
 
@@ -136,9 +174,7 @@ def mhc_which_sums(answer=None):
     stochastic, and any such H_res is a no-op at step 0; which half of that is actually needed?)
     --answer rows|columns|both"""
     import mhc
-    given = need_answer(answer, "rows, columns or both")
-    if given not in ("rows", "columns", "both"):
-        raise NotReady("--answer rows, columns or both")
+    given = need_choice(answer, ("rows", "columns", "both"))
     x = torch.randn(1, 1, 1, 8).expand(1, 1, 4, 8)  # (B, T, n, C): four identical streams
     zero_out, post = torch.zeros(1, 1, 8), torch.ones(1, 1, 4)
     m = torch.rand(4, 4) + 0.1
@@ -146,11 +182,14 @@ def mhc_which_sums(answer=None):
     kept = {name: torch.allclose(mhc.write_back(x, zero_out, post, r[None, None]), x, atol=1e-6)
             for name, r in candidates.items()}  # does H_res leave identical streams as they are?
     truth = "both" if all(kept.values()) else next((k for k, v in kept.items() if v), "neither")
-    return given == truth, (f"{'right' if given == truth else 'not quite'}: only {truth} (stream i receives "
-                            "sum_j H_res[i, j] h_j = (row sum i) x). Columns matter for the backward pass.")
+    return given == truth, (f"only {truth} (stream i receives sum_j H_res[i, j] h_j = (row sum i) x). Columns "
+                            "matter for the backward pass.")
 
 
-@exercise("mhc.4", "predict")
+@exercise("mhc.4", "predict",
+          hint="count per token: which tensors of C values are read (the n streams, f) and which written (the n "
+               "new streams)? Multiply by B T tokens and by the bytes of a value (fp32 4, bf16 2); 1 MB is 10^6 "
+               "bytes, and the time is bytes / (3.0 x 10^12 bytes/s).")
 def mhc_write_back_bytes(answer=None):
     """How many bytes does one write-back move, and what does that say about its speed?
 
@@ -160,21 +199,21 @@ def mhc_write_back_bytes(answer=None):
     many MB (10^6 bytes) is that with fp32 streams, and with bf16 streams (--residual-dtype bfloat16)?
     At the ~3.0 TB/s an H100 copy reaches, how long must the bf16 one take at least? Compare with the
     write-back's forward in `python kernels.py --bench mhc` (README: 0.082 ms). --answer FP32_MB,BF16_MB"""
-    parts = need_answer(answer, "FP32_MB,BF16_MB").replace(" ", "").split(",")
-    if len(parts) != 2:
-        raise NotReady("--answer two numbers: FP32_MB,BF16_MB")
-    given = [as_number(p) for p in parts]
+    given = need_numbers(answer, "FP32_MB,BF16_MB", 2)
     n, C, tokens = 4, 384, 64 * 512
     truth = [(2 * n + 1) * C * tokens * size / 1e6 for size in (4, 2)]  # read n + 1 rows of C, write n
-    ok = all(abs(g - t) <= 0.02 * t for g, t in zip(given, truth))
-    return ok, (f"{'right' if ok else 'not quite'}: (2n + 1) C values per token ({n} streams read, f read, {n} "
-                f"streams written) x {tokens:,} tokens = {truth[0]:.1f} MB in fp32, {truth[1]:.1f} MB in bf16: "
+    ok = given is not None and all(abs(g - t) <= 0.02 * t for g, t in zip(given, truth))
+    return ok, (f"(2n + 1) C values per token ({n} streams read, f read, {n} streams written) x {tokens:,} "
+                f"tokens = {truth[0]:.1f} MB in fp32, {truth[1]:.1f} MB in bf16: "
                 f"{truth[1] / 3000:.3f} ms at 3.0 TB/s (the kernel: 0.082 ms). Every mHC sub-layer moves this and "
                 "more (README: ~13.5 passes over the streams), which is why mHC's cost is memory traffic, not "
                 "arithmetic.")
 
 
-@exercise("mhc.5", "predict")
+@exercise("mhc.5", "predict",
+          hint="one pass moves n x C values of 2 bytes (bf16) for every token of the step; divided by "
+               "3.0 x 10^12 bytes/s that is its time. Multiply by the passes per sub-layer and by the 12 "
+               "sub-layers, and give ms.")
 def mhc_wide_floor(answer=None):
     """How much of mHC's cost is stream traffic in a wide model?
 
@@ -184,15 +223,12 @@ def mhc_wide_floor(answer=None):
     this repository's kernels (~13.5 passes per sub-layer) need at least, and how many would a design
     that keeps only the ~5 passes no fusion removes? Set them against the measured 39 ms of extra time
     and the plain step's 241 ms (README, "HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
-    parts = need_answer(answer, "MS_13.5_PASSES,MS_5_PASSES").replace(" ", "").split(",")
-    if len(parts) != 2:
-        raise NotReady("--answer two numbers: MS_13.5_PASSES,MS_5_PASSES")
-    given = [as_number(p) for p in parts]
+    given = need_numbers(answer, "MS_13.5_PASSES,MS_5_PASSES", 2)
     n, C, tokens, sublayers = 4, 4096, 32 * 512, 12
     one_pass_ms = n * C * tokens * 2 / 3.0e12 * 1e3  # bf16: 2 bytes a value
     truth = [passes * one_pass_ms * sublayers for passes in (13.5, 5)]
-    ok = all(abs(g - t) <= 0.03 * t for g, t in zip(given, truth))
-    return ok, (f"{'right' if ok else 'not quite'}: one pass is {n} x {C} x {tokens:,} x 2 bytes = "
+    ok = given is not None and all(abs(g - t) <= 0.03 * t for g, t in zip(given, truth))
+    return ok, (f"one pass is {n} x {C} x {tokens:,} x 2 bytes = "
                 f"{n * C * tokens * 2 / 1e6:.0f} MB, {one_pass_ms:.3f} ms; x {sublayers} sub-layers: {truth[0]:.1f} ms "
                 f"a step for 13.5 passes ({100 * truth[0] / 241:.0f}% of the plain step; the kernels take 39 ms), "
                 f"{truth[1]:.1f} ms for 5 ({100 * truth[1] / 241:.1f}%). At d = 384 the same 5 passes are 10% of "
@@ -204,7 +240,10 @@ def mhc_wide_floor(answer=None):
 # Hyena (hyena.py)
 
 
-@exercise("hyena.1", "change")
+@exercise("hyena.1", "change",
+          hint="the window multiplies tap t by exp(-delta t), with delta chosen so that late taps fade. Take it "
+               "away and ask what, if anything, still makes a late tap smaller than an early one; the check "
+               "measures the share of each filter's energy past tap 256 of 1024.")
 def hyena_window_off(answer=None):
     """Switch off the implicit filter's exponential window.
 
@@ -217,19 +256,24 @@ def hyena_window_off(answer=None):
     torch.manual_seed(0)
     f = hyena.ImplicitFilter(n_embd=64, order=2, l_max=1024)
     f.init_weights()
+    if answer is REVEAL:
+        f.deltas.zero_()  # the change made: exp(-0 t) = 1 replaces the window
     with torch.no_grad():
         h = f(1024)  # (N, C, L)
     energy = h.pow(2)
     tail = (energy[..., 256:].sum(-1) / energy.sum(-1)).mean().item()
     if tail < 0.2:
         raise NotReady(f"{100 * tail:.1f}% of the filters' energy is past position 256: the window is still "
-                       "on (with it off, about three quarters is); make the change")
+                       "on; make the change")
     return True, (f"{100 * tail:.1f}% of the filters' energy now lies past position 256 (with the window, a few "
                   "per cent). Without the decay the filters start as long, flat-ish sums over the past; the window "
                   "is the paper's bias towards recent tokens (Sec. 3.3).")
 
 
-@exercise("hyena.2", "predict")
+@exercise("hyena.2", "predict",
+          hint="output t of a length-n circular convolution also collects the linear convolution's term t + n. "
+               "What is the last index of the linear convolution of two length-L signals, and how large must n "
+               "be for that term to miss outputs 0 .. L-1?")
 def hyena_fft_size(answer=None):
     """How much zero-padding does a causal FFT convolution need?
 
@@ -237,7 +281,7 @@ def hyena_fft_size(answer=None):
     circular convolution: too little padding wraps the end of the sequence onto its start, and the
     output at time t then sees tokens after t. For L = 100, what is the smallest n whose first L
     outputs equal `hyena.direct_causal_conv`? --answer n (then: is 2L a waste?)"""
-    n_given = int(as_number(need_answer(answer, "an FFT length")))
+    n_given = as_number(need_answer(answer, "an FFT length"), int)
     import hyena
     torch.manual_seed(0)
     L = 100
@@ -247,12 +291,15 @@ def hyena_fft_size(answer=None):
         y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
         if torch.allclose(y, ref, atol=1e-9):
             break
-    return n_given == n, (f"{'right' if n_given == n else 'not quite'}: n = {n} = 2L - 1 (the linear convolution "
-                          f"of two length-L signals has 2L - 1 terms). 2L is used because FFTs of even and "
-                          f"power-of-two lengths are faster.")
+    return n_given == n, (f"n = {n} = 2L - 1 (the linear convolution of two length-L signals has 2L - 1 terms). "
+                          "2L is used because FFTs of even and power-of-two lengths are faster.")
 
 
-@exercise("hyena.3", "predict")
+@exercise("hyena.3", "predict",
+          hint="estimate, for each init, how far the argument w x of the first Sin moves between neighbouring "
+               "time steps, and how that grows through three layers: an argument that moves by radians per "
+               "step folds time into a curve that looks random at 128 samples. Or build both filters and "
+               "compute the lag-1 autocorrelation yourself (centre each filter along time first).")
 def hyena_filter_init(answer=None):
     """Which filter init starts the implicit filters as white noise?
 
@@ -265,9 +312,7 @@ def hyena_filter_init(answer=None):
     The check computes both. (Measured on an H100, README's Hyena section: MQAR recall at L = 128,
     3000 steps, 3 seeds, chance 6.2%: the Pile setting w 14, emb_dim 33 with Kaiming init 6.0%, with
     normal init 22.5%; the defaults w 10, emb_dim 5, normal init 38.2%.)"""
-    given = need_answer(answer, "kaiming or normal")
-    if given not in ("kaiming", "normal"):
-        raise NotReady("--answer kaiming or normal")
+    given = need_choice(answer, ("kaiming", "normal"))
     import hyena
     cfg = default_config()
     lag1 = {}
@@ -281,8 +326,8 @@ def hyena_filter_init(answer=None):
         lag1[init] = ((x[..., 1:] * x[..., :-1]).sum(-1) / x.pow(2).sum(-1)).mean().item()  # mean over N C
     noisy = min(lag1, key=lag1.get)
     return given == noisy, (
-        f"{'right' if given == noisy else 'not quite'}: lag-1 autocorrelation of h along time (mean over the "
-        f"N C filters) kaiming {lag1['kaiming']:.2f}, normal {lag1['normal']:.2f} (w = {cfg.hyena_w:g}, "
+        f"{noisy}: lag-1 autocorrelation of h along time (mean over the N C filters) kaiming "
+        f"{lag1['kaiming']:.2f}, normal {lag1['normal']:.2f} (w = {cfg.hyena_w:g}, "
         f"emb_dim = {cfg.hyena_emb_dim}). Kaiming's weights make each Sin's argument span several radians, so "
         "three Sin layers fold t into a curve that swings faster than 128 samples can follow; N(0, 0.02) keeps "
         "the arguments small, each layer near-linear, and h about as smooth as its positional features. A "
@@ -300,7 +345,10 @@ def default_config(**changes):
     return train.GPTConfig(**changes)
 
 
-@exercise("tpa.1", "predict")
+@exercise("tpa.1", "predict",
+          hint="first the heads: tpa.matched_heads solves C (R h + R d) + h d C = 4 C^2 for h with R = R_Q + R_K "
+               "+ R_V and rounds to the nearest whole head. Then the cache keeps R_K + R_V pairs of factors, "
+               "each a head factor of h numbers and a feature factor of d.")
 def tpa_rank_one_cache(answer=None):
     """Rank-1 TPA: how small does the cache get?
 
@@ -313,11 +361,14 @@ def tpa_rank_one_cache(answer=None):
     cfg = default_config(arch="tpa", tpa_rank_q=1, tpa_rank_k=1, tpa_rank_v=1)
     h = tpa.tpa_heads(cfg)
     n = tpa.kv_cache_values_per_token("tpa", h, cfg.tpa_head_dim, (1, 1, 1))
-    return n_given == n, (f"{'right' if n_given == n else 'not quite'}: h = {h} heads, cache (R_K + R_V)(h + d) "
-                          f"= 2 x ({h} + {cfg.tpa_head_dim}) = {n}, {2 * cfg.n_embd / n:.1f}x smaller than MHA's.")
+    return n_given == n, (f"h = {h} heads, cache (R_K + R_V)(h + d) = 2 x ({h} + {cfg.tpa_head_dim}) = {n}, "
+                          f"{2 * cfg.n_embd / n:.1f}x smaller than MHA's.")
 
 
-@exercise("tpa.2", "predict")
+@exercise("tpa.2", "predict",
+          hint="per token and layer MHA caches K and V, 2 C values; TPA caches (R_K + R_V)(h + d) with the "
+               "matched heads (tpa.tpa_heads). Multiply by the tokens, the 6 layers and 2 bytes a value; "
+               "1 MiB is 2^20 bytes.")
 def tpa_long_context_memory(answer=None):
     """The KV cache of one long sequence.
 
@@ -325,31 +376,27 @@ def tpa_long_context_memory(answer=None):
     model (6 layers, C = 384) take with MHA, and with TPA at ranks (6, 2, 2) (heads matched)?
     --answer MHA,TPA in MiB (within 1%)"""
     import tpa
-    given = need_answer(answer, "two numbers: MHA,TPA in MiB")
-    try:
-        mha_given, tpa_given = (float(x) for x in given.split(","))
-    except ValueError:
-        raise NotReady("--answer takes two numbers, MHA,TPA, e.g. 100,40")
+    given = need_numbers(answer, "MHA,TPA in MiB", 2)
     cfg = default_config(arch="tpa")
     per_token = {"mha": tpa.kv_cache_values_per_token("mha", cfg.n_head, cfg.n_embd // cfg.n_head),
                  "tpa": tpa.kv_cache_values_per_token("tpa", tpa.tpa_heads(cfg), cfg.tpa_head_dim)}
     mib = {k: v * 2 * 65536 * cfg.n_layer / 2**20 for k, v in per_token.items()}  # 2 bytes per bf16 value
-    ok = abs(mha_given / mib["mha"] - 1) <= 0.01 and abs(tpa_given / mib["tpa"] - 1) <= 0.01
-    return ok, (f"{'right' if ok else 'not quite'}: MHA {mib['mha']:.0f} MiB ({per_token['mha']} values per token "
+    ok = given is not None and all(abs(g / mib[k] - 1) <= 0.01 for g, k in zip(given, ("mha", "tpa")))
+    return ok, (f"MHA {mib['mha']:.0f} MiB ({per_token['mha']} values per token "
                 f"and layer), TPA {mib['tpa']:.0f} MiB ({per_token['tpa']}). Decoding reads all of it for every "
                 "new token, so the cache size is the decode speed (python kernels.py --bench tpa).")
 
 
-@exercise("tpa.3", "run")
+@exercise("tpa.3", "run",
+          hint="compare the last val_loss of the two runs (their metrics.jsonl, or the final line each printed): "
+               "rank 1 loses more than 0.02 nats when its loss is above the (6, 2, 2) run's by more than 0.02.")
 def tpa_rank_one_training(answer=None):
     """Rank-1 TPA against the paper's ranks, at equal tokens.
 
         python train.py --arch tpa --max-iters 300 --eval-interval 50 --out-dir out/tpa
         python train.py --arch tpa --tpa-rank-q 1 --tpa-rank-k 1 --tpa-rank-v 1 --max-iters 300 --eval-interval 50 --out-dir out/tpa-r1
     (One GPU, a minute each.) Does rank 1 lose more than 0.02 nats of validation loss? --answer yes|no"""
-    given = need_answer(answer, "yes or no")
-    if given not in ("yes", "no"):
-        raise NotReady("--answer yes or no")
+    given = need_choice(answer, ("yes", "no"))
     runs = {}
     for name, ranks in (("tpa", [6, 2, 2]), ("tpa-r1", [1, 1, 1])):
         info, evals = read_run(f"out/{name}", f"the out/{name} command")
@@ -361,15 +408,18 @@ def tpa_rank_one_training(answer=None):
         raise NotReady("the two runs trained for different numbers of steps: compare at equal tokens")
     d = runs["tpa-r1"][1] - runs["tpa"][1]
     truth = "yes" if d > 0.02 else "no"
-    return given == truth, (f"val loss: ranks (6,2,2) {runs['tpa'][1]:.4f}, rank 1 {runs['tpa-r1'][1]:.4f} "
-                            f"({d:+.4f}); {'as you predicted' if given == truth else 'not what you predicted'}.")
+    return given == truth, (f"{truth}: val loss, ranks (6,2,2) {runs['tpa'][1]:.4f}, rank 1 {runs['tpa-r1'][1]:.4f} "
+                            f"({d:+.4f}).")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Linearity (linearity.py)
 
 
-@exercise("linearity.1", "predict")
+@exercise("linearity.1", "predict",
+          hint="the score centres X and Y and divides each by its Frobenius norm before fitting a map: what does "
+               "that do to a shift and a scale of Y? For LS_wo the target is (10 Y + 3) - X: is that a shifted "
+               "and scaled copy of Y - X?")
 def linearity_invariance(answer=None):
     """What the score does not see.
 
@@ -377,14 +427,15 @@ def linearity_invariance(answer=None):
     change? Does LS_wo (which scores Y - X)? --answer yes,no style: LS first, then LS_wo."""
     import linearity
     given = need_answer(answer, "two of yes/no: LS,LS_wo")
+    given = None if given is None else given.replace(" ", "")
     torch.manual_seed(0)
     x = torch.randn(2000, 16, dtype=torch.float64)
     y = x + 0.5 * torch.tanh(x @ torch.randn(16, 16, dtype=torch.float64))
     before, after = linearity.linearity_score(x, y), linearity.linearity_score(x, 10 * y + 3)
     truth = ",".join("yes" if abs(a - b) > 1e-6 else "no" for a, b in zip(before, after))
-    return given.replace(" ", "") == truth, (
-        f"{'right' if given.replace(' ', '') == truth else 'not quite'}: {truth}. LS {before[0]:.4f} -> "
-        f"{after[0]:.4f} (centring and normalising remove shift and scale), LS_wo {before[1]:.4f} -> {after[1]:.4f} "
+    return given == truth, (
+        f"{truth}. LS {before[0]:.4f} -> {after[0]:.4f} (centring and normalising remove shift and scale), "
+        f"LS_wo {before[1]:.4f} -> {after[1]:.4f} "
         "(10 Y + 3 - X is not a rescaled Y - X: the residual's share changes).")
 
 
@@ -399,7 +450,7 @@ def checkpoint_profile(path: str, split: str):
     import linearity
     if not os.path.isfile(path):
         raise NotReady(f"no checkpoint {path}: train it first")
-    ckpt = train.load_checkpoint(path)
+    ckpt = linearity.read_checkpoint(path)
     model, cfg = train.model_from_checkpoint(ckpt, path)
     train_path, val_path = linearity.token_files(ckpt, cache_dir=ckpt["train_config"].get("cache_dir", "out/tokens"),
                                                  log=lambda msg: None)
@@ -412,25 +463,31 @@ def checkpoint_profile(path: str, split: str):
     return linearity.layer_profile(model, batches, torch.device("cpu")), ckpt
 
 
-@exercise("linearity.2", "run")
+@exercise("linearity.2", "run",
+          hint="read the LS_wo column, not LS: with the residual every block scores close to 1 and the ranking "
+               "says little. The block with the largest LS_wo is the most linear; give its number from the "
+               "table's block column (1 .. L).")
 def linearity_which_block(answer=None):
     """Which block would you prune first?
 
         python train.py --arch gpt --max-iters 300 --eval-interval 50 --out-dir out/gpt
         python linearity.py out/gpt/ckpt.pt
-    From the LS_wo column, which block (0-based: the pair "block k -> block k+1" is block k, and
-    "embedding -> block 1" is block 0) is the most linear, the first that `--prune` replaces?
-    --answer k. (`--prune` ranks on training text, the table is on validation text; the check uses
-    --prune's.) Then run `python linearity.py out/gpt/ckpt.pt --prune 3` and look at what replacing
-    it costs, against removing it. The check runs the model over 200K tokens on the CPU (~a minute)."""
-    k_given = int(as_number(need_answer(answer, "a block index")))
+    From the LS_wo column, which block (numbered 1 .. L as in the table: block l maps h_{l-1} to h_l,
+    scored on the pair "block l-1 -> block l", and block 1 on "embedding -> block 1") is the most linear,
+    the first that `--prune` replaces? --answer l. (`--prune` ranks on training text, the table is on
+    validation text; the check uses --prune's.) Then run `python linearity.py out/gpt/ckpt.pt --prune 3`
+    and look at what replacing it costs, against removing it. The check runs the model over 200K tokens
+    on the CPU (~a minute)."""
+    k_given = as_number(need_answer(answer, "a block number, 1 .. L"), int)
     profile, _ = checkpoint_profile("out/gpt/ckpt.pt", "train")
-    k = max(range(len(profile)), key=lambda l: profile[l][1])
-    return k_given == k, (f"{'right' if k_given == k else 'not quite'}: block {k} (LS_wo on training text: "
-                          + ", ".join(f"{l}: {p[1]:.3f}" for l, p in enumerate(profile)) + ")")
+    k = 1 + max(range(len(profile)), key=lambda l: profile[l][1])  # profile[l]: block l + 1
+    return k_given == k, (f"block {k} (LS_wo on training text, by block: "
+                          + ", ".join(f"{l}: {p[1]:.3f}" for l, p in enumerate(profile, 1)) + ")")
 
 
-@exercise("linearity.3", "run")
+@exercise("linearity.3", "run",
+          hint="run python linearity.py on out/gpt/ckpt.pt and on out/gpt-cosine/ckpt.pt and average the LS_wo "
+               "column over every row but the first (embedding -> block 1) for each; then compare the two means.")
 def linearity_cosine(answer=None):
     """The cosine regulariser: up or down?
 
@@ -441,9 +498,7 @@ def linearity_cosine(answer=None):
     your runs? (The mean over the pairs after the first, on `python linearity.py`'s validation tokens,
     as in the README's claims table.) Then retrain with `--reg-pairs all` (the embedding -> block 1 pair
     included, which the default leaves out) and ask again: the paper does not say which. --answer up|down"""
-    given = need_answer(answer, "up or down")
-    if given not in ("up", "down"):
-        raise NotReady("--answer up or down")
+    given = need_choice(answer, ("up", "down"))
     means = {}
     for name, reg in (("gpt", "none"), ("gpt-cosine", "cosine")):
         profile, ckpt = checkpoint_profile(f"out/{name}/ckpt.pt", "val")
@@ -452,9 +507,8 @@ def linearity_cosine(answer=None):
         later = profile[1:] or profile
         means[name] = sum(p[1] for p in later) / len(later)
     truth = "up" if means["gpt-cosine"] > means["gpt"] else "down"
-    return given == truth, (f"mean LS_wo: gpt {means['gpt']:.3f}, gpt + cosine {means['gpt-cosine']:.3f}: {truth}; "
-                            f"{'as you predicted' if given == truth else 'not what you predicted'}. Compare with "
-                            "the paper's claim in the README's results.")
+    return given == truth, (f"{truth}: mean LS_wo, gpt {means['gpt']:.3f}, gpt + cosine {means['gpt-cosine']:.3f}. "
+                            "Compare with the paper's claim in the README's results.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,6 +522,8 @@ def main(argv=None) -> int:
                                     f"  {k:12s} {fn.kind:7s} {fn.__doc__.splitlines()[0]}" for k, fn in EXERCISES.items()))
     p.add_argument("exercise", nargs="?", help="which one, e.g. mhc.1")
     p.add_argument("--answer", default=None, help="your prediction, for predict and run exercises")
+    p.add_argument("--reveal", action="store_true",
+                   help="print the solution (a wrong answer gets only a hint); for a run exercise, from your runs")
     args = p.parse_args(argv)
     if args.exercise is None:
         print(p.epilog)
@@ -478,12 +534,22 @@ def main(argv=None) -> int:
     fn = EXERCISES[args.exercise]
     print(f"{args.exercise} ({fn.kind}): {fn.__doc__.strip()}\n")
     try:
-        ok, message = fn(args.answer)
+        ok, solution = fn(REVEAL if args.reveal and args.answer is None else args.answer)
     except NotReady as e:
         print(f"not yet: {e}")
+        if fn.kind == "change":  # the code is not changed yet: the hint helps with the prediction first
+            print(f"hint: {fn.hint}")
         return 1
-    print(("PASS: " if ok else "NOT YET: ") + message)
-    return 0 if ok else 1
+    if args.reveal and args.answer is None:
+        print(f"SOLUTION: {solution}")
+        return 0
+    if ok:
+        print(f"PASS: {solution}")
+        return 0
+    print(f"NOT YET. Hint: {fn.hint}")
+    print(f"SOLUTION: {solution}" if args.reveal else
+          f"(python exercises.py {args.exercise} --reveal shows the solution)")
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,15 +1,11 @@
 """
-kernels.py -- Triton versions of the hot paths of the technique files, each an autograd Function.
-
-    python kernels.py --bench mhc      # GPU: median ms, speedup vs eager and torch.compile, GB/s
-    python kernels.py --bench hyena    # GPU: Hyena vs attention from 256 to 64K tokens (table + plot)
-    python kernels.py --bench hyena --profile 4096  # GPU: both whole operators' time per kernel at 4K
-    python kernels.py --bench linearity  # GPU: cosine regulariser and cross-Gram statistics
-    python kernels.py --bench tpa      # GPU: decode us vs cache length (MHA, GQA, TPA); the training kernel
+kernels.py -- Triton versions of the technique files' hot paths, each an autograd Function.
 
 Every kernel here has a plain PyTorch reference in its technique file (named in its docstring), which
 test_all.py compares it with, forward and backward. On a CPU, Triton's interpreter runs these kernels
 when TRITON_INTERPRET=1 is set before this module is imported (fp32 only: its bf16 arithmetic is wrong).
+This file imports torch and Triton only; bench.py times it (`python bench.py mhc|linearity|tpa|hyena`, GPU).
+The sections follow the reading order: mHC, linearity, TPA, Hyena.
 
 mHC (mhc.py), per token with n = 4 streams of width C:
     sinkhorn          (N, n, n) logits -> doubly-stochastic matrices, 20 iterations in registers
@@ -23,6 +19,14 @@ pre per token for its backward; Sinkhorn's backward recomputes the iterates (run
 iteration's input written to a scratch buffer the same program reads back at once, then walked
 backwards: O(iters)).
 
+Linearity (linearity.py), hidden states (N, d):
+    centred_cross_gram  one batch's Xc^T Xc and Xc^T (Yc - Xc), centred as the tiles load, fp32 products
+    cosine_regulariser  sum over layer pairs of the token mean of 1 - cos(h_{i-1}, h_i), fwd and bwd
+
+TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
+    tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
+    tpa_decode          one token's attention over the factor cache, K and V never formed (FlashTPA)
+
 Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_short_conv  in_proj output (B, L, K) -> streams (B, K / streams, L): the 3-tap causal depthwise
                       conv, transposed
@@ -33,15 +37,12 @@ Hyena (hyena.py), streams (B, C, L) with time contiguous:
     hyena_filter      the implicit filters h (N, C, L): the Sin MLP per block of positions, then W4 a3^T
                       with the window in the epilogue; the MLP's pre-activations kept for the backward
 
-TPA (tpa.py), factors a (B, T, R, h), b (B, T, R, d):
-    tpa_factor_product  (1/R) sum_r a_r (outer) RoPE(b_r) -> (B, h, T, d), SDPA's layout, RoPE in registers
-    tpa_decode          one token's attention over the factor cache, K and V never formed (FlashTPA)
-
-Linearity (linearity.py), hidden states (N, d):
-    centred_cross_gram  one batch's Xc^T Xc and Xc^T (Yc - Xc), centred as the tiles load, fp32 products
-    cosine_regulariser  sum over layer pairs of the token mean of 1 - cos(h_{i-1}, h_i), fwd and bwd
+Launch settings: one dict per kernel, next to it (SINKHORN, MHC_PRE, MHC_POST, CROSS_GRAM, COSINE,
+TPA_PRODUCT, TPA_DECODE, HYENA_SHORT_CONV, HYENA_CONV, HYENA_FFT, MONARCH, FILTER). Where one was swept,
+its values are the fastest forward + backward GPU time of the sweep at the shape its comment names;
+`python bench.py TECHNIQUE --set DICT.key=value` times another setting, and kernels_sweeps.md keeps
+what the sweeps found.
 """
-import argparse
 import os
 
 import torch
@@ -52,28 +53,6 @@ try:
     HAVE_TRITON = True
 except ImportError:  # CPU machines without Triton: the plain paths still work
     HAVE_TRITON = False
-
-
-# Launch settings of the five mHC pre kernels (see "mHC pre path" below), each the fastest of an H100
-# sweep (bf16 streams, n = 4, C = 384, 32k tokens; GPU time): projection + coefficients 0.092 ms (rows
-# per program, slice width, warps, pipeline stages), pre-mix 0.043 (tokens, channels, warps), d pre
-# 0.048, per-token backward 0.060, dh 0.18; forward + backward 0.52 ms. dot is the precision of the
-# fp32 dot products (the projection v phi, and du phi^T in dh): "tf32", as torch runs the plain path's
-# v @ phi when training (allow_tf32), with ~1e-3 relative error; "ieee" for fp32 accuracy. The
-# interpreter computes every dot in fp32. Beware: on Triton 3.6 some settings of an earlier, fused
-# version of these kernels gave 1e-2 to 7e-2 errors with "tf32" (and exact results with "ieee"),
-# depending on the data (64 x 64 with 4 warps, 128 x 32 with 8): the GPU tests run the settings below
-# in both.
-MHC_PRE = {"coef_block_n": 256, "coef_block_k": 32, "coef_num_warps": 8, "coef_stages": 4, "dot": "tf32",
-           "mix_block_n": 8, "mix_block_c": 256, "mix_num_warps": 2,
-           "dpre_block_n": 16, "dpre_block_c": 128, "dpre_num_warps": 2,
-           "coef_bwd_block_n": 4, "coef_bwd_num_warps": 1,
-           "dh_block_n": 128, "dh_block_c": 64, "dh_num_warps": 8}
-# The write-back's tiles: tokens per program, channels per slice, warps (forward; backward). Same shape as
-# above, 36 settings each: fwd 0.082 ms (2.8 TB/s; within 1% for the best five), fwd+bwd 0.221 (0.232
-# with the forward's tiles)
-MHC_POST = {"block_n": 16, "block_c": 128, "num_warps": 4, "bwd_block_n": 4, "bwd_block_c": 128, "bwd_num_warps": 2}
-SINKHORN = {"block_n": 16, "num_warps": 1}
 
 
 def _check(name, t, shape=None, dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -96,6 +75,10 @@ def _runnable(t: torch.Tensor, name: str):
 
 # ----------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp on (BLOCK_N, n, n) tiles: axis 1 indexes rows i, axis 2 columns j
+
+# Launch settings: tokens per program and warps. Small tiles and one warp, many programs: the
+# iterations are a serial chain of small steps per token (`python bench.py mhc --set SINKHORN.block_n=32`).
+SINKHORN = {"block_n": 16, "num_warps": 1}
 
 if HAVE_TRITON:
     @triton.jit
@@ -199,6 +182,8 @@ class SinkhornFunction(torch.autograd.Function):
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
+    """logits (..., n, n) -> doubly-stochastic matrices (..., n, n) fp32, n a power of 2.
+    Reference: mhc.sinkhorn_knopp."""
     n = logits.size(-1)
     if logits.size(-2) != n or n & (n - 1) or n < 2:
         raise ValueError(f"sinkhorn kernel: square matrices of a power-of-2 size, got {tuple(logits.shape[-2:])}")
@@ -222,7 +207,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
 # of whole rows; what is per element runs on smaller (tokens, channels) or (tokens, stream) blocks, which
 # keep many programs in flight and stream at close to the memory bandwidth; Sinkhorn's backward, a serial
 # chain of small steps per token, runs on its own with one warp per block of tokens (inside the row
-# kernel it took half the time):
+# kernel, the row's wide tiles would wait on it):
 #   forward   _mhc_coef_fwd_kernel  rows: u = v phi and sum(v^2) in one pass -> pre, post, res (Sinkhorn)
 #             _mhc_mix_kernel       tiles: x_in = sum_j pre_j h_j
 #   backward  _mhc_dpre_kernel      rows: d pre_j = <dx_in, h_j>
@@ -232,6 +217,19 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.
 #                                   passed-through streams' gradient)
 # The forward keeps u, r and pre (W + 1 + n floats per token), so the backward does not redo the
 # projection.
+
+# Launch settings of the five kernels listed above, by prefix: coef_ (rows per program, slice width, warps,
+# pipeline stages), mix_ (tokens, channels, warps), dpre_, coef_bwd_ and dh_ likewise. Each the fastest of
+# a sweep at bf16 streams, n = 4, C = 384, 32K tokens (`python bench.py mhc --set MHC_PRE.mix_block_c=128`).
+# dot: the precision of the fp32 dot products (v phi, and du phi^T in dh): "tf32", as torch runs the plain
+# path's v @ phi when training (allow_tf32), or "ieee" for fp32 accuracy (the interpreter computes every
+# dot in fp32). How far "tf32" strays can depend on the tile shape and the data (kernels_sweeps.md), so the
+# GPU tests run these settings in both.
+MHC_PRE = {"coef_block_n": 256, "coef_block_k": 32, "coef_num_warps": 8, "coef_stages": 4, "dot": "tf32",
+           "mix_block_n": 8, "mix_block_c": 256, "mix_num_warps": 2,
+           "dpre_block_n": 16, "dpre_block_c": 128, "dpre_num_warps": 2,
+           "coef_bwd_block_n": 4, "coef_bwd_num_warps": 1,
+           "dh_block_n": 128, "dh_block_c": 64, "dh_num_warps": 8}
 
 if HAVE_TRITON:
     @triton.jit
@@ -489,8 +487,9 @@ class MHCPreFunction(torch.autograd.Function):
             ITERS=ctx.iters, BLOCK_N=cfg["coef_bwd_block_n"], num_warps=cfg["coef_bwd_num_warps"])
         dh = torch.empty_like(h)
         _mhc_dh_kernel[(triton.cdiv(N, cfg["dh_block_n"]), n)](
-            h, d_xin, dh if d_hpass is None else d_hpass, du, phi_spread, pre, drc, dh, N, C, N_STREAMS=n,
-            G=W // 4, BLOCK_N=cfg["dh_block_n"], BLOCK_C=cfg["dh_block_c"], DOT=cfg["dot"],
+            h_ptr=h, dxin_ptr=d_xin, du_ptr=du, phi_ptr=phi_spread, pre_ptr=pre, drc_ptr=drc, dh_ptr=dh, N=N, C=C,
+            dhpass_ptr=dh if d_hpass is None else d_hpass,  # read only with HAS_DHPASS
+            N_STREAMS=n, G=W // 4, BLOCK_N=cfg["dh_block_n"], BLOCK_C=cfg["dh_block_c"], DOT=cfg["dot"],
             HAS_DHPASS=d_hpass is not None, num_warps=cfg["dh_num_warps"])
         # d_phi = v^T du: one matmul in h's dtype (tensor cores for bf16 streams, as autocast computes a
         # weight's gradient)
@@ -503,7 +502,8 @@ class MHCPreFunction(torch.autograd.Function):
 
 def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
     """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n), and h passed through (B, T, n, C):
-    give that one to mhc_post_res, so one kernel sums h's two gradients. Reference: MHCConnection."""
+    give that one to mhc_post_res, so one kernel sums h's two gradients. Reference:
+    mhc.MHCConnection.coefficients, then mhc.pre_mix."""
     _check_streams("mhc_pre", h)
     B, T, n, C = h.shape
     if n < 4 or n & (n - 1):
@@ -523,6 +523,10 @@ def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
 
 # ----------------------------------------------------------------------------------------------------
 # mHC / HC post path: h'_i = sum_j res_ij h_j + post_i f
+
+# The write-back's tiles: tokens per program, channels per slice, warps; bwd_ the backward's. Each the
+# fastest of 36 settings at MHC_PRE's shape (`python bench.py mhc --set MHC_POST.bwd_block_n=8`).
+MHC_POST = {"block_n": 16, "block_c": 128, "num_warps": 4, "bwd_block_n": 4, "bwd_block_c": 128, "bwd_num_warps": 2}
 
 if HAVE_TRITON:
     @triton.jit
@@ -609,7 +613,8 @@ class PostResFunction(torch.autograd.Function):
 
 
 def mhc_post_res(h, f, post, res):
-    """h (B, T, n, C), f (B, T, C), post (B, T, n), res (B, T, n, n) -> res h + post^T f (B, T, n, C)."""
+    """h (B, T, n, C), f (B, T, C), post (B, T, n), res (B, T, n, n) -> res h + post^T f (B, T, n, C).
+    Reference: mhc.write_back."""
     _check_streams("mhc_post_res", h)
     B, T, n, C = h.shape
     if n & (n - 1):
@@ -626,37 +631,486 @@ def mhc_post_res(h, f, post, res):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hyena (hyena.py): the short conv, and the causal long convolution with its skip and gate
+# Linearity (linearity.py): the centred cross-Gram of a batch of hidden states, and the cosine regulariser
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _add_compensated(total, carry, term):
+        # Knuth's TwoSum: total + carry tracks the running sum with the rounding error of every addition
+        # kept in carry, so thousands of fp32 additions lose no more than one
+        new = total + term
+        back = new - total
+        carry += (total - (new - back)) + (term - back)
+        return new, carry
+
+    @triton.jit
+    def _cross_gram_kernel(x_ptr, y_ptr, mx_ptr, md_ptr, out_ptr, tdd_ptr, N, D, rows_per_split,
+                           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        # One (BLOCK, BLOCK) tile of [Xc^T Xc | Xc^T Dc] (D, 2D), Dc = Yc - Xc, over one slice of the token
+        # rows. Centring happens on the tile as it is loaded: no centred copy of X or Y is ever written.
+        pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_col = tl.cdiv(D, BLOCK)
+        is_d = pid_n >= n_col  # columns [0, D) of the output hold Xc^T Xc, [D, 2D) hold Xc^T Dc
+        col_block = pid_n % n_col
+        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+        rn = col_block * BLOCK + tl.arange(0, BLOCK)
+        m_ok, n_ok = rm < D, rn < D
+        mean_m = tl.load(mx_ptr + rm, mask=m_ok, other=0.0)
+        mean_xn = tl.load(mx_ptr + rn, mask=n_ok, other=0.0)
+        mean_dn = tl.load(md_ptr + rn, mask=n_ok, other=0.0)
+        acc, acc_carry = tl.zeros((BLOCK, BLOCK), dtype=tl.float32), tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        sq, sq_carry = tl.zeros((BLOCK,), dtype=tl.float32), tl.zeros((BLOCK,), dtype=tl.float32)  # sum of dc^2
+        start = split * rows_per_split
+        stop = tl.minimum(start + rows_per_split, N)
+        y_cols = tl.where(is_d, D, 0)  # Y is read only by the tiles of Xc^T Dc
+        # Xc^T Xc is symmetric: tiles below its diagonal do no work (the wrapper mirrors the upper ones)
+        stop = tl.where(is_d | (col_block >= pid_m), stop, start)
+        for k0 in range(start, stop, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < stop
+            tile_m, tile_n = k_ok[:, None] & m_ok[None, :], k_ok[:, None] & n_ok[None, :]
+            xm = tl.load(x_ptr + rk[:, None] * D + rm[None, :], mask=tile_m, other=0.0).to(tl.float32)
+            xn = tl.load(x_ptr + rk[:, None] * D + rn[None, :], mask=tile_n, other=0.0).to(tl.float32)
+            # centre; rows and columns outside the matrix must stay exactly 0
+            xm = tl.where(tile_m, xm - mean_m[None, :], 0.0)
+            # branch-free, so that the loop's loads can be pipelined
+            yn = tl.load(y_ptr + rk[:, None] * D + rn[None, :], mask=k_ok[:, None] & (rn < y_cols)[None, :],
+                         other=0.0).to(tl.float32)
+            # dc = (y - x) - mean(y - x): y - x first, so that no digits are lost to the two means
+            zn = tl.where(tile_n, tl.where(is_d, (yn - xn) - mean_dn[None, :], xn - mean_xn[None, :]), 0.0)
+            sq, sq_carry = _add_compensated(sq, sq_carry, tl.sum(zn * zn, axis=0))
+            # fp32-accurate products (not plain TF32: 1 - LS can be ~1e-3, TF32's relative error is ~1e-3)
+            acc, acc_carry = _add_compensated(acc, acc_carry, tl.dot(tl.trans(xm), zn, input_precision=DOT))
+        tl.store(out_ptr + split * D * 2 * D + rm[:, None] * (2 * D) + pid_n // n_col * D + rn[None, :],
+                 acc + acc_carry, mask=m_ok[:, None] & n_ok[None, :])
+        if is_d and pid_m == 0:
+            tl.store(tdd_ptr + split * D + rn, sq + sq_carry, mask=n_ok)
+
+    @triton.jit
+    def _cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, N, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows < N)[:, None] & (cols < D)[None, :]
+        a = tl.load(a_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        # cos = <a, b> / (max(|a|, eps) max(|b|, eps)), one read of each row
+        na = tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), eps)
+        nb = tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), eps)
+        tl.store(cos_ptr + rows, tl.sum(a * b, axis=1) / (na * nb), mask=rows < N)
+
+    @triton.jit
+    def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, eps,
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_D)
+        ok = (rows < N)[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
+        la, lb = tl.sqrt(tl.sum(a * a, axis=1)), tl.sqrt(tl.sum(b * b, axis=1))
+        na, nb = tl.maximum(la, eps), tl.maximum(lb, eps)
+        cos = tl.sum(a * b, axis=1) / (na * nb)
+        # dcos/da = b / (|a||b|) - cos a / |a|^2 (the second term is absent where the norm is clamped to eps)
+        ca = tl.where(la > eps, cos / (na * na), 0.0)
+        cb = tl.where(lb > eps, cos / (nb * nb), 0.0)
+        inv = 1.0 / (na * nb)
+        da = g[:, None] * (b * inv[:, None] - a * ca[:, None])
+        db = g[:, None] * (a * inv[:, None] - b * cb[:, None])
+        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=ok)
+        tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=ok)
+
+
+# Launch settings of the cross-Gram kernel: output tile, token rows per step, warps, the programs aimed at
+# (the token rows are split over enough programs to fill the GPU, as the output has only 1.5 (D / block)^2
+# tiles; each split's sum is added in float64), and dot, the tile products' precision: "ieee" (fp32 FMAs)
+# or "tf32x3" (three TF32 tensor-core products, ~fp32 accurate). The fastest of a sweep at 8192 x 384 fp32
+# in which every setting's scores agreed with float64 to 2e-8 (`python bench.py linearity --set
+# CROSS_GRAM.block=32`). It buys accuracy per byte: where float64 matmuls run at full rate, torch's float64
+# path is as fast.
+CROSS_GRAM = {"block": 64, "block_k": 32, "num_warps": 4, "programs": 528, "dot": "ieee"}
+
+
+def centred_cross_gram(x: torch.Tensor, y: torch.Tensor):
+    """One batch's sufficient statistics for the linearity score, centred on the batch's own means, for
+    the pair (X, D = Y - X): mean_x, mean_y (D,), C_xx = Xc^T Xc, C_xd = Xc^T Dc (D, D), t_dd = ||Dc||_F^2,
+    float64 (the kernel's tiles are fp32 sums of fp32 products). x, y (N, D) in fp32/bf16/fp16.
+
+    Why D and not Y: LS_wo divides by t_dd = ||Yc - Xc||^2, which can be 1% of ||Yc||^2; forming it from
+    fp32 sums over Y would cancel away two digits. linearity.PairStats.update turns these into its
+    (C_xy, t_yy) in float64 (C_xy = C_xd + C_xx) and merges batches there (Chan's update).
+    Reference: the float64 branch of linearity.PairStats.update (use_kernel=False)."""
+    _runnable(x, "centred_cross_gram")
+    _check("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"centred_cross_gram: x must be (N, D), got shape {tuple(x.shape)}")
+    _check("y", y, x.shape, (x.dtype,))
+    x, y = x.contiguous(), y.contiguous()
+    N, D = x.shape
+    mx, my = x.mean(0, dtype=torch.float64), y.mean(0, dtype=torch.float64)
+    # the kernel centres on fp32 roundings of the means (of X and of D); corrected below
+    mx32, md32 = mx.float(), (my - mx).float()
+    cfg = CROSS_GRAM
+    nb = triton.cdiv(D, cfg["block"])
+    tiles = nb * 2 * nb
+    splits = max(1, min(triton.cdiv(N, 4 * cfg["block_k"]), triton.cdiv(cfg["programs"], tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(N, splits), cfg["block_k"]) * cfg["block_k"]
+    splits = triton.cdiv(N, rows_per_split)
+    out = torch.empty(splits, D, 2 * D, device=x.device, dtype=torch.float32)
+    tdd = torch.empty(splits, D, device=x.device, dtype=torch.float32)
+    _cross_gram_kernel[(nb, 2 * nb, splits)](x, y, mx32, md32, out, tdd, N, D, rows_per_split,
+                                              BLOCK=cfg["block"], BLOCK_K=cfg["block_k"], DOT=cfg["dot"],
+                                              num_warps=cfg["num_warps"])
+    out = out.sum(0, dtype=torch.float64)
+    # only the tiles on and above the diagonal of Xc^T Xc were computed; they hold every entry (i <= j)
+    cxx = torch.triu(out[:, :D]) + torch.triu(out[:, :D], 1).T
+    # sums of outer products about a point m' instead of the mean m: sum (a - m')(b - m')^T
+    # = sum (a - m)(b - m)^T + N (m - m')(m - m')^T, so subtract N delta delta^T
+    dx, dd = mx - mx32.double(), (my - mx) - md32.double()
+    cxx -= N * torch.outer(dx, dx)
+    cxd = out[:, D:] - N * torch.outer(dx, dd)
+    return mx, my, cxx, cxd, tdd.sum(dtype=torch.float64) - N * (dd * dd).sum()
+
+
+# Rows per program of the cosine kernels: as many whole rows (one read of each) as fit a tile of about
+# `tile` elements, at most max_rows; not swept (`python bench.py linearity --set COSINE.tile=8192`).
+COSINE = {"tile": 4096, "max_rows": 64}
+
+
+class CosineFunction(torch.autograd.Function):
+    """Per-row cosine similarity of a, b (N, D) -> (N,) fp32, with the norms clamped to eps as in
+    torch.nn.functional.cosine_similarity. The backward reads a and b once more instead of saving norms."""
+
+    @staticmethod
+    def forward(ctx, a, b, eps):
+        N, D = a.shape
+        block_d = triton.next_power_of_2(D)
+        block_t = max(1, min(COSINE["max_rows"], COSINE["tile"] // block_d))
+        cos = torch.empty(N, device=a.device, dtype=torch.float32)
+        _cosine_fwd_kernel[(triton.cdiv(N, block_t),)](a, b, cos, N, D, eps, BLOCK_T=block_t, BLOCK_D=block_d)
+        ctx.save_for_backward(a, b)
+        ctx.eps, ctx.blocks = eps, (block_t, block_d)
+        return cos
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        N, D = a.shape
+        block_t, block_d = ctx.blocks
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        _cosine_bwd_kernel[(triton.cdiv(N, block_t),)](a, b, g.contiguous(), da, db, N, D, ctx.eps,
+                                                        BLOCK_T=block_t, BLOCK_D=block_d)
+        return da, db, None
+
+
+def cosine_regulariser(hidden: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """sum over consecutive pairs of hidden states (..., D) of the token mean of 1 - cos(h_{i-1}, h_i);
+    one fused read of each pair forward and one backward. Reference: linearity.cosine_regulariser."""
+    total = 0.0
+    for a, b in zip(hidden[:-1], hidden[1:]):
+        _runnable(a, "cosine_regulariser")
+        _check("hidden", a)
+        _check("hidden", b, a.shape, (a.dtype,))
+        if a.size(-1) > 16384:
+            raise ValueError(f"cosine_regulariser: hidden size {a.size(-1)} > 16384 (one row per tile)")
+        a2, b2 = a.reshape(-1, a.size(-1)).contiguous(), b.reshape(-1, b.size(-1)).contiguous()
+        total = total + (1 - CosineFunction.apply(a2, b2, eps)).mean()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor Product Attention (tpa.py): Q/K/V built from factors (training), decoding over the factor cache
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _tpa_rope(b1, b2, cos, sin, ROTATE: tl.constexpr, INVERSE: tl.constexpr):
+        # half-split RoPE: [b1, b2] -> [b1 cos - b2 sin, b2 cos + b1 sin]; INVERSE rotates back
+        # (the transposed rotation, which is what the backward needs)
+        if ROTATE:
+            if INVERSE:
+                return b1 * cos + b2 * sin, b2 * cos - b1 * sin
+            return b1 * cos - b2 * sin, b2 * cos + b1 * sin
+        return b1, b2
+
+    @triton.jit
+    def _tpa_tables(cos_ptr, sin_ptr, pos, dd, ok, D2, ROTATE: tl.constexpr):
+        # cos and sin of the rotation angles at positions pos (BLOCK_T,) for the d/2 frequencies
+        if ROTATE:
+            cos = tl.load(cos_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=1.0)
+            sin = tl.load(sin_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=0.0)
+        else:
+            cos = tl.full(ok.shape, 1.0, tl.float32)
+            sin = tl.zeros(ok.shape, tl.float32)
+        return cos, sin
+
+    @triton.jit
+    def _tpa_product_fwd_kernel(a_ptr, b_ptr, cos_ptr, sin_ptr, out_ptr, T, H, D2, start_pos, a_row, b_row,
+                                inv_r, R: tl.constexpr, ROTATE: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[b, :, t, :] = (1/R) sum_r a_r (outer) RoPE_t(b_r) for BLOCK_T tokens of sequence b, written
+        # straight into SDPA's (B, h, T, d) layout; the two halves of d are kept apart for the rotation
+        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
+        row = pid_b * T + t
+        td = t_ok[:, None] & d_ok[None, :]
+        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
+        acc1 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        for r in tl.static_range(R):
+            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=t_ok[:, None] & h_ok[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H)
+            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
+            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
+                         other=0.0).to(tl.float32)
+            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
+            acc1 += a[:, :, None] * b1[:, None, :]
+            acc2 += a[:, :, None] * b2[:, None, :]
+        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
+        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+        tl.store(out_ptr + offs, (acc1 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + offs + D2, (acc2 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _tpa_product_bwd_kernel(g_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, da_ptr, db_ptr, T, H, D2, start_pos,
+                                a_row, b_row, inv_r, R: tl.constexpr, ROTATE: tl.constexpr,
+                                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # dA_r = (1/R) G RoPE(b_r),  dRoPE(b_r) = (1/R) a_r^T G,  db_r = RoPE^-1(dRoPE(b_r)); G read once
+        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
+        row = pid_b * T + t
+        td, th = t_ok[:, None] & d_ok[None, :], t_ok[:, None] & h_ok[None, :]
+        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
+        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
+        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
+        g1 = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H, BLOCK_D)
+        g2 = tl.load(g_ptr + offs + D2, mask=ok, other=0.0).to(tl.float32)
+        for r in tl.static_range(R):
+            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=th, other=0.0).to(tl.float32)
+            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
+            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
+                         other=0.0).to(tl.float32)
+            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
+            da = (tl.sum(g1 * b1[:, None, :], axis=2) + tl.sum(g2 * b2[:, None, :], axis=2)) * inv_r
+            db1 = tl.sum(g1 * a[:, :, None], axis=1) * inv_r
+            db2 = tl.sum(g2 * a[:, :, None], axis=1) * inv_r
+            db1, db2 = _tpa_rope(db1, db2, cos, sin, ROTATE, True)
+            tl.store(da_ptr + row[:, None] * (R * H) + r * H + hh[None, :], da.to(da_ptr.dtype.element_ty), mask=th)
+            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + dd[None, :],
+                     db1.to(db_ptr.dtype.element_ty), mask=td)
+            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + D2 + dd[None, :],
+                     db2.to(db_ptr.dtype.element_ty), mask=td)
+
+    @triton.jit
+    def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, M, H, D,
+                           cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
+                           RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+        # One sequence, one slice of its cache: logits of every head against the cached tokens straight
+        # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
+        pid_b, split = tl.program_id(0), tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        h_ok, d_ok = hh < H, dd < D
+        q = tl.load(q_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # (BLOCK_H, BLOCK_D), already rotated
+        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+        first = split * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(M, BLOCK_M))
+        for blk in range(first, last):
+            mm = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = mm < M
+            mh, md = m_ok[:, None] & h_ok[None, :], m_ok[:, None] & d_ok[None, :]
+            # logits[m, head] = q_head . K[m, head] = (1/R_K) sum_s a_K[m, s, head] (b_K[m, s] . q_head)
+            logits = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            for s in tl.static_range(RK):
+                bk = tl.load(bk_ptr + pid_b * cache_bk + mm[:, None] * (RK * D) + s * D + dd[None, :], mask=md,
+                             other=0.0)
+                ak = tl.load(ak_ptr + pid_b * cache_ak + mm[:, None] * (RK * H) + s * H + hh[None, :], mask=mh,
+                             other=0.0).to(tl.float32)
+                logits += ak * tl.dot(bk, tl.trans(q.to(bk.dtype)), input_precision=DOT)  # (BLOCK_M, BLOCK_H)
+            logits = tl.where(m_ok[:, None], logits * scale, float("-inf"))
+            # online softmax over the cache, per head
+            m_new = tl.maximum(m_i, tl.max(logits, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(logits - m_new[None, :])  # (BLOCK_M, BLOCK_H)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha[:, None]
+            # out[head] += sum_m p[m, head] V[m, head] = sum_u (p * a_V[:, u])^T b_V[:, u]   (1/R_V later)
+            for u in tl.static_range(RV):
+                av = tl.load(av_ptr + pid_b * cache_av + mm[:, None] * (RV * H) + u * H + hh[None, :], mask=mh,
+                             other=0.0).to(tl.float32)
+                bv = tl.load(bv_ptr + pid_b * cache_bv + mm[:, None] * (RV * D) + u * D + dd[None, :], mask=md,
+                             other=0.0)
+                acc += tl.dot(tl.trans((p * av).to(bv.dtype)), bv, input_precision=DOT)  # (BLOCK_H, BLOCK_D)
+            m_i = m_new
+        part = pid_b * n_splits + split
+        tl.store(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :], acc)
+        tl.store(m_ptr + part * BLOCK_H + hh, m_i)
+        tl.store(l_ptr + part * BLOCK_H + hh, l_i)
+
+    @triton.jit
+    def _tpa_decode_reduce_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, D, n_splits, inv_rv,
+                                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # combine the slices: out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s, m = max_s m_s
+        pid_b = tl.program_id(0)
+        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+        m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        for s in range(n_splits):
+            m = tl.maximum(m, tl.load(m_ptr + (pid_b * n_splits + s) * BLOCK_H + hh))
+        num = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
+        den = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for s in range(n_splits):
+            part = pid_b * n_splits + s
+            w = tl.exp(tl.load(m_ptr + part * BLOCK_H + hh) - m)  # 0 for a slice that saw no token
+            den += w * tl.load(l_ptr + part * BLOCK_H + hh)
+            num += w[:, None] * tl.load(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :])
+        out = num / den[:, None] * inv_rv
+        tl.store(out_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(hh < H)[:, None] & (dd < D)[None, :])
+
+
+# Tiles of the factor-product kernels: tokens per program (at most 16) such that a (tokens, h, d/2) tile holds
+# about fwd_tile (forward) or bwd_tile (backward) elements; warps. The fastest of 18 settings at the default
+# model's shape (`python bench.py tpa --set TPA_PRODUCT.bwd_tile=1024`).
+TPA_PRODUCT = {"fwd_tile": 2048, "bwd_tile": 512, "num_warps": 4}
+
+
+def _tpa_blocks(h: int, half_d: int, budget: int):
+    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(half_d)
+    return max(1, min(16, budget // (block_h * block_d))), block_h, block_d
+
+
+class TPAProductFunction(torch.autograd.Function):
+    """Equals tpa.factor_product(a, RoPE(b)).transpose(1, 2): a (B, T, R, h), b (B, T, R, d) -> (B, h, T, d)."""
+
+    @staticmethod
+    def forward(ctx, a, b, cos, sin, start_pos, rotate):
+        B, T, R, H = a.shape
+        D = b.size(3)
+        out = torch.empty(B, H, T, D, device=a.device, dtype=a.dtype)
+        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["fwd_tile"])
+        _tpa_product_fwd_kernel[(triton.cdiv(T, bt), B)](a, b, cos, sin, out, T, H, D // 2, start_pos, a.stride(1),
+                                                         b.stride(1), 1.0 / R, R=R, ROTATE=rotate, BLOCK_T=bt,
+                                                         BLOCK_H=bh, BLOCK_D=bd, num_warps=TPA_PRODUCT["num_warps"])
+        ctx.save_for_backward(a, b, cos, sin)
+        ctx.start_pos, ctx.rotate = start_pos, rotate
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, cos, sin = ctx.saved_tensors
+        B, T, R, H = a.shape
+        D = b.size(3)
+        da = torch.empty(B, T, R, H, device=a.device, dtype=a.dtype)
+        db = torch.empty(B, T, R, D, device=a.device, dtype=b.dtype)
+        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["bwd_tile"])
+        _tpa_product_bwd_kernel[(triton.cdiv(T, bt), B)](g.contiguous(), a, b, cos, sin, da, db, T, H, D // 2,
+                                                         ctx.start_pos, a.stride(1), b.stride(1), 1.0 / R, R=R,
+                                                         ROTATE=ctx.rotate, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd,
+                                                         num_warps=TPA_PRODUCT["num_warps"])
+        return da, db, None, None, None, None
+
+
+def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | None = None,
+                       sin: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+    """(1/R) sum_r a_r (outer) RoPE(b_r), written in SDPA's (B, h, T, d) layout, forward and backward.
+    a (B, T, R, h), b (B, T, R, d): views of the factor projections are fine (each token's R x h, R x d
+    block contiguous). cos, sin (max_len, d/2) fp32 (train.Rotary's tables) rotate b at positions
+    start_pos ..; None for values (no RoPE). Reference: tpa.factor_product(a, rotary(b)).transpose(1, 2)."""
+    _runnable(a, "tpa_factor_product")
+    _check("a", a)
+    if a.dim() != 4 or b.dim() != 4 or a.shape[:3] != b.shape[:3]:
+        raise ValueError(f"tpa_factor_product: a (B, T, R, h) and b (B, T, R, d) expected, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    _check("b", b, dtypes=(a.dtype,))
+    B, T, R, H = a.shape
+    D = b.size(3)
+    if D % 2 or H > 256 or D > 512:
+        raise ValueError(f"tpa_factor_product: needs an even head width <= 512 and <= 256 heads (got d={D}, h={H})")
+    for name, t in (("a", a), ("b", b)):
+        if t.stride(3) != 1 or t.stride(2) != t.size(3) or t.stride(0) != T * t.stride(1):
+            raise ValueError(f"tpa_factor_product: {name}'s rank and feature axes must be contiguous within a "
+                             f"token and its tokens evenly spaced (got strides {t.stride()})")
+    rotate = cos is not None
+    if rotate:
+        _check("cos", cos, dtypes=(torch.float32,))
+        _check("sin", sin, cos.shape, (torch.float32,))
+        if cos.dim() != 2 or cos.size(1) != D // 2 or start_pos + T > cos.size(0):
+            raise ValueError(f"tpa_factor_product: RoPE tables {tuple(cos.shape)} do not cover positions "
+                             f"{start_pos}..{start_pos + T - 1} at d/2 = {D // 2}")
+    else:
+        cos = sin = torch.empty(1, device=a.device, dtype=torch.float32)
+    return TPAProductFunction.apply(a, b, cos.contiguous(), sin.contiguous(), start_pos, rotate)
+
+
+# Decode launch settings: cached tokens per tile, warps, pipeline stages, and the programs aimed at (the cache
+# of each sequence is split into slices so that a small batch still fills the GPU; the slices are combined
+# by their maxima). The fastest of 72 settings at B 16, h 12, d 64, ranks (6, 2, 2), 64K cached tokens
+# (`python bench.py tpa --set TPA_DECODE.block_m=64`).
+TPA_DECODE = {"block_m": 128, "num_warps": 8, "num_stages": 2, "programs": 264}
+
+
+def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
+               length: int) -> torch.Tensor:
+    """Attention of one new token per sequence over a factorised cache, never forming K or V:
+    q (B, h, d) rotated; cache a_k (B, L, R_K, h), b_k (B, L, R_K, d) (pre-rotated), a_v (B, L, R_V, h),
+    b_v (B, L, R_V, d) with the first `length` positions filled -> (B, h, d) in q's dtype. Reads
+    (R_K + R_V)(h + d) numbers per cached token instead of MHA's 2 h d. Reference: the cached path of
+    tpa.TPAttention.forward: K = factor_product(a_k, b_k), V likewise, then softmax(q K^T / sqrt(d)) V per
+    head."""
+    _runnable(q, "tpa_decode")
+    _check("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"tpa_decode: q must be (B, h, d), got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    L = a_k.size(1)
+    rk, rv = a_k.size(2), a_v.size(2)
+    _check("a_k", a_k, (B, L, rk, H), (q.dtype,))
+    _check("b_k", b_k, (B, L, rk, D), (q.dtype,))
+    _check("a_v", a_v, (B, L, rv, H), (q.dtype,))
+    _check("b_v", b_v, (B, L, rv, D), (q.dtype,))
+    if not 1 <= length <= L:
+        raise ValueError(f"tpa_decode: length {length} outside the cache's 1..{L} positions")
+    if H > 256 or D > 256:
+        raise ValueError(f"tpa_decode: supports up to 256 heads of width <= 256 (got h={H}, d={D})")
+    q, a_k, b_k, a_v, b_v = (t.contiguous() for t in (q, a_k, b_k, a_v, b_v))
+    cfg = TPA_DECODE
+    block_h, block_d = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))  # tl.dot needs 16
+    n_blocks = triton.cdiv(length, cfg["block_m"])
+    per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, triton.cdiv(cfg["programs"], B))))
+    splits = triton.cdiv(n_blocks, per_split)  # every slice holds at least one token
+    o = torch.empty(B, splits, block_h, block_d, device=q.device, dtype=torch.float32)
+    m = torch.empty(B, splits, block_h, device=q.device, dtype=torch.float32)
+    l_sum = torch.empty_like(m)
+    _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length, H, D, a_k.stride(0), b_k.stride(0),
+                                    a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
+                                    BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
+                                    DOT="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])
+    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
+    _tpa_decode_reduce_kernel[(B,)](o, m, l_sum, out, H, D, splits, 1.0 / rv, BLOCK_H=block_h, BLOCK_D=block_d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hyena (hyena.py): the short conv, the causal long convolution with its skip and gate, the implicit filters
 #
 # Layout: the long convolution works on (B, C, L) tensors, time contiguous; the short-conv kernel writes
 # that layout from the in_proj output (B, L, K), so the transpose costs nothing extra.
-#
-# The long convolution as blocked Toeplitz matmuls (the causal conv of one channel is a lower-triangular
-# Toeplitz matrix T[t, s] = h[t - s]). Cut time into blocks of S: block i of the output is
-#     Y_i = sum_{m >= 0} T_m U_{i-m},    T_m[p, q] = h[m S + p - q]  (an S x S Toeplitz tile, zero for lag < 0)
-# and every (block i, sequence b) pair is one column of a matmul: T_m (S x S) @ U (S x columns), so even
-# B = 1 fills the tensor cores' N dimension with time blocks. T_m is built on-chip from 2S taps of h.
-# O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
-# (short L, many rows) it moves far fewer bytes than the FFT-based paths, which take everything else.
 
-# Which long-conv path runs: the Toeplitz kernel does O(L^2) work but in dense tiles with few bytes; the
-# Monarch kernel (below) does O(L log L) work in small dependent products, fast per row but with a fixed
-# cost per (sequence, channel) row. Measured on an H100 (order-2 fwd+bwd GPU ms, Toeplitz / Monarch, C =
-# 384 and 768): Monarch wins at every batch at L = 1024 (1.5x at 64 x 384 rows) and at small batches
-# everywhere (5-11x at B = 1); Toeplitz wins with many rows at short L: L = 256, 12288 rows 0.18 / 0.23
-# (C = 384; a tie at C = 768), 24576 rows 0.28 / 0.46; L = 512, 24576 rows 0.77 / 0.82 (C = 384; a tie at
-# C = 768), 49152 rows 1.54 / 1.62. Between 6144 and 24576 rows neither wins everywhere (up to 1.3x
-# either way), and there the Toeplitz kernel's tf32 products are the more accurate: GPU training with
-# the Monarch kernel at (B, C, L) = (32, 256, 256), 8192 rows, ended 100 steps 1.5% above the fp32 path
-# (test_all's bound is 1%; the filter spectrum's products were bf16 then, tf32 now), the Toeplitz kernel
-# 0.6% below it. Hence: Toeplitz for L <= 512 and B C >= 32 L rows.
-# (time, channels) tiles of the short conv; H100, fwd+bwd GPU ms at (B, L, K) = (1, 4096, 2304) and the training
-# shape (64, 512, 1152): 0.072 and 0.224 with these, 0.079 and 0.289 with 64 x 64 (18 settings swept). The
-# backward's own tiles (one launch per stream): 0.076 and 0.231 with these, the best of 24 settings swept
+# The short conv's (time, channels) tiles and warps; bwd_ the backward's (one launch per stream). The fastest
+# of 18 (forward) and 24 (backward) settings at (B, L, K) = (1, 4096, 2304) and the training shape
+# (64, 512, 1152) (`python bench.py hyena --set HYENA_SHORT_CONV.block_t=64`: the whole Hyena operator).
 HYENA_SHORT_CONV = {"block_t": 128, "block_k": 32, "num_warps": 4, "bwd_block_t": 128, "bwd_block_k": 32,
                     "bwd_num_warps": 4}
-HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
-              "toeplitz_rows_per_token": 32}
 
 if HAVE_TRITON:
     @triton.jit
@@ -704,6 +1158,73 @@ if HAVE_TRITON:
         tl.store(dp_ptr + b * L * K + ts[:, None] * K + ks[None, :], dp.to(dp_ptr.dtype.element_ty),
                  mask=tmask[:, None] & kmask[None, :])
 
+
+class ShortConvFunction(torch.autograd.Function):
+    """Equals hyena.short_conv(p, weight, bias).chunk(streams, dim=1): p (B, L, K) -> `streams` outputs
+    (B, K / streams, L), views of one (B, K, L) buffer. Each stream's gradient is read where autograd
+    leaves it (one backward launch per stream), so they are never concatenated into one (B, K, L) copy."""
+
+    @staticmethod
+    def forward(ctx, p, weight, bias, streams):
+        B, L, K = p.shape
+        out = torch.empty(B, K, L, device=p.device, dtype=p.dtype)
+        bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
+        _short_conv_fwd_kernel[(triton.cdiv(L, bt), triton.cdiv(K, bk), B)](
+            p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
+        ctx.save_for_backward(p, weight)
+        return tuple(out.chunk(streams, dim=1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        p, weight = ctx.saved_tensors
+        B, L, K = p.shape
+        KS = K // len(grads)
+        bt, bk, warps = (HYENA_SHORT_CONV[k] for k in ("bwd_block_t", "bwd_block_k", "bwd_num_warps"))
+        n_t = triton.cdiv(L, bt)
+        dp = torch.empty_like(p)
+        part = torch.empty(B * n_t, K, 4, device=p.device, dtype=torch.float32)  # dw (3 taps), dbias
+        for s, g in enumerate(grads):  # autograd materialises an unused stream's gradient as zeros
+            _short_conv_bwd_kernel[(n_t, triton.cdiv(KS, bk), B)](
+                p, weight, g.contiguous(), dp, part, L, K, s * KS, KS, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
+        dw, db = part.sum(0).split([3, 1], dim=1)  # (K, 3), (K, 1)
+        return dp, dw.contiguous(), db.reshape(K), None
+
+
+def hyena_short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, streams: int = 1) -> tuple:
+    """p (B, L, K) -> a tuple of `streams` tensors (B, K / streams, L): the 3-tap causal depthwise conv of
+    every in_proj stream, written with time last for the long convolutions, split into the streams.
+    Reference: hyena.short_conv (then chunk)."""
+    _runnable(p, "hyena_short_conv")
+    _check("p", p)
+    if p.dim() != 3:
+        raise ValueError(f"hyena_short_conv: p must be (B, L, K), got shape {tuple(p.shape)}")
+    if streams < 1 or p.size(2) % streams:
+        raise ValueError(f"hyena_short_conv: {p.size(2)} channels do not split into {streams} streams")
+    _check("weight", weight, (p.size(2), 3), (torch.float32,))
+    _check("bias", bias, (p.size(2),), (torch.float32,))
+    return ShortConvFunction.apply(p.contiguous(), weight.contiguous(), bias.contiguous(), streams)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The long convolution as blocked Toeplitz matmuls (the causal conv of one channel is a lower-triangular
+# Toeplitz matrix T[t, s] = h[t - s]). Cut time into blocks of S: block i of the output is
+#     Y_i = sum_{m >= 0} T_m U_{i-m},    T_m[p, q] = h[m S + p - q]  (an S x S Toeplitz tile, zero for lag < 0)
+# and every (block i, sequence b) pair is one column of a matmul: T_m (S x S) @ U (S x columns), so even
+# B = 1 fills the tensor cores' N dimension with time blocks. T_m is built on-chip from 2S taps of h.
+# O(L^2) work, like attention, but dense tensor-core tiles and one read of h: at training lengths
+# (short L, many rows) it moves far fewer bytes than the FFT-based paths, which take everything else.
+
+# Which path hyena_long_conv takes, and the Toeplitz kernel's launch settings. Toeplitz (O(L^2) work in dense
+# tiles, few bytes) for L <= toeplitz_max_len with at least toeplitz_rows_per_token * L rows (B C); Monarch
+# (O(L log L) in small dependent products, a fixed cost per row) for other shapes up to MONARCH["max_len"];
+# the FFT path beyond. From an order-2 fwd+bwd sweep over B, C and L (kernels_sweeps.md; `python bench.py
+# hyena` times the three paths side by side): Monarch wins at small batches and from L = 1024, Toeplitz with
+# many rows at short L; where neither wins clearly, the Toeplitz kernel's tf32 products are the more accurate.
+# block: the time block S; block_n: columns (time block, sequence) per program; warps; pipeline stages.
+HYENA_CONV = {"block": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "toeplitz_max_len": 512,
+              "toeplitz_rows_per_token": 32}
+
+if HAVE_TRITON:
     @triton.jit
     def _toeplitz_kernel(a_ptr, b_ptr, h_ptr, skip_ptr, pre_ptr, out_ptr, out2_ptr, gy_ptr, Bsz, L, stride_a, stride_b,
                          REVERSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
@@ -794,52 +1315,6 @@ if HAVE_TRITON:
             tl.store(dh_ptr + d * L + k, tl.sum(diag, axis=0), mask=k < L)
 
 
-class ShortConvFunction(torch.autograd.Function):
-    """Equals hyena.short_conv(p, weight, bias).chunk(streams, dim=1): p (B, L, K) -> `streams` outputs
-    (B, K / streams, L), views of one (B, K, L) buffer. Each stream's gradient is read where autograd
-    leaves it (one backward launch per stream), so they are never concatenated into one (B, K, L) copy."""
-
-    @staticmethod
-    def forward(ctx, p, weight, bias, streams):
-        B, L, K = p.shape
-        out = torch.empty(B, K, L, device=p.device, dtype=p.dtype)
-        bt, bk, warps = HYENA_SHORT_CONV["block_t"], HYENA_SHORT_CONV["block_k"], HYENA_SHORT_CONV["num_warps"]
-        _short_conv_fwd_kernel[(triton.cdiv(L, bt), triton.cdiv(K, bk), B)](
-            p, weight, bias, out, L, K, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
-        ctx.save_for_backward(p, weight)
-        return tuple(out.chunk(streams, dim=1))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        p, weight = ctx.saved_tensors
-        B, L, K = p.shape
-        KS = K // len(grads)
-        bt, bk, warps = (HYENA_SHORT_CONV[k] for k in ("bwd_block_t", "bwd_block_k", "bwd_num_warps"))
-        n_t = triton.cdiv(L, bt)
-        dp = torch.empty_like(p)
-        part = torch.empty(B * n_t, K, 4, device=p.device, dtype=torch.float32)  # dw (3 taps), dbias
-        for s, g in enumerate(grads):  # autograd materialises an unused stream's gradient as zeros
-            _short_conv_bwd_kernel[(n_t, triton.cdiv(KS, bk), B)](
-                p, weight, g.contiguous(), dp, part, L, K, s * KS, KS, BLOCK_T=bt, BLOCK_K=bk, num_warps=warps)
-        dw, db = part.sum(0).split([3, 1], dim=1)  # (K, 3), (K, 1)
-        return dp, dw.contiguous(), db.reshape(K), None
-
-
-def hyena_short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, streams: int = 1) -> tuple:
-    """p (B, L, K) -> a tuple of `streams` tensors (B, K / streams, L): the 3-tap causal depthwise conv of
-    every in_proj stream, written with time last for the long convolutions, split into the streams.
-    Reference: hyena.short_conv (then chunk)."""
-    _runnable(p, "hyena_short_conv")
-    _check("p", p)
-    if p.dim() != 3:
-        raise ValueError(f"hyena_short_conv: p must be (B, L, K), got shape {tuple(p.shape)}")
-    if streams < 1 or p.size(2) % streams:
-        raise ValueError(f"hyena_short_conv: {p.size(2)} channels do not split into {streams} streams")
-    _check("weight", weight, (p.size(2), 3), (torch.float32,))
-    _check("bias", bias, (p.size(2),), (torch.float32,))
-    return ShortConvFunction.apply(p.contiguous(), weight.contiguous(), bias.contiguous(), streams)
-
-
 class LongConvFunction(torch.autograd.Function):
     """Equals hyena.long_conv_gate: x * (h conv u + skip * u). u, x (B, C, L) with time contiguous and a
     channel stride of L (batch strides may differ: chunks of one tensor are fine); h (C, L) fp32."""
@@ -852,7 +1327,9 @@ class LongConvFunction(torch.autograd.Function):
         pre = torch.empty_like(out)  # h conv u + skip u, kept for dL/dx
         dot = "ieee" if u.dtype == torch.float32 else "tf32"  # fp32 inputs: exact fp32 products
         grid = (C, triton.cdiv(triton.cdiv(L, cfg["block"]) * B, cfg["block_n"]))
-        _toeplitz_kernel[grid](u, x, h, skip, pre, out, pre, out, B, L, u.stride(0), x.stride(0), REVERSE=False,
+        _toeplitz_kernel[grid](a_ptr=u, b_ptr=x, h_ptr=h, skip_ptr=skip, out_ptr=out, out2_ptr=pre,
+                               pre_ptr=pre, gy_ptr=out,  # read and written by the backward only
+                               Bsz=B, L=L, stride_a=u.stride(0), stride_b=x.stride(0), REVERSE=False,
                                BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=dot, num_warps=cfg["num_warps"],
                                num_stages=cfg["num_stages"])
         ctx.save_for_backward(u, x, h, skip, pre)
@@ -867,7 +1344,8 @@ class LongConvFunction(torch.autograd.Function):
         g = g.contiguous()
         du = torch.empty(B, C, L, device=u.device, dtype=u.dtype)
         dx, gy = torch.empty_like(du), torch.empty_like(du)
-        _toeplitz_kernel[ctx.grid](g, x, h, skip, pre, du, dx, gy, B, L, g.stride(0), x.stride(0), REVERSE=True,
+        _toeplitz_kernel[ctx.grid](a_ptr=g, b_ptr=x, h_ptr=h, skip_ptr=skip, pre_ptr=pre, out_ptr=du, out2_ptr=dx,
+                                   gy_ptr=gy, Bsz=B, L=L, stride_a=g.stride(0), stride_b=x.stride(0), REVERSE=True,
                                    BLOCK=cfg["block"], BLOCK_N=cfg["block_n"], DOT=ctx.dot,
                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         nb = triton.cdiv(L, cfg["block"])
@@ -888,11 +1366,14 @@ class LongConvFunction(torch.autograd.Function):
 # work around them into one pass each: the skip and gate after the forward's inverse transform (also
 # keeping pre for dL/dx), dL/dx and the zero-padded fp32 x * g before the backward's transform, the skip
 # term after its inverse. The transforms and the spectra's products remain separate passes over HBM
-# (see the README's table: fusing them too is FlashFFTConv's step). O(L log L), so it overtakes
+# (fusing them too is FlashFFTConv's step: the Monarch kernel below). O(L log L), so it overtakes
 # attention's O(L^2) at long L.
 #     forward:   y = irfft(rfft(u) H)[:L],              out = x (y + D u),   pre = y + D u
 #     backward:  gy = g x,  dx = g pre,                  du = irfft(rfft(gy) conj(H))[:L] + D gy
 #                dh = irfft(sum_b rfft(gy_b) conj(rfft(u_b)))[:L]   (a correlation; dD = dh[0])
+
+# Positions per program of the three pointwise kernels around the transforms; not swept.
+HYENA_FFT = {"block": 1024}
 
 if HAVE_TRITON:
     @triton.jit
@@ -939,7 +1420,7 @@ class LongConvFFTFunction(torch.autograd.Function):
     def forward(ctx, u, x, h, skip):
         B, C, L = u.shape
         n = 1 << (2 * L - 1).bit_length()  # >= 2L: the circular convolution's wrap-around falls past L
-        block = 1024
+        block = HYENA_FFT["block"]
         u_f = torch.fft.rfft(u.float(), n=n)  # (B, C, n/2 + 1)
         h_f = torch.fft.rfft(h, n=n)  # (C, n/2 + 1)
         y = torch.fft.irfft(u_f * h_f, n=n)  # (B, C, n) fp32
@@ -954,7 +1435,7 @@ class LongConvFFTFunction(torch.autograd.Function):
         x, skip, pre, u_f, h_f = ctx.saved_tensors
         B, C, L = pre.shape
         n = 2 * (u_f.size(-1) - 1)
-        block = 1024
+        block = HYENA_FFT["block"]
         gy = torch.empty(B, C, n, device=g.device, dtype=torch.float32)
         dx = torch.empty_like(pre)
         _fft_gate_bwd_kernel[(B * C, triton.cdiv(n, block))](g.contiguous(), x, pre, gy, dx, C, L, n, x.stride(0),
@@ -992,17 +1473,12 @@ class LongConvFFTFunction(torch.autograd.Function):
 #               gy_f conj(u_f)), all in one kernel: gy's spectrum serves both; dh is added atomically
 #               over the batch (stored when B = 1)
 # Products: "bf16" rounds each product's operands to bf16 (fp32 accumulation, FlashFFTConv's precision),
-# "tf32" keeps ~10 bits, "ieee" full fp32 (for fp32 inputs). Launch settings per transform size n from
-# sweeps on an H100 (B = 1, D = 768, order-2 fwd+bwd, 512-16384 tokens; N1 x N2 splits, 16/32-row blocks,
-# 2/4/8/16 warps; repeated timings agreed within 1%): N2 about sqrt(n), at most 64 up to n = 16384 and
-# 128 at 32768, where N1 = 512's (N1/2, N2) accumulators spilled registers (4.5 ms, 2.8 for 256 x 128);
-# 2 warps for small transforms, 4 from n = 4096 (2 spill from 8192 up), 8 at 32768; at n = 8192 and
-# 16384 the forward (one accumulator) is fastest with 32-row blocks and the fused backward (two) with
-# 16 (at 8K tokens: 0.42 + 0.48 ms against 0.47 + 0.48 with 16 for both and 0.42 + 0.77 with 32).
-# Tried and dropped:
-# Gauss's three-product complex multiply for the F2 steps (7% slower and 1.3x the error: the sums before
-# rounding to bf16 lose bits), "tf32" products (1.4-2.1x slower for 4e-3 instead of 5e-3 error), the
-# split backward (MODE 1 then 2: 2% faster at 16K tokens, 1-5% slower at 4K-8K).
+# "tf32" keeps ~10 bits, "ieee" full fp32 (for fp32 inputs). bf16 for bf16 inputs: "tf32" products cost
+# more time than the little error they save (kernels_sweeps.md, with the other alternatives swept).
+# Launch settings per transform size n: the fastest of a sweep at B = 1, D = 768, order-2 fwd+bwd, 512-16384
+# tokens, over N1 x N2 splits, 16/32-row blocks and 2-16 warps (`python bench.py hyena --set
+# 'MONARCH.launch={...}'`): N2 about sqrt(n), and more warps for larger transforms, as far as the (N1/2, N2)
+# accumulators fit in registers.
 MONARCH = {
     # transform size n: (N2, rows of the spectrum per block forward, the same backward, warps)
     "launch": {512: (16, 16, 16, 2), 1024: (32, 16, 16, 2), 2048: (32, 32, 32, 2), 4096: (64, 16, 16, 4),
@@ -1012,7 +1488,7 @@ MONARCH = {
     # the filter spectrum's products: its error is the same for every sequence and time step (a biased
     # filter, not noise), so it gets ~10 bits; fp32 inputs use "ieee" throughout
     "spectrum": "tf32",
-    "fused_backward": True,  # du, dx, dh, dD in one kernel (False: two, MODE 1 then 2)
+    "fused_backward": True,  # du, dx, dh, dD in one kernel (False: two, "grad_input" then "grad_filter")
     "max_len": 16384,
 }
 
@@ -1020,8 +1496,8 @@ MONARCH = {
 def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int, int]:
     """(N1, N2, BLOCK_K forward, BLOCK_K backward, num_warps) for length L: n = N1 N2 the smallest power
     of 2 >= 2L, at least 512 (tensor-core products need 16 rows and columns of X (N1/2, N2)). fp32
-    operands take twice the shared memory: at n = 32768 the 128-wide split would need 288 KB (an H100
-    has 227), so fp32 inputs keep N2 = 64 there (slower; fp32 is for checking)."""
+    operands take twice the shared memory: at n = 32768 the 128-wide split would need 288 KB, more than
+    one program gets, so fp32 inputs keep N2 = 64 there (slower; fp32 is for checking)."""
     n = max(512, 1 << (2 * L - 1).bit_length())
     n2, block_fwd, block_bwd, warps = MONARCH["launch"][n]
     if fp32:
@@ -1032,11 +1508,12 @@ def _monarch_shape(L: int, fp32: bool = False) -> tuple[int, int, int, int, int]
 _MONARCH_TABLES = {}
 
 
-def _monarch_tables(n1: int, n2: int, device) -> tuple[torch.Tensor, ...]:
-    """F1 (N1/2, N1/2) (the rows k1 < N1/2 and columns t1 < N1/2 that are ever used), the twiddles
-    (N1/2, N2) and F2 (N2, N2), real and imaginary parts in fp32, from float64 angles (integer products
-    reduced first). Cached per shape and device. (Computing them in the kernel with tl.cos / tl.sin
-    instead made it 2x slower on the H100.)"""
+def _monarch_tables(n1: int, n2: int, device) -> dict[str, torch.Tensor]:
+    """The Monarch kernels' table arguments, by name (f1r_ptr, ..., f2i_ptr): F1 (N1/2, N1/2) (the rows
+    k1 < N1/2 and columns t1 < N1/2 that are ever used), the twiddles (N1/2, N2) and F2 (N2, N2), real and
+    imaginary parts in fp32, from float64 angles (integer products reduced first). Cached per shape and
+    device. Read from memory rather than computed in the kernel with tl.cos / tl.sin, which is slower
+    (kernels_sweeps.md)."""
     key = (n1, n2, str(device))
     if key not in _MONARCH_TABLES:
         n, h1 = n1 * n2, n1 // 2
@@ -1049,7 +1526,8 @@ def _monarch_tables(n1: int, n2: int, device) -> tuple[torch.Tensor, ...]:
         f1 = unit(odd[:, None] * torch.arange(h1)[None, :], 2 * n1)
         tw = unit(odd[:, None] * torch.arange(n2)[None, :], 2 * n)
         f2 = unit(torch.arange(n2)[:, None] * torch.arange(n2)[None, :], n2)
-        _MONARCH_TABLES[key] = (*f1, *tw, *f2)
+        names = ("f1r_ptr", "f1i_ptr", "twr_ptr", "twi_ptr", "f2r_ptr", "f2i_ptr")
+        _MONARCH_TABLES[key] = dict(zip(names, (*f1, *tw, *f2)))
     return _MONARCH_TABLES[key]
 
 
@@ -1126,10 +1604,13 @@ if HAVE_TRITON:
                              twi_ptr, f2r_ptr, f2i_ptr, out_ptr, out2_ptr, dh_ptr, dskip_ptr, B, C, L, stride_u,
                              stride_x, N1: tl.constexpr, N2: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
                              DOT: tl.constexpr):
-        """One (sequence, channel) row. MODE 0: out = x (u conv h + D u), out2 = pre. MODE 1: out = du =
-        gy corr h + D gy, out2 = dx = g pre, with gy = g x. MODE 2: dh (C, L) and dD (C,) fp32 += this
-        row's share (stored when B = 1, atomically added otherwise). MODE 3: 1 and 2 in one pass.
-        (sr, si): the filter's spectrum from _monarch_spectrum_kernel."""
+        """One (sequence, channel) row. MODE "forward": out = x (u conv h + D u), out2 = pre. "grad_input":
+        out = du = gy corr h + D gy, out2 = dx = g pre, with gy = g x. "grad_filter": dh (C, L) and dD (C,)
+        fp32 += this row's share (stored when B = 1, atomically added otherwise). "backward": "grad_input"
+        and "grad_filter" in one pass. (sr, si): the filter's spectrum from _monarch_spectrum_kernel."""
+        FORWARD: tl.constexpr = MODE == "forward"
+        WITH_H: tl.constexpr = MODE != "grad_filter"  # the product with h's spectrum: out, or du
+        GRAD_H: tl.constexpr = (MODE == "grad_filter") | (MODE == "backward")  # dh and dD
         H1: tl.constexpr = N1 // 2
         pid = tl.program_id(0)
         c, b = pid // B, pid % B  # a channel's sequences run side by side: its spectrum stays in the L2
@@ -1141,15 +1622,15 @@ if HAVE_TRITON:
         row = (b * C + c) * L  # g, pre and the outputs are contiguous (B, C, L)
         # the operands held through the loop in the products' precision (registers decide the occupancy)
         OP: tl.constexpr = tl.bfloat16 if DOT == "bf16" else tl.float32
-        if MODE == 0:
+        if FORWARD:
             sig = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
         else:
             g = tl.load(g_ptr + row + t, mask=ok, other=0.0).to(tl.float32)
             sig = (g * tl.load(x_row + t, mask=ok, other=0.0).to(tl.float32)).to(OP)  # gy
-            if MODE != 2:
+            if WITH_H:
                 pre = tl.load(pre_ptr + row + t, mask=ok, other=0.0).to(tl.float32)
                 tl.store(out2_ptr + row + t, (g * pre).to(out2_ptr.dtype.element_ty), mask=ok)
-            if MODE >= 2:
+            if GRAD_H:
                 sig2 = tl.load(u_row + t, mask=ok, other=0.0).to(OP)
         f2r, f2i = _monarch_f2(f2r_ptr, f2i_ptr, r2, N2, OP)
         z = tl.zeros((H1, N2), dtype=tl.float32)  # the convolution or correlation with h
@@ -1158,23 +1639,23 @@ if HAVE_TRITON:
             k1 = k0 + tl.arange(0, BLOCK_K)
             f1r, f1i, twr, twi = _monarch_block_tables(f1r_ptr, f1i_ptr, twr_ptr, twi_ptr, k1, r1, r2, H1, N2)
             yr, yi = _monarch_rows(sig, f1r, f1i, twr, twi, f2r, f2i, DOT)
-            if MODE != 2:
+            if WITH_H:
                 s = c * H1 * N2 + k1[:, None] * N2 + r2[None, :]
                 hr, hi = tl.load(sr_ptr + s), tl.load(si_ptr + s)  # includes the inverse's 2/n
-                if MODE == 0:  # Y S
+                if FORWARD:  # Y S
                     sr = yr * hr - yi * hi
                     si = yr * hi + yi * hr
                 else:  # Y conj(S): the correlation
                     sr = yr * hr + yi * hi
                     si = yi * hr - yr * hi
                 z += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, DOT)
-            if MODE >= 2:
+            if GRAD_H:
                 # the correlation's spectrum gy_f conj(u_f), times the inverse's 2/n
                 vr, vi = _monarch_rows(sig2, f1r, f1i, twr, twi, f2r, f2i, DOT)
                 sr = (yr * vr + yi * vi) * (2.0 / (N1 * N2))
                 si = (yi * vr - yr * vi) * (2.0 / (N1 * N2))
                 z_dh += _monarch_rows_inverse(sr, si, f1r, f1i, twr, twi, f2r, f2i, DOT)
-        if MODE >= 2:
+        if GRAD_H:
             d_skip = tl.sum(tl.sum(tl.where(t == 0, z_dh, 0.0), axis=1), axis=0)  # dD = sum gy u: the lag-0 tap
             if B == 1:
                 tl.store(dh_ptr + c * L + t, z_dh, mask=ok)
@@ -1182,10 +1663,10 @@ if HAVE_TRITON:
             else:
                 tl.atomic_add(dh_ptr + c * L + t, z_dh, mask=ok)
                 tl.atomic_add(dskip_ptr + c, d_skip)
-        if MODE != 2:
+        if WITH_H:
             skip = tl.load(skip_ptr + c)
             x = tl.load(x_row + t, mask=ok, other=0.0).to(tl.float32)
-            if MODE == 0:
+            if FORWARD:
                 pre = z + skip * tl.load(u_row + t, mask=ok, other=0.0).to(tl.float32)
                 tl.store(out_ptr + row + t, (x * pre).to(out_ptr.dtype.element_ty), mask=ok)
                 tl.store(out2_ptr + row + t, pre.to(out2_ptr.dtype.element_ty), mask=ok)
@@ -1207,11 +1688,13 @@ class LongConvMonarchFunction(torch.autograd.Function):
         ctx.launch = dict(launch, BLOCK_K=block_bwd)
         tables = _monarch_tables(n1, n2, u.device)
         spectrum = torch.empty(2, C, n1 // 2, n2, device=u.device, dtype=torch.float32)  # (re/im, C, N1/2, N2)
-        _monarch_spectrum_kernel[(C,)](h, *tables, spectrum[0], spectrum[1], L, **dict(
+        _monarch_spectrum_kernel[(C,)](h_ptr=h, sr_ptr=spectrum[0], si_ptr=spectrum[1], L=L, **tables, **dict(
             launch, DOT="ieee" if dot == "ieee" else MONARCH["spectrum"]))
         out, pre = (torch.empty(B, C, L, device=u.device, dtype=u.dtype) for _ in range(2))
-        _monarch_conv_kernel[(B * C,)](u, x, u, u, spectrum[0], spectrum[1], skip, *tables, out, pre, pre, pre,
-                                       B, C, L, u.stride(0), x.stride(0), MODE=0, **launch)
+        _monarch_conv_kernel[(B * C,)](u_ptr=u, x_ptr=x, sr_ptr=spectrum[0], si_ptr=spectrum[1], skip_ptr=skip,
+                                       out_ptr=out, out2_ptr=pre, B=B, C=C, L=L, stride_u=u.stride(0),
+                                       stride_x=x.stride(0), MODE="forward", **tables, **launch,
+                                       g_ptr=u, pre_ptr=u, dh_ptr=pre, dskip_ptr=pre)  # the backward's: unused
         ctx.save_for_backward(u, x, skip, pre, spectrum)
         return out
 
@@ -1224,13 +1707,14 @@ class LongConvMonarchFunction(torch.autograd.Function):
         new = torch.empty if B == 1 else torch.zeros  # one program per channel stores; several add
         dh, d_skip = new(C, L, device=u.device, dtype=torch.float32), new(C, device=u.device, dtype=torch.float32)
         tables = _monarch_tables(ctx.launch["N1"], ctx.launch["N2"], u.device)
-        args = (u, x, g, pre, spectrum[0], spectrum[1], skip, *tables, du, dx, dh, d_skip, B, C, L, u.stride(0),
-                x.stride(0))
+        args = dict(u_ptr=u, x_ptr=x, g_ptr=g, pre_ptr=pre, sr_ptr=spectrum[0], si_ptr=spectrum[1], skip_ptr=skip,
+                    out_ptr=du, out2_ptr=dx, dh_ptr=dh, dskip_ptr=d_skip, B=B, C=C, L=L, stride_u=u.stride(0),
+                    stride_x=x.stride(0), **tables, **ctx.launch)
         if MONARCH["fused_backward"]:
-            _monarch_conv_kernel[(B * C,)](*args, MODE=3, **ctx.launch)
+            _monarch_conv_kernel[(B * C,)](MODE="backward", **args)
         else:
-            _monarch_conv_kernel[(B * C,)](*args, MODE=1, **ctx.launch)
-            _monarch_conv_kernel[(B * C,)](*args, MODE=2, **ctx.launch)
+            _monarch_conv_kernel[(B * C,)](MODE="grad_input", **args)
+            _monarch_conv_kernel[(B * C,)](MODE="grad_filter", **args)
         return du, dx, dh, d_skip
 
 
@@ -1271,7 +1755,7 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # Hyena's implicit filters: h (N C, L) = Window * W4 Sin(W3 Sin(W2 Sin(W1 pos + b1) + b2) + b3)
 #
 # In PyTorch the filter is ~20 small kernels forward and ~50 backward (linears, casts, sin, the window and
-# its products): 0.30 ms of GPU time at 4K tokens for 25 MB of output. Here: forward, one kernel runs the
+# its products), each a pass over memory, for an output of N C L floats. Here: forward, one kernel runs the
 # MLP per block of positions (a3 (L, F): 1 MB at 4K, and the three pre-activations, kept for the backward)
 # and one writes h = W4 a3^T times the window, computed in its epilogue; backward, one kernel forms
 # dW4 = (dh Window) a3 (a sum over time), one da3 = (dh Window)^T W4 (a sum over channels), and one walks
@@ -1280,13 +1764,11 @@ def hyena_long_conv(u: torch.Tensor, x: torch.Tensor, h: torch.Tensor, skip: tor
 # The MLP's products are fp32-accurate (the Sin layers amplify rounding, see ImplicitFilter.forward).
 
 # Launch settings: positions per block, channels per product, warps, the programs aimed at when a kernel's
-# blocks are split to fill the GPU, and positions per block of the two MLP kernels. H100, C = 768, N = 2,
-# fwd+bwd GPU ms at 4K positions: 0.103 with these (0.050 at 512, 0.320 at 16K; PyTorch 0.196, 0.920);
-# 8 warps 0.110-0.117, 32-position MLP blocks 0.110-0.132 (in a sweep before the MLP's pre-activations
-# were kept: 16 positions or 64 channels per block >= 0.125, 264 or 1056 programs 0.120 and 0.128).
+# blocks are split to fill the GPU, and positions per block of the two MLP kernels. The fastest of a sweep
+# at C = 768, N = 2, 4K positions (`python bench.py hyena --set FILTER.block_l=64`: the filters' column).
 # dot: the two big products' precision, "tf32" (~1e-3 relative error, not amplified) or "ieee" (fp32, the
-# tests); mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores; faster than
-# "ieee" in every setting of an earlier sweep) or "ieee".
+# tests); mlp_dot: the MLP's, "tf32x3" (three tf32 products: fp32 accuracy on tensor cores, and faster than
+# "ieee") or "ieee".
 FILTER = {"block_l": 32, "block_c": 32, "num_warps": 4, "programs": 528, "dot": "tf32", "mlp_dot": "tf32x3",
           "mlp_block_l": 16}
 
@@ -1521,893 +2003,8 @@ def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
                                         *[p.contiguous() for p in params])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Linearity (linearity.py): the centred cross-Gram of a batch of hidden states, and the cosine regulariser
-
-
-if HAVE_TRITON:
-    @triton.jit
-    def _add_compensated(total, carry, term):
-        # Knuth's TwoSum: total + carry tracks the running sum with the rounding error of every addition
-        # kept in carry, so thousands of fp32 additions lose no more than one
-        new = total + term
-        back = new - total
-        carry += (total - (new - back)) + (term - back)
-        return new, carry
-
-    @triton.jit
-    def _cross_gram_kernel(x_ptr, y_ptr, mx_ptr, md_ptr, out_ptr, tdd_ptr, N, D, rows_per_split,
-                           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-        # One (BLOCK, BLOCK) tile of [Xc^T Xc | Xc^T Dc] (D, 2D), Dc = Yc - Xc, over one slice of the token
-        # rows. Centring happens on the tile as it is loaded: no centred copy of X or Y is ever written.
-        pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_col = tl.cdiv(D, BLOCK)
-        is_d = pid_n >= n_col  # columns [0, D) of the output hold Xc^T Xc, [D, 2D) hold Xc^T Dc
-        col_block = pid_n % n_col
-        rm = pid_m * BLOCK + tl.arange(0, BLOCK)
-        rn = col_block * BLOCK + tl.arange(0, BLOCK)
-        m_ok, n_ok = rm < D, rn < D
-        mean_m = tl.load(mx_ptr + rm, mask=m_ok, other=0.0)
-        mean_xn = tl.load(mx_ptr + rn, mask=n_ok, other=0.0)
-        mean_dn = tl.load(md_ptr + rn, mask=n_ok, other=0.0)
-        acc, acc_carry = tl.zeros((BLOCK, BLOCK), dtype=tl.float32), tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        sq, sq_carry = tl.zeros((BLOCK,), dtype=tl.float32), tl.zeros((BLOCK,), dtype=tl.float32)  # sum of dc^2
-        start = split * rows_per_split
-        stop = tl.minimum(start + rows_per_split, N)
-        y_cols = tl.where(is_d, D, 0)  # Y is read only by the tiles of Xc^T Dc
-        # Xc^T Xc is symmetric: tiles below its diagonal do no work (the wrapper mirrors the upper ones)
-        stop = tl.where(is_d | (col_block >= pid_m), stop, start)
-        for k0 in range(start, stop, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < stop
-            tile_m, tile_n = k_ok[:, None] & m_ok[None, :], k_ok[:, None] & n_ok[None, :]
-            xm = tl.load(x_ptr + rk[:, None] * D + rm[None, :], mask=tile_m, other=0.0).to(tl.float32)
-            xn = tl.load(x_ptr + rk[:, None] * D + rn[None, :], mask=tile_n, other=0.0).to(tl.float32)
-            # centre; rows and columns outside the matrix must stay exactly 0
-            xm = tl.where(tile_m, xm - mean_m[None, :], 0.0)
-            # branch-free, so that the loop's loads can be pipelined
-            yn = tl.load(y_ptr + rk[:, None] * D + rn[None, :], mask=k_ok[:, None] & (rn < y_cols)[None, :],
-                         other=0.0).to(tl.float32)
-            # dc = (y - x) - mean(y - x): y - x first, so that no digits are lost to the two means
-            zn = tl.where(tile_n, tl.where(is_d, (yn - xn) - mean_dn[None, :], xn - mean_xn[None, :]), 0.0)
-            sq, sq_carry = _add_compensated(sq, sq_carry, tl.sum(zn * zn, axis=0))
-            # fp32-accurate products (not plain TF32: 1 - LS can be ~1e-3, TF32's relative error is ~1e-3)
-            acc, acc_carry = _add_compensated(acc, acc_carry, tl.dot(tl.trans(xm), zn, input_precision=DOT))
-        tl.store(out_ptr + split * D * 2 * D + rm[:, None] * (2 * D) + pid_n // n_col * D + rn[None, :],
-                 acc + acc_carry, mask=m_ok[:, None] & n_ok[None, :])
-        if is_d and pid_m == 0:
-            tl.store(tdd_ptr + split * D + rn, sq + sq_carry, mask=n_ok)
-
-    @triton.jit
-    def _cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, N, D, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_D)
-        ok = (rows < N)[:, None] & (cols < D)[None, :]
-        a = tl.load(a_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        # cos = <a, b> / (max(|a|, eps) max(|b|, eps)), one read of each row
-        na = tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), eps)
-        nb = tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), eps)
-        tl.store(cos_ptr + rows, tl.sum(a * b, axis=1) / (na * nb), mask=rows < N)
-
-    @triton.jit
-    def _cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, N, D, eps,
-                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, BLOCK_D)
-        ok = (rows < N)[:, None] & (cols < D)[None, :]
-        offs = rows[:, None] * D + cols[None, :]
-        a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows, mask=rows < N, other=0.0)
-        la, lb = tl.sqrt(tl.sum(a * a, axis=1)), tl.sqrt(tl.sum(b * b, axis=1))
-        na, nb = tl.maximum(la, eps), tl.maximum(lb, eps)
-        cos = tl.sum(a * b, axis=1) / (na * nb)
-        # dcos/da = b / (|a||b|) - cos a / |a|^2 (the second term is absent where the norm is clamped to eps)
-        ca = tl.where(la > eps, cos / (na * na), 0.0)
-        cb = tl.where(lb > eps, cos / (nb * nb), 0.0)
-        inv = 1.0 / (na * nb)
-        da = g[:, None] * (b * inv[:, None] - a * ca[:, None])
-        db = g[:, None] * (a * inv[:, None] - b * cb[:, None])
-        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=ok)
-        tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=ok)
-
-
-# Launch settings of the cross-Gram kernel. dot: the precision of its tile products, "ieee" (fp32 FMAs) or
-# "tf32x3" (three TF32 tensor-core products, ~fp32 accurate). The token rows are split over enough programs
-# to fill the GPU (the output has only 1.5 (D / block)^2 tiles); each split's sum is added in float64.
-# Measured on an H100 (8192 x 384 fp32, 48 settings of block / block_k / warps / dot): 0.35-0.7 ms, fastest
-# as below; cuBLAS's float64 path takes 0.32 ms there (the H100 has full-rate FP64 tensor cores), so the
-# kernel buys accuracy per byte, not speed, on that GPU. All settings gave scores within 2e-8 of float64.
-CROSS_GRAM = {"block": 64, "block_k": 32, "num_warps": 4, "programs": 528, "dot": "ieee"}
-
-
-def centred_cross_gram(x: torch.Tensor, y: torch.Tensor):
-    """One batch's sufficient statistics for the linearity score, centred on the batch's own means, for
-    the pair (X, D = Y - X): mean_x, mean_y (D,), C_xx = Xc^T Xc, C_xd = Xc^T Dc (D, D), t_dd = ||Dc||_F^2,
-    float64 (the kernel's tiles are fp32 sums of fp32 products). x, y (N, D) in fp32/bf16/fp16.
-
-    Why D and not Y: LS_wo divides by t_dd = ||Yc - Xc||^2, which can be 1% of ||Yc||^2; forming it from
-    fp32 sums over Y would cancel away two digits. linearity.PairStats.update turns these into its
-    (C_xy, t_yy) in float64 (C_xy = C_xd + C_xx) and merges batches there (Chan's update)."""
-    _runnable(x, "centred_cross_gram")
-    _check("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"centred_cross_gram: x must be (N, D), got shape {tuple(x.shape)}")
-    _check("y", y, x.shape, (x.dtype,))
-    x, y = x.contiguous(), y.contiguous()
-    N, D = x.shape
-    mx, my = x.mean(0, dtype=torch.float64), y.mean(0, dtype=torch.float64)
-    # the kernel centres on fp32 roundings of the means (of X and of D); corrected below
-    mx32, md32 = mx.float(), (my - mx).float()
-    cfg = CROSS_GRAM
-    nb = triton.cdiv(D, cfg["block"])
-    tiles = nb * 2 * nb
-    splits = max(1, min(triton.cdiv(N, 4 * cfg["block_k"]), triton.cdiv(cfg["programs"], tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(N, splits), cfg["block_k"]) * cfg["block_k"]
-    splits = triton.cdiv(N, rows_per_split)
-    out = torch.empty(splits, D, 2 * D, device=x.device, dtype=torch.float32)
-    tdd = torch.empty(splits, D, device=x.device, dtype=torch.float32)
-    _cross_gram_kernel[(nb, 2 * nb, splits)](x, y, mx32, md32, out, tdd, N, D, rows_per_split,
-                                              BLOCK=cfg["block"], BLOCK_K=cfg["block_k"], DOT=cfg["dot"],
-                                              num_warps=cfg["num_warps"])
-    out = out.sum(0, dtype=torch.float64)
-    # only the tiles on and above the diagonal of Xc^T Xc were computed; they hold every entry (i <= j)
-    cxx = torch.triu(out[:, :D]) + torch.triu(out[:, :D], 1).T
-    # sums of outer products about a point m' instead of the mean m: sum (a - m')(b - m')^T
-    # = sum (a - m)(b - m)^T + N (m - m')(m - m')^T, so subtract N delta delta^T
-    dx, dd = mx - mx32.double(), (my - mx) - md32.double()
-    cxx -= N * torch.outer(dx, dx)
-    cxd = out[:, D:] - N * torch.outer(dx, dd)
-    return mx, my, cxx, cxd, tdd.sum(dtype=torch.float64) - N * (dd * dd).sum()
-
-
-class CosineFunction(torch.autograd.Function):
-    """Per-row cosine similarity of a, b (N, D) -> (N,) fp32, with the norms clamped to eps as in
-    torch.nn.functional.cosine_similarity. The backward reads a and b once more instead of saving norms."""
-
-    @staticmethod
-    def forward(ctx, a, b, eps):
-        N, D = a.shape
-        block_d = triton.next_power_of_2(D)
-        block_t = max(1, min(64, 4096 // block_d))
-        cos = torch.empty(N, device=a.device, dtype=torch.float32)
-        _cosine_fwd_kernel[(triton.cdiv(N, block_t),)](a, b, cos, N, D, eps, BLOCK_T=block_t, BLOCK_D=block_d)
-        ctx.save_for_backward(a, b)
-        ctx.eps, ctx.blocks = eps, (block_t, block_d)
-        return cos
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        N, D = a.shape
-        block_t, block_d = ctx.blocks
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        _cosine_bwd_kernel[(triton.cdiv(N, block_t),)](a, b, g.contiguous(), da, db, N, D, ctx.eps,
-                                                        BLOCK_T=block_t, BLOCK_D=block_d)
-        return da, db, None
-
-
-def cosine_regulariser(hidden: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
-    """sum over consecutive pairs of hidden states (..., D) of the token mean of 1 - cos(h_{i-1}, h_i);
-    one fused read of each pair forward and one backward. Reference: linearity.cosine_regulariser."""
-    total = 0.0
-    for a, b in zip(hidden[:-1], hidden[1:]):
-        _runnable(a, "cosine_regulariser")
-        _check("hidden", a)
-        _check("hidden", b, a.shape, (a.dtype,))
-        if a.size(-1) > 16384:
-            raise ValueError(f"cosine_regulariser: hidden size {a.size(-1)} > 16384 (one row per tile)")
-        a2, b2 = a.reshape(-1, a.size(-1)).contiguous(), b.reshape(-1, b.size(-1)).contiguous()
-        total = total + (1 - CosineFunction.apply(a2, b2, eps)).mean()
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tensor Product Attention (tpa.py): Q/K/V built from factors (training), decoding over the factor cache
-
-
-if HAVE_TRITON:
-    @triton.jit
-    def _tpa_rope(b1, b2, cos, sin, ROTATE: tl.constexpr, INVERSE: tl.constexpr):
-        # half-split RoPE: [b1, b2] -> [b1 cos - b2 sin, b2 cos + b1 sin]; INVERSE rotates back
-        # (the transposed rotation, which is what the backward needs)
-        if ROTATE:
-            if INVERSE:
-                return b1 * cos + b2 * sin, b2 * cos - b1 * sin
-            return b1 * cos - b2 * sin, b2 * cos + b1 * sin
-        return b1, b2
-
-    @triton.jit
-    def _tpa_tables(cos_ptr, sin_ptr, pos, dd, ok, D2, ROTATE: tl.constexpr):
-        # cos and sin of the rotation angles at positions pos (BLOCK_T,) for the d/2 frequencies
-        if ROTATE:
-            cos = tl.load(cos_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=1.0)
-            sin = tl.load(sin_ptr + pos[:, None] * D2 + dd[None, :], mask=ok, other=0.0)
-        else:
-            cos = tl.full(ok.shape, 1.0, tl.float32)
-            sin = tl.zeros(ok.shape, tl.float32)
-        return cos, sin
-
-    @triton.jit
-    def _tpa_product_fwd_kernel(a_ptr, b_ptr, cos_ptr, sin_ptr, out_ptr, T, H, D2, start_pos, a_row, b_row,
-                                inv_r, R: tl.constexpr, ROTATE: tl.constexpr, BLOCK_T: tl.constexpr,
-                                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        # out[b, :, t, :] = (1/R) sum_r a_r (outer) RoPE_t(b_r) for BLOCK_T tokens of sequence b, written
-        # straight into SDPA's (B, h, T, d) layout; the two halves of d are kept apart for the rotation
-        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
-        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
-        row = pid_b * T + t
-        td = t_ok[:, None] & d_ok[None, :]
-        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
-        acc1 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
-        for r in tl.static_range(R):
-            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=t_ok[:, None] & h_ok[None, :],
-                        other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H)
-            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
-            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
-                         other=0.0).to(tl.float32)
-            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
-            acc1 += a[:, :, None] * b1[:, None, :]
-            acc2 += a[:, :, None] * b2[:, None, :]
-        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
-        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
-        tl.store(out_ptr + offs, (acc1 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out_ptr + offs + D2, (acc2 * inv_r).to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _tpa_product_bwd_kernel(g_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, da_ptr, db_ptr, T, H, D2, start_pos,
-                                a_row, b_row, inv_r, R: tl.constexpr, ROTATE: tl.constexpr,
-                                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        # dA_r = (1/R) G RoPE(b_r),  dRoPE(b_r) = (1/R) a_r^T G,  db_r = RoPE^-1(dRoPE(b_r)); G read once
-        pid_t, pid_b = tl.program_id(0), tl.program_id(1)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
-        t_ok, h_ok, d_ok = t < T, hh < H, dd < D2
-        row = pid_b * T + t
-        td, th = t_ok[:, None] & d_ok[None, :], t_ok[:, None] & h_ok[None, :]
-        cos, sin = _tpa_tables(cos_ptr, sin_ptr, start_pos + t, dd, td, D2, ROTATE)
-        offs = ((pid_b * H + hh)[None, :, None] * T + t[:, None, None]) * (2 * D2) + dd[None, None, :]
-        ok = t_ok[:, None, None] & h_ok[None, :, None] & d_ok[None, None, :]
-        g1 = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H, BLOCK_D)
-        g2 = tl.load(g_ptr + offs + D2, mask=ok, other=0.0).to(tl.float32)
-        for r in tl.static_range(R):
-            a = tl.load(a_ptr + row[:, None] * a_row + r * H + hh[None, :], mask=th, other=0.0).to(tl.float32)
-            b1 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + dd[None, :], mask=td, other=0.0).to(tl.float32)
-            b2 = tl.load(b_ptr + row[:, None] * b_row + r * 2 * D2 + D2 + dd[None, :], mask=td,
-                         other=0.0).to(tl.float32)
-            b1, b2 = _tpa_rope(b1, b2, cos, sin, ROTATE, False)
-            da = (tl.sum(g1 * b1[:, None, :], axis=2) + tl.sum(g2 * b2[:, None, :], axis=2)) * inv_r
-            db1 = tl.sum(g1 * a[:, :, None], axis=1) * inv_r
-            db2 = tl.sum(g2 * a[:, :, None], axis=1) * inv_r
-            db1, db2 = _tpa_rope(db1, db2, cos, sin, ROTATE, True)
-            tl.store(da_ptr + row[:, None] * (R * H) + r * H + hh[None, :], da.to(da_ptr.dtype.element_ty), mask=th)
-            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + dd[None, :],
-                     db1.to(db_ptr.dtype.element_ty), mask=td)
-            tl.store(db_ptr + row[:, None] * (R * 2 * D2) + r * 2 * D2 + D2 + dd[None, :],
-                     db2.to(db_ptr.dtype.element_ty), mask=td)
-
-    @triton.jit
-    def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, M, H, D,
-                           cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
-                           RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-        # One sequence, one slice of its cache: logits of every head against the cached tokens straight
-        # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
-        pid_b, split = tl.program_id(0), tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
-        h_ok, d_ok = hh < H, dd < D
-        q = tl.load(q_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], mask=h_ok[:, None] & d_ok[None, :],
-                    other=0.0)  # (BLOCK_H, BLOCK_D), already rotated
-        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-        first = split * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(M, BLOCK_M))
-        for blk in range(first, last):
-            mm = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = mm < M
-            mh, md = m_ok[:, None] & h_ok[None, :], m_ok[:, None] & d_ok[None, :]
-            # logits[m, head] = q_head . K[m, head] = (1/R_K) sum_s a_K[m, s, head] (b_K[m, s] . q_head)
-            logits = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-            for s in tl.static_range(RK):
-                bk = tl.load(bk_ptr + pid_b * cache_bk + mm[:, None] * (RK * D) + s * D + dd[None, :], mask=md,
-                             other=0.0)
-                ak = tl.load(ak_ptr + pid_b * cache_ak + mm[:, None] * (RK * H) + s * H + hh[None, :], mask=mh,
-                             other=0.0).to(tl.float32)
-                logits += ak * tl.dot(bk, tl.trans(q.to(bk.dtype)), input_precision=DOT)  # (BLOCK_M, BLOCK_H)
-            logits = tl.where(m_ok[:, None], logits * scale, float("-inf"))
-            # online softmax over the cache, per head
-            m_new = tl.maximum(m_i, tl.max(logits, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(logits - m_new[None, :])  # (BLOCK_M, BLOCK_H)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha[:, None]
-            # out[head] += sum_m p[m, head] V[m, head] = sum_u (p * a_V[:, u])^T b_V[:, u]   (1/R_V later)
-            for u in tl.static_range(RV):
-                av = tl.load(av_ptr + pid_b * cache_av + mm[:, None] * (RV * H) + u * H + hh[None, :], mask=mh,
-                             other=0.0).to(tl.float32)
-                bv = tl.load(bv_ptr + pid_b * cache_bv + mm[:, None] * (RV * D) + u * D + dd[None, :], mask=md,
-                             other=0.0)
-                acc += tl.dot(tl.trans((p * av).to(bv.dtype)), bv, input_precision=DOT)  # (BLOCK_H, BLOCK_D)
-            m_i = m_new
-        part = pid_b * n_splits + split
-        tl.store(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(m_ptr + part * BLOCK_H + hh, m_i)
-        tl.store(l_ptr + part * BLOCK_H + hh, l_i)
-
-    @triton.jit
-    def _tpa_decode_reduce_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, D, n_splits, inv_rv,
-                                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        # combine the slices: out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s, m = max_s m_s
-        pid_b = tl.program_id(0)
-        hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
-        m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-        for s in range(n_splits):
-            m = tl.maximum(m, tl.load(m_ptr + (pid_b * n_splits + s) * BLOCK_H + hh))
-        num = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
-        den = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for s in range(n_splits):
-            part = pid_b * n_splits + s
-            w = tl.exp(tl.load(m_ptr + part * BLOCK_H + hh) - m)  # 0 for a slice that saw no token
-            den += w * tl.load(l_ptr + part * BLOCK_H + hh)
-            num += w[:, None] * tl.load(o_ptr + part * BLOCK_H * BLOCK_D + hh[:, None] * BLOCK_D + dd[None, :])
-        out = num / den[:, None] * inv_rv
-        tl.store(out_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(hh < H)[:, None] & (dd < D)[None, :])
-
-
-# Tile of the factor-product kernels: tokens per program are chosen so that a (tokens, h, d/2) tile holds
-# about this many elements (forward / backward); the fastest fwd+bwd of 18 settings on an H100.
-TPA_PRODUCT = {"fwd_tile": 2048, "bwd_tile": 512, "num_warps": 4}
-
-
-def _tpa_blocks(h: int, half_d: int, budget: int):
-    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(half_d)
-    return max(1, min(16, budget // (block_h * block_d))), block_h, block_d
-
-
-class TPAProductFunction(torch.autograd.Function):
-    """Equals tpa.factor_product(a, RoPE(b)).transpose(1, 2): a (B, T, R, h), b (B, T, R, d) -> (B, h, T, d)."""
-
-    @staticmethod
-    def forward(ctx, a, b, cos, sin, start_pos, rotate):
-        B, T, R, H = a.shape
-        D = b.size(3)
-        out = torch.empty(B, H, T, D, device=a.device, dtype=a.dtype)
-        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["fwd_tile"])
-        _tpa_product_fwd_kernel[(triton.cdiv(T, bt), B)](a, b, cos, sin, out, T, H, D // 2, start_pos, a.stride(1),
-                                                         b.stride(1), 1.0 / R, R=R, ROTATE=rotate, BLOCK_T=bt,
-                                                         BLOCK_H=bh, BLOCK_D=bd, num_warps=TPA_PRODUCT["num_warps"])
-        ctx.save_for_backward(a, b, cos, sin)
-        ctx.start_pos, ctx.rotate = start_pos, rotate
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b, cos, sin = ctx.saved_tensors
-        B, T, R, H = a.shape
-        D = b.size(3)
-        da = torch.empty(B, T, R, H, device=a.device, dtype=a.dtype)
-        db = torch.empty(B, T, R, D, device=a.device, dtype=b.dtype)
-        bt, bh, bd = _tpa_blocks(H, D // 2, TPA_PRODUCT["bwd_tile"])
-        _tpa_product_bwd_kernel[(triton.cdiv(T, bt), B)](g.contiguous(), a, b, cos, sin, da, db, T, H, D // 2,
-                                                         ctx.start_pos, a.stride(1), b.stride(1), 1.0 / R, R=R,
-                                                         ROTATE=ctx.rotate, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd,
-                                                         num_warps=TPA_PRODUCT["num_warps"])
-        return da, db, None, None, None, None
-
-
-def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | None = None,
-                       sin: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
-    """(1/R) sum_r a_r (outer) RoPE(b_r), written in SDPA's (B, h, T, d) layout, forward and backward.
-    a (B, T, R, h), b (B, T, R, d): views of the factor projections are fine (each token's R x h, R x d
-    block contiguous). cos, sin (max_len, d/2) fp32 (train.Rotary's tables) rotate b at positions
-    start_pos ..; None for values (no RoPE). Reference: tpa.factor_product(a, rotary(b)).transpose(1, 2)."""
-    _runnable(a, "tpa_factor_product")
-    _check("a", a)
-    if a.dim() != 4 or b.dim() != 4 or a.shape[:3] != b.shape[:3]:
-        raise ValueError(f"tpa_factor_product: a (B, T, R, h) and b (B, T, R, d) expected, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
-    _check("b", b, dtypes=(a.dtype,))
-    B, T, R, H = a.shape
-    D = b.size(3)
-    if D % 2 or H > 256 or D > 512:
-        raise ValueError(f"tpa_factor_product: needs an even head width <= 512 and <= 256 heads (got d={D}, h={H})")
-    for name, t in (("a", a), ("b", b)):
-        if t.stride(3) != 1 or t.stride(2) != t.size(3) or t.stride(0) != T * t.stride(1):
-            raise ValueError(f"tpa_factor_product: {name}'s rank and feature axes must be contiguous within a "
-                             f"token and its tokens evenly spaced (got strides {t.stride()})")
-    rotate = cos is not None
-    if rotate:
-        _check("cos", cos, dtypes=(torch.float32,))
-        _check("sin", sin, cos.shape, (torch.float32,))
-        if cos.dim() != 2 or cos.size(1) != D // 2 or start_pos + T > cos.size(0):
-            raise ValueError(f"tpa_factor_product: RoPE tables {tuple(cos.shape)} do not cover positions "
-                             f"{start_pos}..{start_pos + T - 1} at d/2 = {D // 2}")
-    else:
-        cos = sin = torch.empty(1, device=a.device, dtype=torch.float32)
-    return TPAProductFunction.apply(a, b, cos.contiguous(), sin.contiguous(), start_pos, rotate)
-
-
-# Decode launch settings: cached tokens per tile, and programs to aim for (the cache of each sequence is
-# split into slices so that a small batch still fills the GPU; the slices are combined by their maxima).
-# Measured on an H100 (B 16, h 12, d 64, ranks (6,2,2), 72 settings): fastest at 64K cached tokens as below.
-TPA_DECODE = {"block_m": 128, "num_warps": 8, "num_stages": 2, "programs": 264}
-
-
-def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
-               length: int) -> torch.Tensor:
-    """Attention of one new token per sequence over a factorised cache, never forming K or V:
-    q (B, h, d) rotated; cache a_k (B, L, R_K, h), b_k (B, L, R_K, d) (pre-rotated), a_v (B, L, R_V, h),
-    b_v (B, L, R_V, d) with the first `length` positions filled -> (B, h, d) in q's dtype. Reads
-    (R_K + R_V)(h + d) numbers per cached token instead of MHA's 2 h d. Reference: K = factor_product(a_k,
-    b_k), V likewise, then softmax(q K^T / sqrt(d)) V per head."""
-    _runnable(q, "tpa_decode")
-    _check("q", q)
-    if q.dim() != 3:
-        raise ValueError(f"tpa_decode: q must be (B, h, d), got shape {tuple(q.shape)}")
-    B, H, D = q.shape
-    L = a_k.size(1)
-    rk, rv = a_k.size(2), a_v.size(2)
-    _check("a_k", a_k, (B, L, rk, H), (q.dtype,))
-    _check("b_k", b_k, (B, L, rk, D), (q.dtype,))
-    _check("a_v", a_v, (B, L, rv, H), (q.dtype,))
-    _check("b_v", b_v, (B, L, rv, D), (q.dtype,))
-    if not 1 <= length <= L:
-        raise ValueError(f"tpa_decode: length {length} outside the cache's 1..{L} positions")
-    if H > 256 or D > 256:
-        raise ValueError(f"tpa_decode: supports up to 256 heads of width <= 256 (got h={H}, d={D})")
-    q, a_k, b_k, a_v, b_v = (t.contiguous() for t in (q, a_k, b_k, a_v, b_v))
-    cfg = TPA_DECODE
-    block_h, block_d = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))  # tl.dot needs 16
-    n_blocks = triton.cdiv(length, cfg["block_m"])
-    per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, triton.cdiv(cfg["programs"], B))))
-    splits = triton.cdiv(n_blocks, per_split)  # every slice holds at least one token
-    o = torch.empty(B, splits, block_h, block_d, device=q.device, dtype=torch.float32)
-    m = torch.empty(B, splits, block_h, device=q.device, dtype=torch.float32)
-    l_sum = torch.empty_like(m)
-    _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length, H, D, a_k.stride(0), b_k.stride(0),
-                                    a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
-                                    BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
-                                    DOT="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"])
-    out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
-    _tpa_decode_reduce_kernel[(B,)](o, m, l_sum, out, H, D, splits, 1.0 / rv, BLOCK_H=block_h, BLOCK_D=block_d)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Benchmarks (GPU): python kernels.py --bench mhc
-
-
-def gpu_kernels(fn, iters: int = 20) -> dict[str, list[float]]:
-    """The GPU kernels one call of fn launches (torch.profiler): {name: [ms per call, launches per call]}."""
-    from torch.profiler import profile, ProfilerActivity
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    found = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            entry = found.setdefault(e.name, [0.0, 0.0])
-            entry[0] += e.time_range.elapsed_us() / iters / 1e3
-            entry[1] += 1 / iters
-    return found
-
-
-def gpu_ms(fn, iters: int = 20) -> float:
-    """GPU time of one call of fn, ms: the summed duration of the kernels it launches (torch.profiler),
-    without the CPU's launch and autograd cost. do_bench's wall-clock median includes that cost, which
-    dominates calls of a few tens of microseconds; the benchmarks print both."""
-    return sum(ms for ms, _ in gpu_kernels(fn, iters).values())
-
-
-def print_gpu_kernels(title: str, fn, iters: int = 10, top: int = 20):
-    """Where one call of fn spends its GPU time: the `top` largest kernels, then the rest summed."""
-    found = sorted(gpu_kernels(fn, iters).items(), key=lambda kv: -kv[1][0])
-    total = sum(ms for _, (ms, _) in found)
-    print(f"\n# {title}: {total:.3f} ms of GPU time per call, {sum(n for _, (_, n) in found):.0f} kernel launches")
-    print("| GPU ms | launches | kernel |\n|-------:|---------:|--------|")
-    for name, (ms, n) in found[:top]:
-        print(f"| {ms:6.3f} | {n:8.0f} | {name[:100]} |")
-    if len(found) > top:
-        print(f"| {sum(ms for _, (ms, _) in found[top:]):6.3f} | {sum(n for _, (_, n) in found[top:]):8.0f} "
-              f"| {len(found) - top} other kernels |")
-
-
-_BENCH_HEADER = (
-    "| op                         | pass    | tokens | eager ms wall / GPU | compiled ms wall / GPU | kernel ms wall / GPU "
-    "| vs eager (GPU) | vs compiled (GPU) | GB/s (GPU) | % peak |\n"
-    "|----------------------------|---------|-------:|--------------------:|-----------------------:|--------------------:"
-    "|---------------:|------------------:|-----------:|-------:|")
-
-
-def _bench_rows(name, fns, nbytes, tokens):
-    """fns: {variant: (forward, forward+backward)} callables. Prints one row per pass: wall-clock median
-    (do_bench) and GPU time (gpu_ms) of eager, compiled and kernel; speedups and GB/s from GPU time."""
-    from triton.testing import do_bench
-    rows = {}
-    for variant, pair in fns.items():
-        rows[variant] = [(do_bench(f, warmup=25, rep=200), gpu_ms(f)) for f in pair]
-    for p, pass_name in enumerate(("fwd", "fwd+bwd")):
-        (ew, eg), (cw, cg), (kw, kg) = (rows[v][p] for v in ("eager", "compiled", "kernel"))
-        gbs = nbytes[p] / (kg * 1e-3) / 1e9
-        print(f"| {name:26s} | {pass_name:7s} | {tokens:6d} | {ew:8.3f} / {eg:8.4f} | {cw:11.3f} / {cg:8.4f} "
-              f"| {kw:8.3f} / {kg:8.4f} | {eg / kg:13.1f}x | {cg / kg:16.1f}x | {gbs:10.0f} | {100 * gbs / 3350:5.1f}% |")
-
-
-def bench_mhc():
-    import mhc
-    from types import SimpleNamespace
-    torch.manual_seed(0)
-    dev = "cuda"
-    print(f"# mHC kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("# ms: wall clock (triton.testing.do_bench median; for calls this short mostly the CPU's launch and "
-          "autograd cost) / GPU time (kernels.gpu_ms); GB/s counts each input read once and each output written "
-          "once, over the GPU time; % of the 3.35 TB/s H100 SXM datasheet peak")
-    print(_BENCH_HEADER)
-
-    def variants(ref, kern, inputs, grads):
-        compiled = torch.compile(ref)
-
-        def fwd_bwd(f):
-            def run():
-                outs = f(*inputs)
-                outs = outs if isinstance(outs, tuple) else (outs,)
-                torch.autograd.backward(outs, grads)
-            return run
-
-        def fwd(f):
-            def run():
-                with torch.no_grad():
-                    f(*inputs)
-            return run
-        return {"eager": (fwd(ref), fwd_bwd(ref)), "compiled": (fwd(compiled), fwd_bwd(compiled)),
-                "kernel": (fwd(kern), fwd_bwd(kern))}
-
-    # Sinkhorn alone: n = 4, 20 iterations, 16k tokens (the spec's anchor: 5.6 ms eager, 3.3 ms compiled)
-    N, n = 16384, 4
-    logits = torch.randn(N, n, n, device=dev, requires_grad=True)
-    g = torch.randn(N, n, n, device=dev)
-    _bench_rows("sinkhorn n=4, 20 iters", variants(lambda x: mhc.sinkhorn_knopp(x, 20), lambda x: sinkhorn(x, 20),
-                                                   [logits], [g]),
-                (2 * N * n * n * 4, 4 * N * n * n * 4), N)
-
-    # the mHC pre and post_res paths at the GPT's width: n = 4, C = 384, 32k tokens, bf16 streams
-    B, T, C = 64, 512, 384
-    cfg = SimpleNamespace(hc_rate=n, n_embd=C, sinkhorn_iters=20)
-    conn = mhc.MHCConnection(cfg, 0).to(dev)
-    with torch.no_grad():
-        conn.phi.normal_(0, 0.02)
-    h = torch.randn(B, T, n, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    params = (conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res)
-
-    def pre_ref(h):
-        pre, post, res = conn.coefficients(h)
-        return mhc.pre_mix(h, pre).to(h.dtype), post, res
-
-    def pre_kernel(h):
-        return mhc_pre(h, *params, 20)[:3]
-    gx = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16)
-    gp, gr = torch.randn(B, T, n, device=dev), torch.randn(B, T, n, n, device=dev)
-    Nt = B * T
-    io_fwd = Nt * (n * C * 2 + C * 2 + (n + n * n) * 4)
-    io_bwd = Nt * (n * C * 2 + C * 2 + (n + n * n) * 4 + n * C * 2 + 3 * 48 * 4)
-    _bench_rows("mhc_pre n=4 C=384 bf16", variants(pre_ref, pre_kernel, [h], [gx, gp, gr]),
-                (io_fwd, io_fwd + io_bwd), Nt)
-
-    f = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    post = torch.rand(B, T, n, device=dev, requires_grad=True)
-    res = torch.rand(B, T, n, n, device=dev, requires_grad=True)
-
-    def post_ref(h, f, post, res):
-        return mhc.write_back(h, f, post, res).to(h.dtype)
-    gout = torch.randn(B, T, n, C, device=dev, dtype=torch.bfloat16)
-    io_fwd = Nt * ((2 * n + 1) * C * 2 + (n + n * n) * 4)
-    io_bwd = Nt * ((2 * n + 1) * C * 2 + (n + n * n) * 4 + (n + 1) * C * 2 + (n + n * n) * 4)
-    _bench_rows("mhc_post_res n=4 C=384 bf16", variants(post_ref, mhc_post_res, [h, f, post, res], [gout]),
-                (io_fwd, io_fwd + io_bwd), Nt)
-
-
-def bench_linearity():
-    """The cosine regulariser (7 hidden states of the GPT, bf16, fwd+bwd) and one batch of the cross-Gram
-    statistics (16 x 512 tokens, d = 384) against float64 torch, as linearity.PairStats computes them."""
-    import linearity
-    from triton.testing import do_bench
-    torch.manual_seed(0)
-    dev = "cuda"
-    print(f"# linearity kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(_BENCH_HEADER)
-    B, T, C, L = 64, 512, 384, 6
-    hidden = [torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(L + 1)]
-    compiled = torch.compile(linearity.cosine_regulariser)
-
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f(hidden)
-        return run
-
-    def fwd_bwd(f):
-        return lambda: f(hidden).backward()
-    fns = {name: (fwd(f), fwd_bwd(f)) for name, f in
-           (("eager", linearity.cosine_regulariser), ("compiled", compiled), ("kernel", cosine_regulariser))}
-    io = (L + 1) * B * T * C * 2
-    _bench_rows(f"cosine reg, {L + 1} states C={C}", fns, (2 * L * B * T * C * 2, 2 * L * B * T * C * 2 + 4 * io),
-                B * T)
-
-    N, D = 16 * 512, 384
-    x = torch.randn(N, D, device=dev) * 3 + 10
-    y = x + torch.tanh(x)
-
-    t64 = do_bench(lambda: linearity.PairStats(D, dev).update(x, y), warmup=10, rep=100)
-    tk = do_bench(lambda: linearity.PairStats(D, dev, use_kernel=True).update(x, y), warmup=10, rep=100)
-    flops = 2 * N * D * D * 1.5  # the upper half of X^T X and all of X^T D
-    print(f"\nPairStats.update of one batch, N = {N}, d = {D}, fp32 inputs: float64 torch {t64:.3f} ms, "
-          f"kernel {tk:.3f} ms ({t64 / tk:.1f}x, {flops / tk / 1e9:.1f} TFLOP/s of fp32 FMA)")
-
-
-def bench_tpa(max_len: int = 65536):
-    """Decoding one token over a cache of 1K..max_len tokens (B = 16, h = 12, d = 64, bf16): MHA and GQA
-    (G = 4) through SDPA vs FlashTPA at ranks (6, 2, 2); then the training kernel (Q, K, V of one layer
-    from factors at the default model's shape, fwd and fwd+bwd) vs eager and compiled PyTorch."""
-    import torch.nn.functional as F
-    import tpa
-    import train
-    from triton.testing import do_bench
-    torch.manual_seed(0)
-    dev, bf16 = "cuda", torch.bfloat16
-    B, h, d, G, rk, rv = 16, 12, 64, 4, 2, 2
-    print(f"# TPA kernels on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# decode: one query token per sequence, B = {B}, h = {h}, d = {d}, bf16; GPU us (kernels.gpu_ms), and "
-          f"TPA's wall clock (do_bench median, which adds the CPU's launch cost); GB/s counts the cache bytes read "
-          f"over the GPU time; % of the 3.35 TB/s H100 SXM datasheet peak")
-    print(f"# values cached per token: MHA {2 * h * d}, GQA (G={G}) {2 * G * d}, TPA ranks (6,2,2) "
-          f"{(rk + rv) * (h + d)}")
-    print("| cache tokens | MHA us | MHA GB/s | GQA us | GQA GB/s | TPA us | TPA GB/s | TPA % peak | TPA vs MHA "
-          "| TPA wall us |")
-    print("|-------------:|-------:|---------:|-------:|---------:|-------:|---------:|-----------:|-----------:"
-          "|------------:|")
-    M = 1024
-    while M <= max_len:
-        q = torch.randn(B, h, 1, d, device=dev, dtype=bf16)
-        k, v = (torch.randn(B, h, M, d, device=dev, dtype=bf16) for _ in range(2))
-        t_mha = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3
-        del k, v
-        kg, vg = (torch.randn(B, G, M, d, device=dev, dtype=bf16) for _ in range(2))
-        t_gqa = gpu_ms(lambda: F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)) * 1e3
-        del kg, vg
-        cache = [torch.randn(B, M, r, n, device=dev, dtype=bf16) for r, n in ((rk, h), (rk, d), (rv, h), (rv, d))]
-        t_tpa = gpu_ms(lambda: tpa_decode(q[:, :, 0], *cache, M)) * 1e3
-        wall_tpa = do_bench(lambda: tpa_decode(q[:, :, 0], *cache, M), warmup=10, rep=100) * 1e3
-        del cache
-        gbs = [B * M * n * 2 / (t * 1e-6) / 1e9 for n, t in ((2 * h * d, t_mha), (2 * G * d, t_gqa),
-                                                             ((rk + rv) * (h + d), t_tpa))]
-        print(f"| {M:12d} | {t_mha:6.1f} | {gbs[0]:8.0f} | {t_gqa:6.1f} | {gbs[1]:8.0f} | {t_tpa:6.1f} | "
-              f"{gbs[2]:8.0f} | {100 * gbs[2] / 3350:9.1f}% | {t_mha / t_tpa:9.2f}x | {wall_tpa:11.1f} |", flush=True)
-        torch.cuda.empty_cache()
-        M *= 4
-
-    # training: the three factor products of one TPA layer at the default model (C 384 -> h 12, d 64)
-    print()
-    print(_BENCH_HEADER)
-    Bt, T, ranks = 64, 512, (6, 2, 2)
-    rotary = train.Rotary(d, T, 10000.0).to(dev)
-    a = torch.randn(Bt, T, sum(ranks) * h, device=dev, dtype=bf16, requires_grad=True)
-    b = torch.randn(Bt, T, sum(ranks) * d, device=dev, dtype=bf16, requires_grad=True)
-
-    def split(a, b):
-        return (a.view(Bt, T, sum(ranks), h).split(ranks, dim=2), b.view(Bt, T, sum(ranks), d).split(ranks, dim=2))
-
-    def ref(a, b):  # what TPAttention.forward does without kernels, up to SDPA's inputs
-        (aq, ak, av), (bq, bk, bv) = split(a, b)
-        return (tpa.factor_product(aq, rotary(bq)).transpose(1, 2), tpa.factor_product(ak, rotary(bk)).transpose(1, 2),
-                tpa.factor_product(av, bv).transpose(1, 2))
-
-    def kern(a, b):
-        (aq, ak, av), (bq, bk, bv) = split(a, b)
-        return (tpa_factor_product(aq, bq, rotary.cos, rotary.sin), tpa_factor_product(ak, bk, rotary.cos, rotary.sin),
-                tpa_factor_product(av, bv))
-    grads = [torch.randn(Bt, h, T, d, device=dev, dtype=bf16) for _ in range(3)]
-    compiled = torch.compile(ref)
-
-    def fwd(f):
-        def run():
-            with torch.no_grad():
-                f(a, b)
-        return run
-
-    def fwd_bwd(f):
-        return lambda: torch.autograd.backward(f(a, b), grads)
-    fns = {name: (fwd(f), fwd_bwd(f)) for name, f in (("eager", ref), ("compiled", compiled), ("kernel", kern))}
-    n_tok = Bt * T
-    io_fwd = n_tok * (sum(ranks) * (h + d) + 3 * h * d) * 2
-    io_bwd = n_tok * (3 * h * d + 2 * sum(ranks) * (h + d)) * 2
-    _bench_rows("TPA Q/K/V from factors", fns, (io_fwd, io_fwd + io_bwd), n_tok)
-
-
-def _mixer_step(arch: str, L: int, D: int, filters: str | None = None):
-    """One fwd+bwd of a whole token mixer as train.py builds it (B = 1, bf16 autocast; "gpt": attention,
-    "hyena": HyenaMixer with kernels), or with filters="kernel" / "plain" only the Hyena filters."""
-    import hyena
-    import train
-    dev = "cuda"
-    cfg = train.GPTConfig(arch=arch, n_embd=D, n_head=D // 64, block_size=L)
-    mixer = (train.CausalSelfAttention(cfg, 0) if arch == "gpt" else hyena.HyenaMixer(cfg, 0)).to(dev)
-    if arch == "hyena":
-        mixer.use_kernels = True
-    x = torch.randn(1, L, D, device=dev, requires_grad=True)
-    g = torch.randn(1, L, D, device=dev, dtype=torch.bfloat16)
-    g_filters = torch.randn(cfg.hyena_order, D, L, device=dev)
-
-    def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as train.py trains
-            if filters is None:
-                y = mixer(x)
-            else:  # "kernel" or "plain"
-                y = hyena_filter(mixer.filter, L) if filters == "kernel" else mixer.filter(L).unbind(0)
-        torch.autograd.backward(y, g if filters is None else g_filters.unbind(0))
-        x.grad = None
-        mixer.zero_grad(set_to_none=True)
-    return run
-
-
-def profile_hyena(L: int, D: int = 768):
-    """Per-kernel GPU time of the whole attention and Hyena operators at L tokens (B = 1)."""
-    print(f"# whole token mixers, B = 1, D = {D}, L = {L}, fwd+bwd under bf16 autocast, "
-          f"{torch.cuda.get_device_name()}")
-    for arch, name in (("gpt", "attention operator"), ("hyena", "Hyena operator (kernels)")):
-        torch.manual_seed(0)
-        print_gpu_kernels(name, _mixer_step(arch, L, D))
-
-
-def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", json_path: str | None = None):
-    """Order-2 Hyena mixing (two long convolutions with skip and gate) vs causal SDPA attention, forward
-    + backward, B = 1, D = 768 (12 heads of 64), bf16, from 256 tokens up; then batches at the model's width;
-    then, at B = 1, the whole token mixers (projections included; Hyena's short conv and filters). Each
-    is timed twice: wall clock (do_bench) and GPU time (gpu_ms); at B = 1 and short lengths the
-    wall clock is the CPU's launch and autograd cost for every column, so the ratios use GPU time."""
-    import os
-    import torch.nn.functional as F
-    import hyena
-    from triton.testing import do_bench
-    dev = "cuda"
-    print(f"# Hyena order 2 vs attention on {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; fwd+bwd ms, wall clock (do_bench median) / GPU time (kernels' sum)")
-    print("# attention = F.scaled_dot_product_attention(is_causal=True); plain = hyena.long_conv_gate (torch.fft, "
-          "fp32); Toeplitz, Monarch and FFT = the three kernel paths; kernel = hyena_long_conv, which picks one by "
-          f"kernels.HYENA_CONV {HYENA_CONV} and MONARCH {MONARCH}")
-    print("| B  | D   | L      | attention wall / GPU | plain wall / GPU | Toeplitz GPU | Monarch GPU | FFT path GPU "
-          "| kernel wall | kernel vs plain (GPU) | kernel vs attention (GPU) |")
-    print("|----|-----|-------:|---------------------:|-----------------:|-------------:|------------:|-------------:"
-          "|------------:|----------------------:|--------------------------:|")
-    results = []
-
-    def order2(conv, v, x1, x2, h, skip):
-        return conv(conv(v, x1, h[0], skip[0]), x2, h[1], skip[1])
-
-    def fwd_bwd(fn, inputs, grad):
-        def run():
-            torch.autograd.backward(fn(), grad)
-            for t in inputs:
-                t.grad = None
-        return run
-
-    def path(name):  # hyena_long_conv forced onto one path
-        return lambda *args: hyena_long_conv(*args, path=name)
-
-    ops = []  # (L, attention operator ms, Hyena operator ms, its filters' ms)
-
-    shapes = [(1, 768, 256 << i) for i in range(20) if 256 << i <= max_len]
-    shapes += [(8, 384, 512), (8, 384, 2048), (32, 384, 512), (64, 384, 512)]  # batches at the model's width
-    for B, D, L in shapes:
-        torch.manual_seed(0)
-        # separate leaf tensors, as q, k, v are for attention: the timings are the operators', without
-        # autograd's gathering of gradients into a shared parent
-        v, x1, x2 = (torch.randn(B, D, L, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        h = [(torch.randn(D, L, device=dev) * 0.02).requires_grad_() for _ in range(2)]
-        skip = [torch.randn(D, device=dev, requires_grad=True) for _ in range(2)]
-        leaves = (v, x1, x2, *h, *skip)
-        g = torch.randn(B, D, L, device=dev, dtype=torch.bfloat16)
-        q, k, val = (torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                     for _ in range(3))
-        g_att = torch.randn(B, D // 64, L, 64, device=dev, dtype=torch.bfloat16)
-        att = fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True), (q, k, val), g_att)
-        runs = {name: fwd_bwd(lambda conv=conv: order2(conv, v, x1, x2, h, skip), leaves, g)
-                for name, conv in (("plain", hyena.long_conv_gate), ("kernel", hyena_long_conv))}
-        if L <= 16384:  # O(L^2): beyond this it only shows what the FFT path avoids
-            runs["toeplitz"] = fwd_bwd(lambda: order2(path("toeplitz"), v, x1, x2, h, skip), leaves, g)
-        if L <= MONARCH["max_len"]:
-            runs["monarch"] = fwd_bwd(lambda: order2(path("monarch"), v, x1, x2, h, skip), leaves, g)
-        runs["fft"] = fwd_bwd(lambda: order2(path("fft"), v, x1, x2, h, skip), leaves, g)
-        wall = {name: do_bench(fn, warmup=10, rep=100)
-                for name, fn in (("attention", att), ("plain", runs["plain"]), ("kernel", runs["kernel"]))}
-        gpu = {name: gpu_ms(fn) for name, fn in [("attention", att)] + list(runs.items())}
-        toe, mon = (f"{gpu[k]:{w}.3f}" if k in gpu else f"{'-':>{w}s}" for k, w in (("toeplitz", 12), ("monarch", 11)))
-        if B == 1:
-            gpu["attention_op"], gpu["hyena_op"] = (gpu_ms(_mixer_step(arch, L, D)) for arch in ("gpt", "hyena"))
-            gpu["hyena_filters"], gpu["hyena_filters_plain"] = (gpu_ms(_mixer_step("hyena", L, D, filters=f))
-                                                                for f in ("kernel", "plain"))
-            ops.append((L, gpu["attention_op"], gpu["hyena_op"], gpu["hyena_filters"], gpu["hyena_filters_plain"]))
-        results.append((B, D, L, gpu))
-        print(f"| {B:2d} | {D:3d} | {L:6d} | {wall['attention']:9.3f} / {gpu['attention']:8.3f} "
-              f"| {wall['plain']:7.3f} / {gpu['plain']:6.3f} | {toe} | {mon} | {gpu['fft']:12.3f} | {wall['kernel']:11.3f} "
-              f"| {gpu['plain'] / gpu['kernel']:20.1f}x | {gpu['attention'] / gpu['kernel']:24.2f}x |", flush=True)
-        torch.cuda.empty_cache()
-    print("\n# Whole operators, B = 1, D = 768, fwd+bwd GPU ms under bf16 autocast: train.py's CausalSelfAttention "
-          "(QKV and output projections, RoPE, SDPA) vs hyena.HyenaMixer with kernels (projections, short conv, "
-          "implicit filters, the order-2 mixing above); the filters alone by hyena_filter and in PyTorch")
-    print("| L      | attention operator | Hyena operator | of which implicit filters (kernel) | the filters in PyTorch "
-          "| Hyena vs attention |")
-    print("|-------:|-------------------:|---------------:|-----------------------------------:|-----------------------:"
-          "|-------------------:|")
-    for L, att_ms, hy_ms, filter_ms, plain_ms in ops:
-        print(f"| {L:6d} | {att_ms:18.3f} | {hy_ms:14.3f} | {filter_ms:34.3f} | {plain_ms:22.3f} "
-              f"| {att_ms / hy_ms:17.2f}x |")
-    if json_path:  # for compare.py's claims table
-        import json
-        with open(json_path + ".tmp", "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "unit": "fwd+bwd GPU ms",
-                       "rows": [{"B": B, "D": D, "L": L, "gpu_ms": gpu} for B, D, L, gpu in results]}, f, indent=1)
-        os.replace(json_path + ".tmp", json_path)
-        print(f"json: {json_path}")
-    if plot:
-        import train
-        plt = train.pyplot()
-        if plt is None:
-            print("(matplotlib is not installed: no plot)")
-            return
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, name in (("attention", "attention (SDPA)"), ("plain", "Hyena, plain (torch.fft)"),
-                          ("toeplitz", "Hyena, Toeplitz kernel"), ("monarch", "Hyena, Monarch kernel"),
-                          ("fft", "Hyena, FFT path kernels"),
-                          ("kernel", "Hyena, kernels (dispatched)")):
-            pts = [(L, gpu[key]) for B, _, L, gpu in results if B == 1 and key in gpu]
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("fwd+bwd GPU ms (B=1, D=768, bf16)")
-        ax.set_title(torch.cuda.get_device_name())
-        ax.legend()
-        os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
-        fig.savefig(plot, dpi=120, bbox_inches="tight")
-        print(f"plot: {plot}")
-
-
-def main():
-    parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels (GPU).")
-    parser.add_argument("--bench", choices=["mhc", "hyena", "linearity", "tpa"], required=True,
-                        help="which technique's kernels to time")
-    parser.add_argument("--profile", type=int, default=None, metavar="L",
-                        help="hyena: instead of the benchmark, the per-kernel GPU time of the whole attention and "
-                             "Hyena operators at L tokens")
-    parser.add_argument("--max-len", type=int, default=65536, help="hyena, tpa: longest sequence / cache timed")
-    parser.add_argument("--plot", default="out/hyena_speed.png", help="hyena: where to write the plot")
-    parser.add_argument("--json", default=None, metavar="PATH", help="hyena: also write the GPU times here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() or not HAVE_TRITON:
-        raise SystemExit("error: --bench needs a CUDA GPU and Triton")
-    if args.profile is not None and (args.bench != "hyena" or args.profile < 1):
-        raise SystemExit("error: --profile L takes a length L >= 1 and goes with --bench hyena")
-    if args.bench == "hyena" and args.profile:
-        profile_hyena(args.profile)
-    elif args.bench == "hyena":
-        bench_hyena(args.max_len, args.plot, args.json)
-    elif args.bench == "linearity":
-        bench_linearity()
-    elif args.bench == "tpa":
-        bench_tpa(args.max_len)
-    else:
-        bench_mhc()
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # no command line of its own: the benchmarks live in bench.py
+    import sys
+    args = [a for a in sys.argv[1:] if a != "--bench"]
+    sys.exit(f"kernels.py has no command line; the benchmarks moved to bench.py: "
+             f"python bench.py {' '.join(args) if args else 'mhc|linearity|tpa|hyena'}")

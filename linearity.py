@@ -36,12 +36,15 @@ h -> h W + b, or replace and distil: train only the maps to lower the layer-wise
 the hidden states from the first replaced block on of the MSE to the full model's (distill_objective),
 printed before -> after on the training text it trains on.
 
-Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_L, pair l = (h_l, h_{l+1}).
+Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_L. Blocks are numbered
+1..L wherever they are printed (tables, JSON): block l maps h_{l-1} to h_l and is scored on the pair
+(h_{l-1}, h_l); in code it is model.blocks[l - 1].
 """
 import argparse
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -182,18 +185,27 @@ REGULARISERS = {"cosine": cosine_regulariser, "mse": mse_regulariser}
 # Per-layer profile of a model
 
 
+def report_progress(progress, done: int, total: int, what: str):
+    """Call progress(message) about ten times over `total` units of work, and at the last one; nothing
+    when progress is None (the functions here are quiet unless the command line asks)."""
+    if progress is not None and (done == total or done % max(1, total // 10) == 0):
+        progress(f"{what} {done}/{total}")
+
+
 @torch.no_grad()
-def layer_profile(model, batches, device, use_kernel: bool = False) -> list[tuple[float, float]]:
+def layer_profile(model, batches, device, use_kernel: bool = False, progress=None) -> list[tuple[float, float]]:
     """(LS, LS_wo) for every consecutive pair of hidden states (embedding, block 1, ..., block L), pooled
-    over the token batches (each (B, T) token ids). Any model whose forward takes return_hidden."""
+    over the token batches (a list, each (B, T) token ids). Any model whose forward takes return_hidden.
+    progress: None, or a function given a line now and then (report_progress)."""
     stats = None
     model.eval()
-    for idx in batches:
+    for i, idx in enumerate(batches, 1):
         _, _, hidden = model(idx.to(device), return_hidden=True)
         if stats is None:
             stats = [PairStats(hidden[0].size(-1), device, use_kernel) for _ in range(len(hidden) - 1)]
         for s, x, y in zip(stats, hidden[:-1], hidden[1:]):
             s.update(x, y)
+        report_progress(progress, i, len(batches), "scoring: batch")
     return [s.scores() for s in stats]
 
 
@@ -255,13 +267,14 @@ def distill_loss(student, teacher, first: int, batches, device) -> float:
 
 
 def distill(student, teacher, replaced: list[int], batches, steps: int, device,
-            damping: float = 1e-4) -> tuple[float, float]:
+            damping: float = 1e-4, progress=None) -> tuple[float, float]:
     """Train only the replacements (the student's LinearBlocks `replaced`) to lower distill_objective over
     all of `batches` (full batch: one step sums the gradient over every batch). Returns the objective
     before and after, on the same batches it trains on (and the least-squares fit was made on): after <
     before is what the training achieved, not generalisation (the validation perplexity says that). A
     step is kept only if it lowers the objective, so after <= before always; after == before when no step
-    does (e.g. when the only replaced block is the last: the fit is then the exact minimum already)."""
+    does (e.g. when the only replaced block is the last: the fit is then the exact minimum already).
+    progress: as layer_profile's."""
     first, d = min(replaced), student.blocks[replaced[0]].weight.size(0)
     maps = [student.blocks[l] for l in replaced]
     params = [p for m in maps for p in (m.weight, m.bias)]
@@ -301,7 +314,7 @@ def distill(student, teacher, replaced: list[int], batches, steps: int, device,
     scale = d * (len(student.blocks) - first) / 2  # 1 / (Gauss-Newton curvature of one term's MSE)
     best = before = objective()
     t = 1.0
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         for p in params:
             p.grad = None
         for s in states:
@@ -325,14 +338,19 @@ def distill(student, teacher, replaced: list[int], batches, steps: int, device,
                 for m, w0 in zip(maps, start):
                     m.weight.copy_(w0[:-1])
                     m.bias.copy_(w0[-1])
+                if progress is not None:
+                    progress(f"distillation: no step lowers the objective ({best:.4g}) at step {step}; stopped")
                 break
+        report_progress(progress, step, steps, f"distillation (objective {best:.4g}): step")
     return before, best
 
 
-def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int, device) -> list[dict]:
+def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int, device,
+                progress=None) -> list[dict]:
     """Validation perplexity after removing the k most linear blocks, k = 0..k_max, three ways:
     (a) removal, (b) linear replacement (least squares), (c) linear replacement + distillation; each
-    row also holds the distillation objective over fit_batches before and after (distill_mse_*)."""
+    row also holds the distillation objective over fit_batches before and after (distill_mse_*).
+    A row's "blocks" are indices into model.blocks (0-based, as Python's). progress: as layer_profile's."""
     import copy
     L = len(model.blocks)
     if not 1 <= k_max <= L:
@@ -340,15 +358,18 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
     stats = [PairStats(model.cfg.n_embd, device) for _ in range(L)]
     model.eval()
     with torch.no_grad():
-        for x, _ in fit_batches:
+        for i, (x, _) in enumerate(fit_batches, 1):
             _, _, hidden = model(x.to(device), return_hidden=True)
             for l in range(L):
                 stats[l].update(hidden[l], hidden[l + 1])
+            report_progress(progress, i, len(fit_batches), "pruning, ranking the blocks on training text: batch")
     order = sorted(range(L), key=lambda l: -stats[l].scores()[1])  # most linear (LS_wo) first
     rows = [{"k": 0, "blocks": [], "removed": perplexity(model, val_batches, device)}]
     rows[0]["linear"] = rows[0]["distilled"] = rows[0]["removed"]
     rows[0]["distill_mse_before"] = rows[0]["distill_mse_after"] = 0.0
     for k in range(1, k_max + 1):
+        if progress is not None:
+            progress(f"pruning {k} of up to {k_max} blocks: removal and linear fit")
         chosen = sorted(order[:k])
         removed, linear = copy.deepcopy(model), copy.deepcopy(model)
         for l in chosen:
@@ -356,8 +377,9 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
             linear.blocks[l] = LinearBlock(*stats[l].linear_map()).to(device)
         row = {"k": k, "blocks": chosen, "removed": perplexity(removed, val_batches, device),
                "linear": perplexity(linear, val_batches, device)}
-        row["distill_mse_before"], row["distill_mse_after"] = distill(linear, model, chosen, fit_batches,
-                                                                      distill_steps, device)
+        row["distill_mse_before"], row["distill_mse_after"] = distill(
+            linear, model, chosen, fit_batches, distill_steps, device,
+            progress=None if progress is None else lambda msg, k=k: progress(f"pruning {k}: {msg}"))
         row["distilled"] = perplexity(linear, val_batches, device)
         rows.append(row)
     return rows
@@ -404,10 +426,12 @@ def kernels_available() -> bool:
 
 
 @torch.no_grad()
-def bench(model, data, tokens: int, batch_size: int, device) -> int:
+def bench(model, data, tokens: int, batch_size: int, device, progress=None) -> int:
     """Scores of every layer pair over `tokens` tokens, three ways, with their wall-clock times:
     the official recipe (hidden states gathered on the CPU, two fp32 SVDs per pair), our streaming
-    closed form in float64 (torch), and the same with the fp32 cross-Gram kernel."""
+    closed form in float64 (torch), and the same with the fp32 cross-Gram kernel. progress: as
+    layer_profile's, told when each timed pass starts (outside the timings)."""
+    progress = progress or (lambda msg: None)
     import time
     T = model.cfg.block_size
     starts = window_starts(data, T, tokens)
@@ -444,13 +468,17 @@ def bench(model, data, tokens: int, batch_size: int, device) -> int:
         methods["kernel"] = True
     for use_kernel in methods.values():  # warm-up (kernel compilation, cuBLAS handles)
         layer_profile(model, batches[:1], device, use_kernel)
+    progress(f"bench over {n_tokens:,} tokens in {len(batches)} batches: the forward passes alone")
     _, t_forward = timed(forwards)
     scores, seconds = {}, {}
     for name, use_kernel in methods.items():
+        progress(f"bench: the streaming score, {name}")
         scores[name], seconds[name] = timed(lambda: layer_profile(model, batches, device, use_kernel))
+    progress("bench: the official recipe, gathering the hidden states")
     hidden, t_gather = timed(gather)
     official, t_svd = [], 0.0
-    for x, y in zip(hidden[:-1], hidden[1:]):
+    for l, (x, y) in enumerate(zip(hidden[:-1], hidden[1:]), 1):
+        progress(f"bench: the official recipe, SVDs for block {l}/{len(hidden) - 1}")
         (ls, ls_wo), t = timed(lambda: (official_svd_score(x, y), official_svd_score(x, y - x)))
         official.append((ls, ls_wo))
         t_svd += t
@@ -460,10 +488,10 @@ def bench(model, data, tokens: int, batch_size: int, device) -> int:
     print(f"linearity scores over {n_tokens:,} training tokens, {len(ref)} layer pairs, d={model.cfg.n_embd}; "
           f"device {torch.cuda.get_device_name(device) if cuda else device}, CPU threads {torch.get_num_threads()}")
     names = list(scores)
-    print("| pair | " + " | ".join(f"LS {n}" for n in names) + " | " + " | ".join(f"LS_wo {n}" for n in names) + " |")
-    print("|-----:|" + "---------:|" * (2 * len(names)))
+    print("| block | " + " | ".join(f"LS {n}" for n in names) + " | " + " | ".join(f"LS_wo {n}" for n in names) + " |")
+    print("|------:|" + "---------:|" * (2 * len(names)))
     for l in range(len(ref)):
-        print(f"| {l:4d} | " + " | ".join(f"{scores[n][l][0]:.7f}" for n in names) + " | "
+        print(f"| {l + 1:5d} | " + " | ".join(f"{scores[n][l][0]:.7f}" for n in names) + " | "
               + " | ".join(f"{scores[n][l][1]:.7f}" for n in names) + " |")
     print("\n| method | what runs | seconds | vs official | max abs diff from float64 (LS, LS_wo) |")
     print("|--------|-----------|--------:|------------:|--------------------------------------:|")
@@ -478,18 +506,57 @@ def bench(model, data, tokens: int, batch_size: int, device) -> int:
     return 0
 
 
+def read_checkpoint(path: str) -> dict:
+    """train.load_checkpoint, with one line for each way a path can be wrong: no such file, or a file that
+    torch cannot read (not written by train.py, or cut short). torch's own message for the latter advises
+    loading with weights_only=False, which runs whatever code the file holds: it is not passed on."""
+    import train
+    if not os.path.isfile(path):
+        raise train.UserError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run "
+                              "(python train.py writes out/ARCH/ckpt.pt)")
+    try:
+        with warnings.catch_warnings():  # torch's remarks on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            return train.load_checkpoint(path)
+    except train.UserError as e:
+        if e.__context__ is None:  # read, but not in train.py's format: its message says so
+            raise
+        raise train.UserError(f"{path} is not a checkpoint of this project (train.py did not write it, or it "
+                              "is cut short)") from None
+
+
+def stderr_progress():
+    """A progress function for the long passes (report_progress): one flushed line on stderr, with the
+    seconds since the command started, so that stdout holds only the tables."""
+    import time
+    t0 = time.perf_counter()
+    return lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (the JSON is written atomically, at the end)
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
-                                                 "the validation text it was trained with (or --data).")
+                                                 "the validation text it was trained with (or --data). Blocks "
+                                                 "are numbered 1..L: block l maps h_{l-1} to h_l.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
     parser.add_argument("--tokens", type=int, default=200_000, help="validation tokens to pool (>> hidden size)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    parser.add_argument("--data", default=None, help="TinyStories folder or file (default: as train.py finds it)")
+    parser.add_argument("--data", default=None, help="TinyStories folder or file; None: the one train.py finds")
     parser.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (cuda where a GPU is present)")
     parser.add_argument("--plot", default=None, help="write the profile as a PNG here (needs matplotlib)")
     parser.add_argument("--prune", type=int, default=0, metavar="K",
-                        help="also print the perplexity table for removing / replacing the 1..K most linear blocks")
+                        help="also print the perplexity table for removing / replacing the 1..K most linear blocks; "
+                             "0: no pruning")
     parser.add_argument("--distill-steps", type=int, default=200,
                         help="full-batch steps of layer-wise distillation per k (pruning): the replacements learn to "
                              "lower the mean MSE to the full model's hidden states from the first replaced "
@@ -501,7 +568,8 @@ def main(argv=None) -> int:
                         help="also write the profile (and the pruning table) to this JSON file")
     parser.add_argument("--bench", action="store_true",
                         help="instead: time the official recipe (fp32 SVD per pair on the CPU) against the "
-                             "streaming score over --tokens training tokens (default 1M), and compare with float64")
+                             "streaming score over --tokens training tokens (1M unless given), and compare with "
+                             "float64")
     args = parser.parse_args(argv)
     import train  # the CLI needs the model and the data; the functions above do not
     plt = train.pyplot() if args.plot else None
@@ -509,7 +577,7 @@ def main(argv=None) -> int:
         print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 1
     try:
-        ckpt = train.load_checkpoint(args.checkpoint)
+        ckpt = read_checkpoint(args.checkpoint)
         model, mcfg = train.model_from_checkpoint(ckpt, args.checkpoint)
         if args.tokens <= mcfg.n_embd:
             raise train.UserError(f"--tokens {args.tokens} is not more than the hidden size {mcfg.n_embd}: "
@@ -536,7 +604,7 @@ def main(argv=None) -> int:
     T = mcfg.block_size
     if args.bench:
         tokens = args.tokens if args.tokens != parser.get_default("tokens") else 1_000_000
-        return bench(model, train.TokenData(train_path), tokens, args.batch_size, device)
+        return bench(model, train.TokenData(train_path), tokens, args.batch_size, device, stderr_progress())
     val = train.TokenData(val_path)
     starts = window_starts(val, T, args.tokens)
     if len(starts) * T <= mcfg.n_embd:
@@ -544,14 +612,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     val_batches = [val.windows(starts[i:i + args.batch_size], T) for i in range(0, len(starts), args.batch_size)]
-    profile = layer_profile(model, [x for x, _ in val_batches], device, use_kernel)
+    progress = stderr_progress()
+    progress(f"scoring {len(starts) * T:,} validation tokens in {len(val_batches)} batches on {device}")
+    profile = layer_profile(model, [x for x, _ in val_batches], device, use_kernel, progress)
     print(f"linearity of {args.checkpoint} ({mcfg.arch}, {mcfg.n_layer} blocks, d={mcfg.n_embd}), "
-          f"{len(starts) * T:,} validation tokens")
-    print("| pair                 | LS (with residual) | LS_wo (without) |")
-    print("|----------------------|-------------------:|----------------:|")
-    for l, (ls, ls_wo) in enumerate(profile):
-        name = f"{'embedding' if l == 0 else f'block {l}'} -> block {l + 1}"
-        print(f"| {name:20s} | {ls:18.4f} | {ls_wo:15.4f} |")
+          f"{len(starts) * T:,} validation tokens; block l maps h_(l-1) to h_l")
+    print("| block | pair                 | LS (with residual) | LS_wo (without) |")
+    print("|------:|----------------------|-------------------:|----------------:|")
+    for l, (ls, ls_wo) in enumerate(profile, 1):
+        name = f"{'embedding' if l == 1 else f'block {l - 1}'} -> block {l}"
+        print(f"| {l:5d} | {name:20s} | {ls:18.4f} | {ls_wo:15.4f} |")
     if args.plot:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(range(1, len(profile) + 1), [p[0] for p in profile], "o-", label="with residual")
@@ -569,9 +639,11 @@ def main(argv=None) -> int:
         fit_starts = window_starts(fit, T, len(starts) * T)  # as many windows as the validation's
         fit_batches = [fit.windows(fit_starts[i:i + args.batch_size], T)
                        for i in range(0, len(fit_starts), args.batch_size)]
-        rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device)
+        rows = prune_table(model, fit_batches, val_batches, args.prune, args.distill_steps, device, progress)
+        for r in rows:  # numbered as the profile's blocks: model.blocks[l] is block l + 1
+            r["blocks"] = [l + 1 for l in r["blocks"]]
         print("\nvalidation perplexity after pruning the k most linear blocks (ranked by LS_wo on training text)")
-        print("| k | blocks (0-based) | (a) removed | (b) linear fit | (c) fit + distilled | distillation MSE, before -> after |")
+        print("| k | blocks          | (a) removed | (b) linear fit | (c) fit + distilled | distillation MSE, before -> after |")
         print("|--:|-----------------|------------:|---------------:|--------------------:|----------------------------------:|")
         for r in rows:
             print(f"| {r['k']} | {str(r['blocks']):15s} | {r['removed']:11.2f} | {r['linear']:14.2f} | "
@@ -580,7 +652,7 @@ def main(argv=None) -> int:
               "on the training windows it trains on)")
     if args.json:
         train.write_json_atomic(args.json, {
-            "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T,
+            "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T, "first_block": 1,
             "reg": ckpt["train_config"].get("reg", "none"), "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile],
             "prune": rows if args.prune else None})
         print(f"json: {args.json}")

@@ -29,7 +29,9 @@ Notation (shape comments use these letters)
 Convention: res[i, j] is the weight of input stream j in output stream i, out_i = sum_j res_ij h_j
 (the paper's H_res x_l with x_l's rows as streams). HC's A_r is its transpose.
 """
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -326,8 +328,6 @@ def plot_gains(metrics_paths: list[str], out: str) -> None:
     """Amax gain over training from train.py's metrics.jsonl of hc/mhc runs (the rows it writes at each
     evaluation): a table of each run's largest values, and, with matplotlib, a plot of the composite's
     forward gain and the largest single sub-layer's against the step."""
-    import json
-    import os
     runs = {}
     for path in metrics_paths:
         if not os.path.isfile(path):
@@ -342,9 +342,11 @@ def plot_gains(metrics_paths: list[str], out: str) -> None:
     for name, rows in runs.items():
         print(f"| {name} | {len(rows)} | {max(r['gain_fwd'] for r in rows):.3f} | "
               f"{max(r['gain_bwd'] for r in rows):.3f} | {max(max(r['layer_gain_fwd']) for r in rows):.3f} |")
-    import train  # here, not at the top: train.py imports this file
-    plt = train.pyplot()
-    if plt is None:
+    try:  # matplotlib is optional: the table above is the result, the plot a view of it
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
         print("(matplotlib is not installed: no plot)")
         return
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -935,7 +935,7 @@ def test_kernel_hyena_matches_reference():
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, block=16)
     for B, C, L in ((2, 3, 63), (1, 2, 256), (3, 2, 300), (1, 2, 1500), (2, 2, 2100)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="monarch")
-    kernels.MONARCH["fused_backward"] = False  # the split backward (MODE 1, then 2) too
+    kernels.MONARCH["fused_backward"] = False  # the split backward ("grad_input", then "grad_filter") too
     try:
         check_kernel_hyena(3, 2, 300, device, torch.float32, 1e-5, path="monarch")
     finally:
@@ -1045,7 +1045,7 @@ def test_kernel_hyena_input_checks():
 
 
 def test_kernel_hyena_path_rule():
-    """hyena_long_conv picks the path the H100 measurements favour (kernels.HYENA_CONV's comment): the
+    """hyena_long_conv picks the path the sweeps favour (kernels.HYENA_CONV's comment): the
     Toeplitz kernel for L <= 512 with B C >= 32 L (sequence, channel) rows, otherwise the Monarch kernel
     up to MONARCH's max_len, and the FFT path beyond."""
     needs_triton()
@@ -1281,6 +1281,17 @@ def test_tpa_training_kernels_on_vs_off_agree():
                                      "--tpa-head-dim", "8")
 
 
+def test_tpa_demo_names_c_the_model_width_and_d_the_head_width():
+    """`python tpa.py` follows tpa.py's notation legend: C is the model width (384 by default), d the
+    width of one head (64), never the model width."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tpa.py")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    out = expect_ok(r)
+    cfg = train.GPTConfig(arch="tpa")
+    assert cfg.n_embd // cfg.n_head == cfg.tpa_head_dim == 64 and f"C={cfg.n_embd}" in out, out
+    assert set(re.findall(r"\bd=(\d+)", out)) == {"64"}, out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Linearity (linearity.py), plain PyTorch
 
@@ -1421,7 +1432,8 @@ def test_pruning_distillation_lowers_its_layerwise_objective():
 
 def test_cosine_regulariser_training_and_linearity_profile_cli():
     """train.py --reg cosine logs the regulariser; linearity.py CHECKPOINT prints one row per layer
-    pair; too few tokens and a missing checkpoint are clear errors."""
+    pair; blocks are numbered 1..L alike in the profile, the pruning table and the JSON; too few tokens
+    and a missing checkpoint are clear errors."""
     cwd = tempfile.mkdtemp(dir=WORK)
     expect_ok(run_train(*TINY, "--reg", "cosine", "--max-iters", "4", cwd=cwd))
     records = read_metrics(os.path.join(cwd, "out", "gpt"))
@@ -1430,9 +1442,9 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
            "--cache-dir", TOKENS, "--device", "cpu"]
     run = lambda *extra: subprocess.run(cmd + list(extra), cwd=cwd, capture_output=True, text=True, timeout=300)
     out = expect_ok(run("--tokens", "3000"))
-    rows = [line for line in out.splitlines() if line.startswith("| embedding") or line.startswith("| block")]
+    rows = [line for line in out.splitlines() if re.match(r"\| +\d+ \| (embedding|block \d+) -> block \d+ ", line)]
     assert len(rows) == 2, out
-    assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[2:4]), rows
+    assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[3:5]), rows
     # the kernel (on a GPU, or the interpreter on a CPU) prints the same profile
     with_kernel = expect_ok(run("--tokens", "3000", "--kernels", "on", "--device",
                                 "cuda" if torch.cuda.is_available() else "cpu"))
@@ -1441,11 +1453,81 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     assert "| official |" in out and "| float64 |" in out, out
     expect_fail(run("--tokens", "10"), "meaningless")
     expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
-    out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2"))
+    out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2", "--json", "lin.json"))
     assert "(c) fit + distilled" in out and "| 1 |" in out, out
+    # blocks are numbered 1..L everywhere: the profile's rows, the pruning table, the JSON compare.py reads.
+    # The block pruned first is the one of highest LS_wo on the training windows --prune ranks on.
+    assert rows[0].split("|")[1:3] == ["     1 ", " embedding -> block 1 "], rows
+    path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
+    model, _ = train.model_from_checkpoint(train.load_checkpoint(path), path)
+    fit_path, val_path = linearity.token_files(train.load_checkpoint(path), DATA, TOKENS, log=lambda msg: None)
+    n = len(linearity.window_starts(train.TokenData(val_path), 32, 3000)) * 32
+    fit = train.TokenData(fit_path)
+    starts = linearity.window_starts(fit, 32, n)
+    profile = linearity.layer_profile(model, [fit.windows(starts[i:i + 16], 32)[0] for i in range(0, len(starts), 16)],
+                                      "cpu")
+    first = 1 + max(range(2), key=lambda l: profile[l][1])
+    assert re.search(rf"^\| 1 \| \[{first}\] ", out, re.M), (first, out)
+    data = json.load(open(os.path.join(cwd, "lin.json")))
+    assert data["first_block"] == 1 and data["prune"][1]["blocks"] == [first], data["prune"]
     r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
                        capture_output=True, text=True, timeout=120)
     expect_fail(r, "no checkpoint")
+
+
+def test_linearity_cli_bad_paths_help_defaults_progress_and_ctrl_c():
+    """linearity.py's command line: a missing checkpoint and a file of random bytes each get one line
+    naming what is wrong (no option it lacks, never torch's advice to load with weights_only=False);
+    --help shows every default; scoring prints flushed progress lines on stderr; Ctrl-C ends it with
+    "interrupted" and no traceback."""
+    import contextlib
+    import io
+    cwd = tempfile.mkdtemp(dir=WORK)
+
+    def cli(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = linearity.main(list(args))
+            except SystemExit as e:  # --help
+                code = e.code
+        return code, out.getvalue() + err.getvalue()
+    missing = os.path.join(cwd, "out", "nothing", "ckpt.pt")
+    code, text = cli(missing)
+    assert code == 1 and text == f"error: no checkpoint at {missing}: give the ckpt.pt of a train.py run " \
+                                 "(python train.py writes out/ARCH/ckpt.pt)\n", text
+    noise = os.path.join(cwd, "noise.pt")
+    with open(noise, "wb") as f:
+        f.write(bytes(range(256)) * 20)
+    code, text = cli(noise)
+    assert code == 1 and text.count("\n") == 1 and "not a checkpoint of this project" in text, text
+    assert "weights_only" not in text, text
+    code, text = cli("--help")
+    for default in ("200000", "16", "out/tokens", "0", "200", "off"):
+        assert f"(default: {default})" in " ".join(text.split()), (default, text)
+    # progress and Ctrl-C: a checkpoint of train.py's format on ~15K tokens of made-up stories, scored one
+    # 32-token window per batch (the first progress line comes after a tenth of the batches)
+    data = make_folder([f"a story about a cat called tom {i}." for i in range(50)],
+                       [f"story number {i} is about a dog called rex {i}." for i in range(1000)])
+    model = small_model(vocab=50257, block=32, layers=2)
+    path = os.path.join(cwd, "ckpt.pt")
+    train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), model.cfg, train.TrainConfig(), 0, {})
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "linearity.py"), path, "--data", data, "--cache-dir",
+                             os.path.join(data, "tokens"), "--device", "cpu", "--batch-size", "1"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "scoring: batch" in line:
+                break
+        assert seen and "scoring: batch" in seen[-1], "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "| block" not in out, err + out
 
 
 def check_kernel_cross_gram(N, D, device, dtype, tol):
@@ -1675,7 +1757,11 @@ def test_exercises_have_checks_that_pass_and_fail():
             expect_ok(run_train(*TINY, "--arch", "gpt", "--max-iters", "3", "--eval-interval", "3", *extra,
                                 "--out-dir", f"out/{name}", cwd=cwd))
         assert sorted(str(outcome("linearity.3", a)) for a in ("up", "down")) == ["False", "True"]
-        assert sorted(str(outcome("linearity.2", str(k))) for k in range(2)) == ["False", "True"]
+        assert sorted(str(outcome("linearity.2", str(k))) for k in (1, 2)) == ["False", "True"]
+        # a run exercise's solution comes from the runs, with blocks numbered 1..L as linearity.py prints them
+        solution = exercises.EXERCISES["linearity.2"](exercises.REVEAL)[1]
+        scores = {int(b): float(v) for b, v in re.findall(r"(\d+): (\d\.\d+)", solution)}
+        assert sorted(scores) == [1, 2] and solution.startswith(f"block {max(scores, key=scores.get)} "), solution
     finally:
         os.chdir(here)
         exercises.LINEARITY_TOKENS = 200_000
@@ -1686,6 +1772,46 @@ def test_exercises_have_checks_that_pass_and_fail():
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([sys.executable, os.path.join(HERE, "exercises.py"), "mhc.9"], capture_output=True, text=True)
     assert r.returncode == 2 and "no exercise 'mhc.9'" in r.stderr
+
+
+def test_exercises_hint_on_a_wrong_answer_and_solution_only_with_reveal():
+    """Every exercise has a hint of its own. A wrong prediction prints the hint and no part of the
+    solution; --reveal prints the solution (for a change exercise, what the change shows, computed
+    with it made); no hint names its exercise's answer."""
+    import contextlib
+    import io
+    import exercises
+
+    def cli(*args):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = exercises.main(list(args))
+        return code, " ".join(out.getvalue().split())
+    hints = [fn.hint for fn in exercises.EXERCISES.values()]
+    assert all(len(h) > 40 for h in hints) and len(set(hints)) == len(hints), hints
+    wrong = {"mhc.2": "9", "mhc.3": "both", "mhc.4": "201,101", "mhc.5": "2.4,0.9", "hyena.2": "200",
+             "hyena.3": "normal", "tpa.1": "768", "tpa.2": "576,100", "linearity.1": "yes,yes"}
+    answers = {"mhc.4": ["453", "226.5"], "mhc.5": ["29."], "hyena.2": ["199"], "tpa.1": ["168"], "tpa.2": ["228"]}
+    assert sorted(wrong) == sorted(i for i, fn in exercises.EXERCISES.items() if fn.kind == "predict")
+    for ex_id, answer in wrong.items():
+        fn = exercises.EXERCISES[ex_id]
+        solution = " ".join(fn(exercises.REVEAL)[1].split())
+        code, out = cli(ex_id, "--answer", answer)
+        assert code == 1 and f"NOT YET. Hint: {' '.join(fn.hint.split())}" in out and "--reveal" in out, out
+        assert solution not in out and "SOLUTION" not in out, (ex_id, out)
+        assert not any(a in fn.hint for a in answers.get(ex_id, [])), (ex_id, fn.hint)
+        code, out = cli(ex_id, "--reveal")
+        assert code == 0 and f"SOLUTION: {solution}" in out and "Hint" not in out, (ex_id, out)
+        assert all(a in solution for a in answers.get(ex_id, [])), (ex_id, solution)
+    code, out = cli("tpa.1", "--answer", "768", "--reveal")  # both: the verdict, then the solution
+    assert code == 1 and "NOT YET" in out and "SOLUTION: h = 20 heads" in out, out
+    # change exercises: unchanged code gets the hint; --reveal shows the result of the change
+    code, out = cli("mhc.1")
+    assert code == 1 and "not yet" in out and "hint:" in out and "composite of 64" not in out, out
+    code, out = cli("mhc.1", "--reveal")
+    assert code == 0 and re.search(r"SOLUTION: composite of 64 layers: forward gain 1\.0000, backward gain 1\.\d+", out)
+    code, out = cli("hyena.1", "--reveal")
+    assert code == 0 and re.search(r"SOLUTION: (7\d|6\d)\.\d% of the filters' energy now lies past", out), out
 
 
 def test_every_technique_self_demo_runs_in_under_30_seconds():
@@ -1995,6 +2121,84 @@ def test_ctrl_c_stops_cleanly_with_a_resumable_checkpoint():
     assert f"resuming from out/gpt/ckpt.pt at step {stopped}" in expect_ok(r)
 
 
+def train_here(*args):
+    """train.main(args) in this process, for commands that stop within a step or two (a train.py start
+    is slow): (exit code, stdout and stderr)."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = train.main(list(args))
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+    return code, out.getvalue()
+
+
+def expect_error_line(result, phrase, code=1):
+    """train_here's result: the exit code, and one error line holding phrase, no traceback."""
+    rc, text = result
+    errors = [line for line in text.splitlines() if "error" in line]
+    assert rc == code and len(errors) == 1 and phrase in errors[0] and "Traceback" not in text, (rc, text)
+
+
+def test_existing_run_is_never_overwritten_silently():
+    """A fresh run into a folder holding a run is refused (one line, before reading data) unless --resume
+    or --overwrite; with --overwrite, a run that fails before its first checkpoint leaves the old run's
+    ckpt.pt, metrics.jsonl and run.json byte for byte, and one that checkpoints replaces all three; a
+    flag's prefix (--max-iter) is an error, not --max-iters."""
+    cwd, path = trained_run()
+    folder = os.path.dirname(path)
+
+    def files():
+        out = {}
+        for name in ("ckpt.pt", "metrics.jsonl", "run.json"):
+            with open(os.path.join(folder, name), "rb") as f:
+                out[name] = f.read()
+        return out
+    before = files()
+    here = [*TINY, "--max-iters", "8", "--out-dir", folder, "--data", "/no/such/place"]
+    expect_error_line(train_here(*here), "holds a run (ckpt.pt, metrics.jsonl): continue it with --resume, "
+                                         "replace it with --overwrite")
+    expect_error_line(train_here(*TINY, "--max-iter", "8", "--resume", "--out-dir", folder),
+                      "unrecognized arguments: --max-iter 8", code=2)
+    expect_error_line(train_here(*here, "--resume", "--overwrite"), "pass one of them")
+    assert files() == before
+    # diverges within a few steps, before its first checkpoint (step 8): the old run stays whole
+    expect_error_line(train_here(*TINY, "--max-iters", "8", "--lr", "1e38", "--overwrite", "--out-dir", folder,
+                                 "--data", DATA, "--cache-dir", TOKENS), "none was written")
+    assert files() == before
+    expect_ok(run_train(*TINY, "--max-iters", "3", "--overwrite", cwd=cwd))
+    assert train.load_checkpoint(path)["step"] == 3
+    assert max(r["step"] for r in read_metrics(folder)) == 3
+    with open(os.path.join(folder, "run.json")) as f:
+        assert json.load(f)["train_config"]["max_iters"] == 3
+
+
+def test_resuming_a_finished_run_says_so():
+    """--resume at the checkpoint's step says the run is finished, in one line, without evaluating or
+    sampling again and without touching its files; --max-iters below the checkpoint's step is an error."""
+    _, path = trained_run()
+    folder = os.path.dirname(path)
+    mtimes = {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in ("ckpt.pt", "metrics.jsonl", "run.json")}
+    resume = [*TINY, "--resume", "--out-dir", folder, "--data", DATA, "--cache-dir", TOKENS]
+    code, out = train_here(*resume, "--max-iters", "4")
+    assert code == 0 and "already finished at step 4; nothing to do" in out, out
+    assert "val loss" not in out and "sample" not in out, out
+    assert mtimes == {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in mtimes}
+    expect_error_line(train_here(*resume, "--max-iters", "3"), "is at step 4, past --max-iters 3")
+
+
+def test_sample_checks_its_settings():
+    """--sample refuses what training refuses, before loading the checkpoint: a negative temperature or
+    top-k, no samples, no new tokens; one line each, non-zero exit."""
+    sample = ["--sample", "once", "--device", "cpu", "--out-dir", tempfile.mkdtemp(dir=WORK)]
+    for flag, value, phrase in (("--temperature", "-1", "--temperature must be"), ("--top-k", "-3", "--top-k must"),
+                                ("--num-samples", "0", "--num-samples must"),
+                                ("--max-new-tokens", "-3", "--max-new-tokens must")):
+        expect_error_line(train_here(*sample, flag, value), phrase)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad command-line input: a clear message, a non-zero exit, nothing written
 
@@ -2031,6 +2235,23 @@ def test_bad_arguments_are_refused():
         assert not os.path.exists(os.path.join(cwd, "out", "gpt")), args
 
 
+def test_run_too_large_for_memory_is_refused_before_it_starts():
+    """A context no machine holds (the logits alone: 8 x 10^7 x 50304 values) is refused at once with the
+    estimate, before any data is read and with no output folder; the estimate passes the default GPU
+    configuration of every arch on an 80 GB card and the tiny CPU configuration in 1 GiB."""
+    from unittest import mock
+    folder = os.path.join(tempfile.mkdtemp(dir=WORK), "run")
+    expect_error_line(train_here("--device", "cpu", "--block-size", "10000000", "--max-iters", "1", "--out-dir", folder,
+                                 "--data", "/no/such/place"), "a training step needs at least")
+    assert not os.path.exists(folder)
+    for gib, micro_batch, seq_len, dtype, kw in ((80, 64, 512, "bfloat16", {}),
+                                                 (1, 8, 64, "float32", dict(n_layer=2, n_head=2, n_embd=64))):
+        pages = lambda name, gib=gib: 4096 if name == "SC_PAGE_SIZE" else gib * 2**30 // 4096  # noqa: E731
+        with mock.patch.object(train.os, "sysconf", pages):
+            for arch in train.ARCHS:
+                train.check_memory(train.GPTConfig(arch=arch, **kw), micro_batch, seq_len, torch.device("cpu"), dtype)
+
+
 def test_help_lists_every_setting():
     """--help names every field of GPTConfig and TrainConfig."""
     out = expect_ok(run_train("--help", data=False))
@@ -2062,7 +2283,8 @@ def test_ddp_two_processes_match_one():
     # rank 0's data error reaches every rank: all stop with the message instead of waiting forever
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29518", TRAIN_PY, *TINY, "--data", "/no/such/place"],
-                       cwd=two, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       cwd=tempfile.mkdtemp(dir=WORK), capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and (r.stdout + r.stderr).count("no such file or folder") == 2, r.stderr[-2000:]
 
 
@@ -2081,6 +2303,47 @@ def test_bench_command_prints_a_table():
     expect_fail(run_train("--bench-no-reference", data=False), "--bench-no-reference goes with --bench")
     if not torch.cuda.is_available():  # the per-kernel profile reads GPU timings: refused on a CPU
         expect_fail(run_train("--bench", "--profile", "--device", "cpu", data=False), "--profile goes with --bench")
+
+
+def test_bench_on_a_cpu_uses_the_tiny_configuration():
+    """--bench on a CPU takes the tiny CPU configuration's model and batch for what is not given (never the
+    full-size model); training-only settings stay as they are."""
+    mcfg, cfg, _ = train.parse_args(["--bench", "--device", "cpu"])
+    tiny = train.CPU_TINY
+    assert (mcfg.n_layer, mcfg.n_embd, mcfg.block_size, cfg.batch_size) == (
+        tiny["n_layer"], tiny["n_embd"], tiny["block_size"], tiny["batch_size"])
+    assert cfg.max_iters == train.TrainConfig.max_iters and cfg.lr == train.TrainConfig.lr
+    mcfg, _, _ = train.parse_args(["--bench", "--device", "cpu", "--n-embd", "32"])
+    assert mcfg.n_embd == 32 and mcfg.n_layer == tiny["n_layer"]
+
+
+def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
+    """bench.py --help lists the kernel benchmarks; --set changes a launch setting and refuses unknown ones;
+    on a CPU each benchmark refuses in one line; `kernels.py --bench X ...` names the bench.py command."""
+    def bench(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True,
+                              text=True, timeout=120)
+    out = expect_ok(bench("--help"))
+    assert all(name in out for name in ("mhc", "linearity", "tpa", "hyena")), out
+    import bench as bench_module
+    saved = dict(kernels.MONARCH)
+    try:
+        bench_module.apply_settings(["MONARCH.launch={512: (16, 16, 16, 2)}", "MONARCH.half=tf32"])
+        assert kernels.MONARCH["launch"] == {512: (16, 16, 16, 2)} and kernels.MONARCH["half"] == "tf32"
+    finally:
+        kernels.MONARCH.update(saved)
+    try:
+        bench_module.apply_settings(["MONARCH.nope=1"])
+        raise AssertionError("an unknown launch setting was accepted")
+    except SystemExit as e:
+        assert "--set MONARCH.nope=1" in str(e) and "MHC_PRE" in str(e), e
+    if not torch.cuda.is_available():
+        r = bench("hyena", "--set", "HYENA_CONV.block=32")
+        expect_fail(r, "bench.py hyena needs a CUDA GPU")
+        assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(HERE, "kernels.py"), "--bench", "hyena", "--json", "x.json"],
+                       capture_output=True, text=True, timeout=120)
+    expect_fail(r, "python bench.py hyena --json x.json")
 
 
 # ----------------------------------------------------------------------------------------------------

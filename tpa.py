@@ -218,7 +218,7 @@ if __name__ == "__main__":
     mixer = TPAttention(cfg, 0)
     mixer.init_weights()
     nn.init.normal_(mixer.proj.weight, std=0.02)
-    x = torch.randn(2, 20, 128)
+    x = torch.randn(2, 20, cfg.n_embd)  # (B, T, C)
 
     print("1. RoPE commutes with the head factor: rotating B then forming Q == forming Q then rotating it")
     (a_q, _, _), (b_q, _, _) = mixer.factors(x)
@@ -226,8 +226,10 @@ if __name__ == "__main__":
     rotate_q = mixer.rotary(factor_product(a_q, b_q))
     print(f"   max difference {(rotate_b - rotate_q).abs().max():.1e}")
 
-    print("2. Values cached per token per layer at the project's default model (d=384, 6 heads):")
-    for name, n in cache_table(train.GPTConfig(arch="tpa")):
+    default = train.GPTConfig(arch="tpa")
+    print(f"2. Values cached per token per layer at the project's default model (C={default.n_embd}, "
+          f"{default.n_head} heads of d={default.n_embd // default.n_head}):")
+    for name, n in cache_table(default):
         print(f"   {name:38s} {n:5d}")
 
     print("3. Prefill 8 tokens, then decode 12 one at a time from the factorised cache == the full forward:")

@@ -843,6 +843,9 @@ class TrainConfig:
                                                            "paths (auto: on CUDA)", "choices": ["auto", "on", "off"]})
     peak_tflops: float = field(default=None, metadata={"help": "device peak for MFU (default: looked up)"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "train afresh into an --out-dir that holds a run "
+                                                            "(refused without it); the old run's files stay "
+                                                            "until the new run's first checkpoint replaces them"})
     # sampling
     sample: str = field(default=None, metadata={"help": "print samples for this prompt from out_dir/ckpt.pt"})
     num_samples: int = field(default=1, metadata={"help": "samples to print"})
@@ -850,7 +853,8 @@ class TrainConfig:
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
     top_k: int = field(default=200, metadata={"help": "sample among the k likeliest tokens (0: all)"})
     # benchmark
-    bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference"})
+    bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference (on a "
+                                                         "CPU: at the tiny CPU configuration, like training)"})
     bench_steps: int = field(default=30, metadata={"help": "timed steps per model in --bench"})
     bench_no_reference: bool = field(default=False, metadata={"help": "with --bench: leave the nanoGPT-style "
                                                                       "reference out (its memory and compile time "
@@ -983,10 +987,36 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
     if cfg.reg != "none" and cfg.reg_pairs == "blocks" and mcfg.n_layer < 2:
         raise UserError(f"--reg {cfg.reg} --reg-pairs blocks needs at least 2 blocks (one block has no "
                         "block -> block pair); use --reg-pairs all")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
     if cfg.bench_no_reference and not cfg.bench:
         raise UserError("--bench-no-reference goes with --bench")
     if cfg.profile and not (cfg.bench and torch.cuda.is_available() and cfg.device != "cpu"):
         raise UserError("--profile goes with --bench and needs a CUDA GPU (it reads the GPU's kernel timings)")
+
+
+def check_memory(mcfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, dtype: str):
+    """Refuse, before anything is allocated, a training step that cannot fit in the device's memory (on a
+    CPU it would otherwise compute for minutes, then fail or be killed)."""
+    # A lower bound, so that no run that fits is refused: weights, gradients and AdamW's two moments in
+    # fp32 (16 bytes a parameter); the logits and their gradient (2 B T V values in the compute dtype);
+    # and 16 values a token and channel per block kept for the backward (a plain block keeps ~18: norm
+    # inputs, q k v, the MLP's 4C twice, ...). No T^2 term: SDPA keeps O(T) per head on GPUs and CPUs.
+    with torch.device("meta"):  # counts the parameters without allocating them
+        params = GPT(mcfg).num_params()
+    size, tokens = (2 if dtype == "bfloat16" else 4), micro_batch * seq_len
+    logits = 2 * size * tokens * mcfg.padded_vocab_size
+    need = 16 * params + logits + 16 * size * tokens * mcfg.n_embd * mcfg.n_layer
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[1], torch.cuda.get_device_name(device)
+    elif hasattr(os, "sysconf"):
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    else:
+        return
+    if need > have:
+        raise UserError(f"a training step needs at least {need / 2**30:,.0f} GiB (the logits of {micro_batch} x "
+                        f"{seq_len} tokens alone {logits / 2**30:,.0f} GiB) but {where} has {have / 2**30:,.0f} "
+                        "GiB: lower --batch-size (or raise --grad-accum), --seq-len or --block-size")
 
 
 @torch.no_grad()
@@ -1174,6 +1204,11 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     if recall and not cfg.resume:
         mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    held = [p for p in (ckpt_path, metrics_path) if os.path.isfile(p) and os.path.getsize(p)]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UserError(f"{cfg.out_dir} holds a run ({', '.join(map(os.path.basename, held))}): continue it with "
+                        "--resume, replace it with --overwrite, or pick another --out-dir")
     start_step, best_val = 0, float("inf")
     ckpt = None
     if cfg.resume:
@@ -1189,6 +1224,12 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
             cfg.reg_pairs = ckpt["train_config"].get("reg_pairs", "all")
     seq_len = cfg.seq_len or mcfg.block_size
     validate(mcfg, cfg, world)
+    if ckpt is not None and ckpt["step"] > cfg.max_iters:
+        raise UserError(f"{ckpt_path} is at step {ckpt['step']}, past --max-iters {cfg.max_iters}: pass a larger "
+                        "--max-iters to continue it")
+    if ckpt is not None and ckpt["step"] == cfg.max_iters:
+        log(f"{ckpt_path}: already finished at step {cfg.max_iters}; nothing to do (raise --max-iters to continue)")
+        return 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1196,6 +1237,8 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else contextlib.nullcontext())
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    micro_batch = cfg.batch_size // (cfg.grad_accum * world)
+    check_memory(mcfg, micro_batch, seq_len, device, dtype)
 
     # data: rank 0 tokenizes (once); the others wait for its cache, or its error
     paths, error = None, None
@@ -1240,7 +1283,6 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    micro_batch = cfg.batch_size // (cfg.grad_accum * world)
     tokens_per_step = cfg.batch_size * seq_len
     flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
     peak = peak_tflops(device, cfg.peak_tflops)
@@ -1255,35 +1297,40 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
            f"{' (keys repeat), then one query' if cfg.task == 'recall1' else ''}, vocab {cfg.recall_vocab}, "
            f"chance {100 * recall_chance(cfg.recall_vocab):.1f}%" if recall
            else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        # What produced this run, for whoever reads its metrics later (compare.py's results table).
-        write_json_atomic(os.path.join(cfg.out_dir, "run.json"), {
-            "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
-            "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
-            "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
-            "recall_chance": recall_chance(cfg.recall_vocab) if recall else None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
-            "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
-            "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None})
-        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        kept = []
-        if cfg.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        metrics = open(metrics_path, "w")
-        metrics.writelines(kept)
+    # What produced this run, for whoever reads its metrics later (compare.py's results table). It and the
+    # metrics lines are held here until the first checkpoint: a run that fails or is stopped before it
+    # leaves out_dir, and any run already there, as they were.
+    run_info = {
+        "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
+        "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
+        "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
+        "recall_chance": recall_chance(cfg.recall_vocab) if recall else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
+        "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
+        "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None}
+    pending, metrics = [], None  # metrics lines, and the metrics file once the first checkpoint is written
+    if master and cfg.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
+        with open(metrics_path) as f:
+            pending = [line for line in f if json.loads(line)["step"] <= start_step]
     last_good = start_step if cfg.resume else None
 
     def write_metrics(record):
-        if master:
+        if master and metrics is None:
+            pending.append(json.dumps(record) + "\n")
+        elif master:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
     def checkpoint(step):
-        nonlocal last_good
+        nonlocal last_good, metrics
         if master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
             save_checkpoint(ckpt_path, raw_model, optimizer, mcfg, cfg, step, {"best_val_loss": best_val})
+            if metrics is None:  # the first checkpoint: from here on the folder holds this run
+                write_json_atomic(os.path.join(cfg.out_dir, "run.json"), run_info)
+                metrics = open(metrics_path, "w")
+                metrics.writelines(pending)
+                metrics.flush()
         last_good = step
 
     def eval_and_checkpoint(step):
@@ -1396,14 +1443,15 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
                 t_last, steps_since = time.time(), 0
             if stop_now:
                 checkpoint(step)
-                log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with the same command and --resume")
+                log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with the same command and --resume"
+                    + (" in place of --overwrite" if cfg.overwrite else ""))
                 return 130
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 check_finite()
                 t_eval = time.time()
                 eval_and_checkpoint(step)
                 t_last += time.time() - t_eval  # evaluation time is not training time
-    if step == start_step:  # nothing to train (e.g. resuming a finished run): still report
+    if step == start_step:  # nothing to train (--max-iters 0): still evaluate and checkpoint the model
         eval_and_checkpoint(step)
     if master and recall:
         metrics.close()
@@ -1417,6 +1465,7 @@ def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
 
 
 def sample_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
+    validate(mcfg, cfg, 1)
     out_dir = cfg.out_dir or os.path.join("out", mcfg.arch)
     path = os.path.join(out_dir, "ckpt.pt")
     model, mcfg = model_from_checkpoint(load_checkpoint(path), path)
@@ -1480,6 +1529,7 @@ def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     peak = peak_tflops(device, cfg.peak_tflops)
     B, rounds, warmup = cfg.batch_size // cfg.grad_accum, 5, 10
+    check_memory(mcfg, B, seq_len, device, dtype)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(mcfg.vocab_size, (B, seq_len + 1), generator=gen).to(device) for _ in range(4)]
     print(f"# --bench on {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
@@ -1560,7 +1610,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train, sample or benchmark the tiny GPT of this repository on TinyStories.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress_defaults else None)
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        allow_abbrev=False)  # a typo such as --max-iter is an error, not a prefix of --max-iters
     for title, cls in (("model", GPTConfig), ("training", TrainConfig)):
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -1589,8 +1640,9 @@ def parse_args(argv=None):
     mcfg = GPTConfig(**{k: v for k, v in args.items() if k in model_names})
     cfg = TrainConfig(**{k: v for k, v in args.items() if k not in model_names})
     wants_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if wants_cpu and not cfg.bench and not cfg.sample:
-        tiny = {k: v for k, v in CPU_TINY.items() if k not in explicit}
+    if wants_cpu and not cfg.sample:
+        tiny = {k: v for k, v in CPU_TINY.items() if k not in explicit
+                and (not cfg.bench or k in model_names or k == "batch_size")}  # --bench: the model and batch
         for k, v in tiny.items():
             setattr(mcfg if k in model_names else cfg, k, v)
         if tiny:
