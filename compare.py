@@ -6,7 +6,8 @@ four papers' claims next to what our runs show.
     python compare.py --parallel 8             # 8 runs side by side (tiny models leave a GPU mostly idle)
     python compare.py --runs gpt,mhc+tpa       # some runs only
     python compare.py --stages report          # rebuild the report from the runs already there
-    python compare.py --readme README.md       # ... and put it in the README, between its two markers
+    python compare.py --readme README.md --results RESULTS.md
+                                               # ... the summary into the README, all of it into RESULTS.md
     python compare.py --stages sweep           # the Hyena filter sweep behind hyena.py's defaults
     python compare.py -- --device cpu          # anything after `--` goes to every train.py run
 
@@ -720,9 +721,10 @@ def recall_table(recall: dict, archs) -> list[str]:
     return lines
 
 
-def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
+def report(run_names: list[str], args, target: str, summary: bool = False) -> tuple[str, dict]:
     """The results in markdown, and every seed's numbers as a dict (results.json); target is the file the
-    markdown goes into (the plot is linked relative to it)."""
+    markdown goes into (the plot is linked relative to it). summary: the runs' table and the claims only
+    (the README's block; linearity, pruning, recall and speed tables go to RESULTS.md)."""
     runs = load_runs(run_names, args)
     recall, recall_info = load_recall(args)
     speed = read_json(os.path.join(args.out, "hyena_speed.json"))
@@ -780,6 +782,8 @@ def report(run_names: list[str], args, target: str) -> tuple[str, dict]:
               "numbers, by the rule in brackets; differences are paired by seed, with the 95% confidence "
               "interval of Student's t):", "", "| paper | claim | our run | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if summary:
+        return "\n".join(lines) + "\n", {}
     # linearity and pruning
     lin = {n: per_seed(seeds, lambda s: s.get("linearity")) for n, seeds in runs.items()}
     lin = {n: v for n, v in lin.items() if v}
@@ -983,8 +987,11 @@ def parse_args(argv=None):
     p.add_argument("--recall-archs", default=",".join(RECALL_ARCHS), help="archs of the recall runs")
     p.add_argument("--out", default="out/compare", help="where the runs and the report go")
     p.add_argument("--plot", default=None, help="where the plot of loss and pruning curves goes (None: OUT/loss_curves.png)")
+    p.add_argument("--results", default=None, metavar="RESULTS.md",
+                   help="also replace the block between this file's compare.py markers with the whole report")
     p.add_argument("--readme", default=None, metavar="README.md",
-                   help="also replace the block between this file's compare.py markers with the report")
+                   help="also replace the block between this file's compare.py markers with the summary (the "
+                        "runs' table and the claims)")
     args = p.parse_args(argv)
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in args.runs if r not in train.ARCHS and r not in EXTRA_RUNS]
@@ -1007,12 +1014,14 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.recall_steps, args.recall1_steps) < 4:
         p.error("--recall-steps and --recall1-steps must be at least 4 (a run is evaluated 4 times)")
-    if args.readme and not os.path.isfile(args.readme):
-        p.error(f"--readme {args.readme}: no such file")
-    if args.readme and "report" not in args.stages:
-        p.error("--readme needs the report stage")
-    if args.readme:
-        check_markers(args.readme)  # before hours of training, not after
+    for flag in ("readme", "results"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            p.error(f"--{flag} {path}: no such file")
+        if path and "report" not in args.stages:
+            p.error(f"--{flag} needs the report stage")
+        if path:
+            check_markers(path)  # before hours of training, not after
     args.out = os.path.abspath(args.out)  # the commands run in this file's folder
     args.plot = os.path.abspath(args.plot or os.path.join(args.out, "loss_curves.png"))
     return args, extra
@@ -1054,8 +1063,11 @@ def main(argv=None) -> int:
         print("\n" + text)
         log(f"report: {path} (every seed's numbers: results.json)")
         if args.readme:
-            replace_block(args.readme, report(args.runs, args, args.readme)[0])
-            log(f"README block replaced: {args.readme}")
+            replace_block(args.readme, report(args.runs, args, args.readme, summary=True)[0])
+            log(f"summary block replaced: {args.readme}")
+        if args.results:
+            replace_block(args.results, report(args.runs, args, args.results)[0])
+            log(f"whole report replaced: {args.results}")
     log(f"compare.py: {time.time() - t0:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

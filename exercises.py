@@ -198,7 +198,7 @@ def mhc_write_back_bytes(answer=None):
     the benchmark's shape (B = 64, T = 512, n = 4, C = 384) and with f stored like the streams, how
     many MB (10^6 bytes) is that with fp32 streams, and with bf16 streams (--residual-dtype bfloat16)?
     At the ~3.0 TB/s an H100 copy reaches, how long must the bf16 one take at least? Compare with the
-    write-back's forward in `python kernels.py --bench mhc` (README: 0.082 ms). --answer FP32_MB,BF16_MB"""
+    write-back's forward in `python kernels.py --bench mhc` (RESULTS.md: 0.082 ms). --answer FP32_MB,BF16_MB"""
     given = need_numbers(answer, "FP32_MB,BF16_MB", 2)
     n, C, tokens = 4, 384, 64 * 512
     truth = [(2 * n + 1) * C * tokens * size / 1e6 for size in (4, 2)]  # read n + 1 rows of C, write n
@@ -206,7 +206,7 @@ def mhc_write_back_bytes(answer=None):
     return ok, (f"(2n + 1) C values per token ({n} streams read, f read, {n} streams written) x {tokens:,} "
                 f"tokens = {truth[0]:.1f} MB in fp32, {truth[1]:.1f} MB in bf16: "
                 f"{truth[1] / 3000:.3f} ms at 3.0 TB/s (the kernel: 0.082 ms). Every mHC sub-layer moves this and "
-                "more (README: ~13.5 passes over the streams), which is why mHC's cost is memory traffic, not "
+                "more (RESULTS.md: ~13.5 passes over the streams), which is why mHC's cost is memory traffic, not "
                 "arithmetic.")
 
 
@@ -217,12 +217,12 @@ def mhc_write_back_bytes(answer=None):
 def mhc_wide_floor(answer=None):
     """How much of mHC's cost is stream traffic in a wide model?
 
-    The README's width table runs d = 4096, 6 layers (12 sub-layers), 16,384 tokens a step, n = 4
+    RESULTS.md's width table runs d = 4096, 6 layers (12 sub-layers), 16,384 tokens a step, n = 4
     streams stored in bf16. Counting only passes over the streams (one pass = every stream value of
     every token read or written once) at the ~3.0 TB/s an H100 copy reaches: how many ms a step do
     this repository's kernels (~13.5 passes per sub-layer) need at least, and how many would a design
     that keeps only the ~5 passes no fusion removes? Set them against the measured 39 ms of extra time
-    and the plain step's 241 ms (README, "HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
+    and the plain step's 241 ms (RESULTS.md, "HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
     given = need_numbers(answer, "MS_13.5_PASSES,MS_5_PASSES", 2)
     n, C, tokens, sublayers = 4, 4096, 32 * 512, 12
     one_pass_ms = n * C * tokens * 2 / 3.0e12 * 1e3  # bf16: 2 bytes a value
@@ -309,7 +309,7 @@ def hyena_filter_init(answer=None):
     `hyena.ImplicitFilter` at the recall setting (C = 128, order 2, l_max = 128, emb_dim and w as
     train.py's defaults) with each init. Predict: which one's filters h start as white noise along
     time (lag-1 autocorrelation near 0) rather than as smooth curves (near 1)? --answer kaiming|normal
-    The check computes both. (Measured on an H100, README's Hyena section: MQAR recall at L = 128,
+    The check computes both. (Measured on an H100, RESULTS.md's Hyena section: MQAR recall at L = 128,
     3000 steps, 3 seeds, chance 6.2%: the Pile setting w 14, emb_dim 33 with Kaiming init 6.0%, with
     normal init 22.5%; the defaults w 10, emb_dim 5, normal init 38.2%.)"""
     given = need_choice(answer, ("kaiming", "normal"))
@@ -508,7 +508,7 @@ def linearity_cosine(answer=None):
         means[name] = sum(p[1] for p in later) / len(later)
     truth = "up" if means["gpt-cosine"] > means["gpt"] else "down"
     return given == truth, (f"{truth}: mean LS_wo, gpt {means['gpt']:.3f}, gpt + cosine {means['gpt-cosine']:.3f}. "
-                            "Compare with the paper's claim in the README's results.")
+                            "Compare with the paper's claim in the README's claims table.")
 
 
 # ----------------------------------------------------------------------------------------------------

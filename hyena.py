@@ -49,10 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import kernels
-except ImportError:  # kernels.py needs only torch at import; keep hyena.py usable on its own regardless
-    kernels = None
+import kernels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,13 +240,13 @@ class HyenaMixer(nn.Module):
                                      width=cfg.hyena_filter_width, w=cfg.hyena_w,
                                      init=getattr(cfg, "hyena_filter_init", "normal"), pos_trainable=pos_trainable)
         self.proj = nn.Linear(C, C, bias=bias)
-        self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        # kernels.hyena_filter: the implicit filters (two kernels forward, 2N + 1 backward); kernels.hyena_long_conv:
-        # the Toeplitz kernel for large batches of short sequences (training), the Monarch-FFT kernel
-        # otherwise up to 16K tokens, the cuFFT path beyond
-        width = cfg.hyena_filter_width
-        self.kernel_supported = kernels is not None and width >= 16 and width & (width - 1) == 0  # hyena_filter's tiles
-        self.filter_kernel = not pos_trainable  # hyena_filter treats the positions as constants
+        # The kernel paths (train.py --kernels): kernels.hyena_short_conv, kernels.hyena_filter (the implicit
+        # filters in two kernels forward), kernels.hyena_long_conv (Toeplitz matmuls for training shapes,
+        # FFTs for long sequences). An edit of the plain functions they replace runs only with --kernels off.
+        self.use_kernels = False
+        self.kernel_replaces = ("hyena.short_conv", "hyena.ImplicitFilter.forward", "hyena.long_conv_gate")
+        self.kernel_supported = kernels.hyena_filter_supports(cfg.hyena_filter_width)
+        self.filter_kernel = kernels.hyena_filter_supports(cfg.hyena_filter_width, pos_trainable)
 
     def init_weights(self):
         nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity
@@ -282,11 +279,9 @@ class HyenaMixer(nn.Module):
         skips = self.filter.skip.unbind(0)  # N x (C,); unbound for the reason above
         v, *gates = self.streams(u)
         z = v  # z^1 = v
+        conv_gate = kernels.hyena_long_conv if self.use_kernels else long_conv_gate
         for n, x in enumerate(gates):  # z^{n+1} = x^n * (h^n conv z^n + D^n z^n)
-            if self.use_kernels:
-                z = kernels.hyena_long_conv(z, x, h[n], skips[n])
-            else:
-                z = long_conv_gate(z, x, h[n], skips[n])
+            z = conv_gate(z, x, h[n], skips[n])
         return self.proj(z.transpose(1, 2))  # (B, C, T) -> (B, T, C)
 
     # -- generation: exact cached decoding ----------------------------------------------------------

@@ -500,13 +500,18 @@ class MHCPreFunction(torch.autograd.Function):
         return (dh, d_phi, dzc, d_bias[:n], d_bias[n:2 * n], d_bias[2 * n:].view(n, n), None)
 
 
+def mhc_pre_supports(n: int) -> bool:
+    """Whether mhc_pre takes n streams: its tiles lay the n x n matrices out in powers of 2, at least 4."""
+    return n >= 4 and n & (n - 1) == 0
+
+
 def mhc_pre(h, phi, gates, b_pre, b_post, b_res, iters: int = 20):
     """h (B, T, n, C) -> x_in (B, T, C), post (B, T, n), res (B, T, n, n), and h passed through (B, T, n, C):
     give that one to mhc_post_res, so one kernel sums h's two gradients. Reference:
     mhc.MHCConnection.coefficients, then mhc.pre_mix."""
     _check_streams("mhc_pre", h)
     B, T, n, C = h.shape
-    if n < 4 or n & (n - 1):
+    if not mhc_pre_supports(n):
         raise ValueError(f"mhc_pre kernel: n must be a power of 2 >= 4 (got {n}); use the plain path")
     if iters < 1:
         raise ValueError(f"mhc_pre kernel: Sinkhorn iters must be at least 1 (got {iters})")
@@ -612,12 +617,17 @@ class PostResFunction(torch.autograd.Function):
         return dh, df, d_post, d_res
 
 
+def mhc_post_res_supports(n: int) -> bool:
+    """Whether mhc_post_res takes n streams: a power of 2 (a tile holds all n streams of a token)."""
+    return n & (n - 1) == 0
+
+
 def mhc_post_res(h, f, post, res):
     """h (B, T, n, C), f (B, T, C), post (B, T, n), res (B, T, n, n) -> res h + post^T f (B, T, n, C).
     Reference: mhc.write_back."""
     _check_streams("mhc_post_res", h)
     B, T, n, C = h.shape
-    if n & (n - 1):
+    if not mhc_post_res_supports(n):
         raise ValueError(f"mhc_post_res kernel: n must be a power of 2 (got {n}); use the plain path")
     _check("h", h)
     _runnable(h, "mhc_post_res")
@@ -1983,6 +1993,12 @@ class ImplicitFilterFunction(torch.autograd.Function):
                 dw3.view(F_, F_), db3, dw4_sum)
 
 
+def hyena_filter_supports(width: int, pos_trainable: bool = False) -> bool:
+    """Whether hyena_filter takes a filter FFN of this width (its tiles: a power of 2, at least 16); it treats
+    the positions as constants, so not trainable ones."""
+    return width >= 16 and width & (width - 1) == 0 and not pos_trainable
+
+
 def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
     """The N filters (C, L) fp32 of a hyena.ImplicitFilter, a tuple: two kernels forward (the MLP; W4 a3^T and
     the window), 2 N + 1 backward. Reference: hyena.ImplicitFilter.forward. dot: the precision of the big products
@@ -1992,7 +2008,7 @@ def hyena_filter(filt, L: int, dot: str | None = None) -> torch.Tensor:
     if L > filt.l_max:
         raise ValueError(f"hyena_filter: {L} positions, the filter has l_max = {filt.l_max}")
     F_ = filt.ffn[0].out_features
-    if F_ < 16 or F_ & (F_ - 1):
+    if not hyena_filter_supports(F_):
         raise ValueError(f"hyena_filter: the filter width must be a power of 2 >= 16 (got {F_}); "
                          f"use the plain path")
     params = [filt.act.freq, filt.ffn[0].weight, filt.ffn[0].bias, filt.ffn[1].weight, filt.ffn[1].bias,

@@ -196,8 +196,9 @@ class HCConnection(nn.Module):
             for p in (self.w_pre, self.w_post, self.w_res, self.scale_a, self.scale_b):
                 p.weight_decay = True
         self.record, self.last_res = False, None
-        self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        self.kernel_supported = n & (n - 1) == 0  # mhc_post_res takes n a power of 2
+        self.use_kernels = False  # train.py --kernels: an edit of write_back runs only with --kernels off
+        self.kernel_replaces = ("mhc.write_back",)
+        self.kernel_supported = kernels.mhc_post_res_supports(n)
         self.init_weights()
 
     @torch.no_grad()
@@ -230,9 +231,8 @@ class HCConnection(nn.Module):
         pre, post, res = self.coefficients(h)
         if self.record:
             self.last_res = res.detach()
-        if self.use_kernels:  # the write-back fused (kernels.mhc_post_res); the pre-mix stays plain
-            return kernels.mhc_post_res(h, f(pre_mix(h, pre).to(h.dtype)), post, res)
-        return hyper_update(h, pre, post, res, f)
+        write = kernels.mhc_post_res if self.use_kernels else write_back  # the pre-mix stays plain
+        return write(h, f(pre_mix(h, pre).to(h.dtype)), post, res).to(h.dtype)  # hyper_update's two steps
 
 
 class HCStream(HyperStream):
@@ -277,8 +277,10 @@ class MHCConnection(nn.Module):
         self.b_res = nn.Parameter(torch.empty(n, n))
         self.b_res.no_weight_decay = True  # a bias, though 2-D
         self.record, self.last_res = False, None
-        self.use_kernels = False  # set by train.py (--kernels); the plain path is the reference
-        self.kernel_supported = n >= 4 and n & (n - 1) == 0  # mhc_pre's tile layout
+        self.use_kernels = False  # train.py --kernels: edits of the functions below run only with --kernels off
+        self.kernel_replaces = ("mhc.MHCConnection.coefficients", "mhc.sinkhorn_knopp", "mhc.pre_mix",
+                                "mhc.write_back")
+        self.kernel_supported = kernels.mhc_pre_supports(n) and kernels.mhc_post_res_supports(n)
         self.init_weights()
 
     @torch.no_grad()

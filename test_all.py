@@ -1642,13 +1642,16 @@ def test_compare_runs_every_stage_and_writes_the_report():
     readme = os.path.join(cwd, "README.md")
     with open(readme, "w") as f:
         f.write(f"# title\n\nbefore\n{compare.BEGIN}\nold results\n{compare.END}\nafter\n")
+    results_md = os.path.join(cwd, "RESULTS.md")
+    shutil.copy(readme, results_md)
     out = os.path.join(cwd, "cmp")
     base = [sys.executable, os.path.join(HERE, "compare.py"), "--out", out, "--runs", "gpt,mhc+tpa",
             "--seeds", "2", "--parallel", "2", "--max-iters", "2", "--eval-interval", "2", "--recall-lengths", "32",
             "--recall1-lengths", "16", "--recall-steps", "4", "--recall1-steps", "4", "--distill-steps", "2",
             "--linearity-tokens", "2048"]
     passthrough = ["--", *TINY, "--data", DATA, "--cache-dir", TOKENS]
-    r = subprocess.run(base + ["--stages", "train,linearity,recall,speed,report", "--readme", readme] + passthrough,
+    r = subprocess.run(base + ["--stages", "train,linearity,recall,speed,report", "--readme", readme,
+                               "--results", results_md] + passthrough,
                        cwd=cwd, capture_output=True, text=True, timeout=900)
     text = expect_ok(r)
     with open(os.path.join(out, "results.md")) as f:
@@ -1667,7 +1670,11 @@ def test_compare_runs_every_stage_and_writes_the_report():
     with open(readme) as f:
         new = f.read()
     assert new.startswith("# title\n\nbefore\n") and new.endswith("after\n") and "old results" not in new
-    assert "| mhc+tpa | tpa | mhc |" in new
+    assert "| mhc+tpa | tpa | mhc |" in new and "| TPA | KV cache" in new  # the summary: runs and claims
+    assert "Pruning the k most linear blocks" not in new
+    with open(results_md) as f:
+        whole = f.read()
+    assert whole.startswith("# title\n\nbefore\n") and "Pruning the k most linear blocks" in whole
     for name in ("gpt", "mhc+tpa"):
         for seed in (1337, 1338):
             info = json.load(open(os.path.join(out, name, f"seed{seed}", "run.json")))
