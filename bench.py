@@ -1,8 +1,11 @@
 """
-bench.py -- the benchmarks (GPU): the Triton kernels of kernels.py against the plain PyTorch of the
-technique files, and where a whole operator spends its GPU time. Results go to RESULTS.md (with the
+bench.py -- the benchmarks: the whole GPT against a plain nanoGPT-style model, the Triton kernels of
+kernels.py against the plain PyTorch of the technique files, where a whole operator spends its GPU time,
+and the streaming linearity score against the official recipe. Results go to RESULTS.md (with the
 command, the device and the commit), never into assertions.
 
+    python bench.py gpt                    # train-step tokens/s, TFLOP/s, MFU: this GPT vs nanoGPT-style
+    python bench.py gpt --arch mhc --no-reference --steps 10   # any train.py model flag; gpt vs --arch
     python bench.py mhc                    # Sinkhorn, the mHC pre and write-back paths: ms, speedup vs eager
                                            # and torch.compile, GB/s
     python bench.py linearity              # the cosine regulariser and the cross-Gram statistics
@@ -10,20 +13,27 @@ command, the device and the commit), never into assertions.
     python bench.py hyena                  # Hyena vs attention from 256 to 64K tokens (table + plot)
     python bench.py hyena --profile 4096   # both whole operators' GPU time per kernel at 4K tokens
     python bench.py mhc --set MHC_POST.block_n=32   # the same with a launch setting of kernels.py changed
+    python bench.py linearity-score out/gpt/ckpt.pt  # streaming scores vs the official SVD recipe, 1M tokens
 
-Each times on a CUDA GPU with Triton; the header of each table names the GPU, torch and Triton.
+The kernel benchmarks time on a CUDA GPU with Triton; gpt and linearity-score run anywhere (gpt on a CPU
+at train.py's tiny CPU configuration). The header of each table names the device and the versions.
 """
 import argparse
 import ast
+import contextlib
+import dataclasses
 import json
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import attention
 import hyena
 import kernels
 import linearity
@@ -78,7 +88,132 @@ def print_gpu_kernels(title: str, fn, iters: int = 10, top: int = 20):
 
 
 # ----------------------------------------------------------------------------------------------------
-# One benchmark per technique, in kernels.py's order (train.py's and linearity.py's benchmarks join here)
+# The whole model (python bench.py gpt): this GPT vs a plain nanoGPT-style model of the same size, side
+# by side in one process
+
+
+class NanoGPTReference(nn.Module):
+    """The throughput anchor: learned positions, LayerNorm, GELU MLP, untied head, SDPA attention."""
+
+    def __init__(self, cfg: train.GPTConfig):
+        super().__init__()
+        C, V = cfg.n_embd, cfg.padded_vocab_size
+        self.n_head = cfg.n_head
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(cfg.block_size, C)
+        self.ln1 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
+        self.ln2 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
+        self.qkv = nn.ModuleList(nn.Linear(C, 3 * C, bias=False) for _ in range(cfg.n_layer))
+        self.out = nn.ModuleList(nn.Linear(C, C, bias=False) for _ in range(cfg.n_layer))
+        self.fc = nn.ModuleList(nn.Linear(C, 4 * C, bias=False) for _ in range(cfg.n_layer))
+        self.fc_out = nn.ModuleList(nn.Linear(4 * C, C, bias=False) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(C, bias=False), nn.Linear(C, V, bias=False)
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        for i in range(len(self.qkv)):
+            q, k, v = self.qkv[i](self.ln1[i](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + self.out[i](y)
+            x = x + self.fc_out[i](F.gelu(self.fc[i](self.ln2[i](x))))
+        logits = self.head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def bench_gpt(mcfg: train.GPTConfig, cfg: train.TrainConfig, steps: int, reference: bool = True,
+              per_kernel: bool = False) -> int:
+    """Train-step throughput (forward, backward, AdamW) of this GPT vs NanoGPTReference on random
+    tokens, compiled and in bf16 on CUDA. Both models are built and warmed up, then timed in
+    alternating rounds (so clock drift hits both alike); the table shows each one's median round.
+    steps: timed steps per round; reference: include NanoGPTReference; per_kernel: also each model's GPU time
+    per kernel over one step. It measures and prints; it asserts nothing."""
+    device, _, _ = train.setup_distributed(cfg)
+    train.validate(mcfg, cfg, 1)
+    seq_len = cfg.seq_len or mcfg.block_size
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    peak = train.peak_tflops(device, cfg.peak_tflops)
+    B, rounds, warmup = cfg.batch_size // cfg.grad_accum, 5, 10
+    train.check_memory(mcfg, B, seq_len, device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(mcfg.vocab_size, (B, seq_len + 1), generator=gen).to(device) for _ in range(4)]
+    print(f"# bench.py gpt on {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
+          f"{dtype}, compile {'on' if use_compile else 'off'}, d={mcfg.n_embd} L={mcfg.n_layer} T={seq_len} "
+          f"B={B}: {warmup} warm-up steps, then {rounds} alternating rounds of {steps} steps")
+    runs = []
+    models = [("this GPT (--arch gpt)", train.GPT, dataclasses.replace(mcfg, arch="gpt"))]
+    if reference:
+        models.insert(0, ("nanoGPT-style reference", NanoGPTReference, mcfg))
+    if mcfg.arch != "gpt":
+        models.append((f"--arch {mcfg.arch}", train.GPT, mcfg))
+    for name, build, model_cfg in models:
+        mem_before = torch.cuda.memory_allocated(device) if cuda else 0
+        torch.manual_seed(0)
+        model = build(model_cfg).to(device)
+        if build is train.GPT and model_cfg.arch != "gpt":
+            name += f", kernels {'on' if train.set_kernels(model, cfg.kernels, device) else 'off'}"
+        n_params = sum(p.numel() for p in model.parameters())
+        if build is train.GPT:
+            flops_per_token = model.flops_per_token(seq_len)
+        else:  # GPT.flops_per_token's rule: 6 x matmul weights (a lookup table is none) + attention
+            lookups = model.wpe.weight.numel() + model.wte.weight.numel()
+            flops_per_token = 6 * (n_params - lookups) + 12 * mcfg.n_layer * mcfg.n_embd * seq_len
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        step_model = torch.compile(model) if use_compile else model
+
+        def step(i, step_model=step_model, optimizer=optimizer):
+            xy = batches[i % len(batches)]
+            with autocast:
+                _, loss = step_model(xy[:, :-1], xy[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(warmup):
+            step(i)
+        mem = (torch.cuda.max_memory_allocated(device) - mem_before) / 2**30 if cuda else float("nan")
+        runs.append({"name": name, "params": n_params, "flops": flops_per_token, "mem": mem, "step": step,
+                     "ms": []})
+    for _ in range(rounds):
+        for run in runs:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(steps):
+                loss = run["step"](i)
+            loss.item()  # waits for the device
+            run["ms"].append(1000 * (time.perf_counter() - t0) / steps)
+    print(f"| {'model':38s} | params (M) | ms/step (min-max) | tokens/s   | TFLOP/s | MFU (%) | peak mem (GiB) |")
+    print(f"|{'-' * 40}|-----------:|------------------:|-----------:|--------:|--------:|---------------:|")
+    for run in runs:
+        ms = sorted(run["ms"])[len(run["ms"]) // 2]
+        run["tokens_per_s"] = B * seq_len / ms * 1000
+        tflops = run["flops"] * run["tokens_per_s"] / 1e12
+        mfu = 100 * tflops / peak if peak else float("nan")
+        spread = f"{ms:6.2f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
+        print(f"| {run['name']:38s} | {run['params'] / 1e6:10.1f} | {spread:>17s} | {run['tokens_per_s']:10,.0f} | "
+              f"{tflops:7.1f} | {mfu:7.1f} | {run['mem']:14.1f} |")
+    gpt = runs[1 if reference else 0]
+    if reference:
+        print(f"this GPT / reference throughput: {gpt['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
+    if mcfg.arch != "gpt":
+        print(f"--arch {mcfg.arch} step time / gpt step time: {gpt['tokens_per_s'] / runs[-1]['tokens_per_s']:.3f}x")
+    if per_kernel:  # where each step's GPU time goes (torch.profiler)
+        for run in runs:
+            print_gpu_kernels(f"{run['name']}: one training step", lambda run=run: run["step"](0), iters=3)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels: one benchmark per technique, in kernels.py's order
 
 
 _BENCH_HEADER = (
@@ -249,7 +384,7 @@ def bench_tpa(max_len: int = 65536):
     print()
     print(_BENCH_HEADER)
     Bt, T, ranks = 64, 512, (6, 2, 2)
-    rotary = train.Rotary(d, T, 10000.0).to(dev)
+    rotary = attention.Rotary(d, T, 10000.0).to(dev)
     a = torch.randn(Bt, T, sum(ranks) * h, device=dev, dtype=bf16, requires_grad=True)
     b = torch.randn(Bt, T, sum(ranks) * d, device=dev, dtype=bf16, requires_grad=True)
 
@@ -424,6 +559,94 @@ def bench_hyena(max_len: int = 65536, plot: str | None = "out/hyena_speed.png", 
 
 
 # ----------------------------------------------------------------------------------------------------
+# The linearity score on a checkpoint (python bench.py linearity-score CHECKPOINT): the official recipe
+# vs the streaming closed form
+
+
+@torch.no_grad()
+def bench_linearity_score(model, data, tokens: int, batch_size: int, device, progress=None) -> int:
+    """Scores of every layer pair over `tokens` tokens, three ways, with their wall-clock times:
+    the official recipe (hidden states gathered on the CPU, two fp32 SVDs per pair), our streaming
+    closed form in float64 (torch), and the same with the fp32 cross-Gram kernel. progress: as
+    layer_profile's, told when each timed pass starts (outside the timings)."""
+    progress = progress or (lambda msg: None)
+    T = model.cfg.block_size
+    starts = linearity.window_starts(data, T, tokens)
+    if len(starts) * T < tokens:
+        print(f"error: the training text has {len(data):,} tokens, fewer than --tokens {tokens:,}", file=sys.stderr)
+        return 1
+    batches = [data.windows(starts[i:i + batch_size], T)[0] for i in range(0, len(starts), batch_size)]
+    n_tokens = len(starts) * T
+    cuda = device.type == "cuda"
+    model.eval()
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    def forwards():
+        for x in batches:
+            model(x.to(device), return_hidden=True)
+
+    def gather():  # what the official recipe needs: every hidden state of every token, on the CPU
+        hidden = None
+        for x in batches:
+            hs = [h.reshape(-1, h.size(-1)).float().cpu() for h in model(x.to(device), return_hidden=True)[2]]
+            hidden = [[h] for h in hs] if hidden is None else [acc + [h] for acc, h in zip(hidden, hs)]
+        return [torch.cat(h) for h in hidden]
+
+    methods = {"float64": False}
+    if cuda and kernels.HAVE_TRITON:
+        methods["kernel"] = True
+    for use_kernel in methods.values():  # warm-up (kernel compilation, cuBLAS handles)
+        linearity.layer_profile(model, batches[:1], device, use_kernel)
+    progress(f"bench over {n_tokens:,} tokens in {len(batches)} batches: the forward passes alone")
+    _, t_forward = timed(forwards)
+    scores, seconds = {}, {}
+    for name, use_kernel in methods.items():
+        progress(f"bench: the streaming score, {name}")
+        scores[name], seconds[name] = timed(lambda: linearity.layer_profile(model, batches, device, use_kernel))
+    progress("bench: the official recipe, gathering the hidden states")
+    hidden, t_gather = timed(gather)
+    official, t_svd = [], 0.0
+    for l, (x, y) in enumerate(zip(hidden[:-1], hidden[1:]), 1):
+        progress(f"bench: the official recipe, SVDs for block {l}/{len(hidden) - 1}")
+        (ls, ls_wo), t = timed(lambda: (linearity.official_svd_score(x, y),
+                                        linearity.official_svd_score(x, y - x)))
+        official.append((ls, ls_wo))
+        t_svd += t
+    scores["official"], seconds["official"] = official, t_gather + t_svd
+
+    ref = scores["float64"]
+    print(f"linearity scores over {n_tokens:,} training tokens, {len(ref)} layer pairs, d={model.cfg.n_embd}; "
+          f"device {torch.cuda.get_device_name(device) if cuda else device}, CPU threads {torch.get_num_threads()}")
+    names = list(scores)
+    print("| block | " + " | ".join(f"LS {n}" for n in names) + " | "
+          + " | ".join(f"LS_wo {n}" for n in names) + " |")
+    print("|------:|" + "---------:|" * (2 * len(names)))
+    for l in range(len(ref)):
+        print(f"| {l + 1:5d} | " + " | ".join(f"{scores[n][l][0]:.7f}" for n in names) + " | "
+              + " | ".join(f"{scores[n][l][1]:.7f}" for n in names) + " |")
+    print("\n| method | what runs | seconds | vs official | max abs diff from float64 (LS, LS_wo) |")
+    print("|--------|-----------|--------:|------------:|--------------------------------------:|")
+    what = {"official": f"forward on {device.type}, hidden states to the CPU, 2 fp32 SVDs per pair on the CPU",
+            "float64": f"forward + streaming float64 statistics, all on {device.type}",
+            "kernel": "forward + fp32 cross-Gram kernel, float64 merge, on cuda"}
+    for n in names:
+        err = max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(scores[n], ref))
+        print(f"| {n} | {what[n]} | {seconds[n]:.2f} | {seconds['official'] / seconds[n]:.1f}x | {err:.1e} |")
+    print(f"(the forward passes alone take {t_forward:.2f} s; the official recipe: gathering {t_gather:.2f} s, "
+          f"SVDs {t_svd:.2f} s)")
+    return 0
+
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: one subcommand per benchmark
 
 
@@ -447,6 +670,26 @@ def apply_settings(assignments: list[str]) -> list[str]:
     return done
 
 
+def run_gpt(args) -> int:
+    train.check_device(args.cfg.device)
+    if args.profile and not (torch.cuda.is_available() and args.cfg.device != "cpu"):
+        raise train.UserError("bench.py gpt --profile needs a CUDA GPU (it reads the GPU's kernel timings)")
+    return bench_gpt(args.mcfg, args.cfg, args.steps, not args.no_reference, args.profile)
+
+
+def run_linearity_score(args) -> int:
+    ckpt = linearity.read_checkpoint(train, args.checkpoint)
+    model, mcfg = train.model_from_checkpoint(ckpt, args.checkpoint)
+    if args.tokens <= mcfg.n_embd:
+        raise train.UserError(f"--tokens {args.tokens} is not more than the hidden size {mcfg.n_embd}: "
+                              "the score would be meaningless (any X maps onto any Y)")
+    train_path, _ = linearity.token_files(train, ckpt, args.data, args.cache_dir)
+    device = torch.device(args.device)
+    model.to(device)
+    return bench_linearity_score(model, train.TokenData(train_path), args.tokens, args.batch_size, device,
+                                 linearity.stderr_progress())
+
+
 def run_hyena(args):
     if args.profile is not None:
         profile_hyena(args.profile)
@@ -454,28 +697,52 @@ def run_hyena(args):
         bench_hyena(args.max_len, args.plot, args.json)
 
 
-# name: (what it times, how it runs, the options it adds). train.py --bench ("gpt") and linearity.py --bench
-# (the streaming score vs the official recipe) join this table as their own subcommands.
+# name: (what it times, how it runs, the options it adds, whether it needs a CUDA GPU and Triton)
 BENCHMARKS = {
+    "gpt": ("train-step throughput of this GPT vs a nanoGPT-style model of the same size (and of --arch)",
+            run_gpt, ("model",), False),
     "mhc": ("Sinkhorn, the mHC pre path and the write-back: kernels vs eager and compiled PyTorch",
-            lambda args: bench_mhc(), ()),
+            lambda args: bench_mhc(), (), True),
     "linearity": ("the cosine regulariser and one batch of the cross-Gram statistics",
-                  lambda args: bench_linearity(), ()),
+                  lambda args: bench_linearity(), (), True),
+    "linearity-score": ("the official linearity recipe (fp32 SVDs on the CPU) vs the streaming score, on a "
+                        "checkpoint's training text", run_linearity_score, ("checkpoint",), False),
     "tpa": ("decoding over the factor cache vs MHA and GQA; the factor-product training kernel",
-            lambda args: bench_tpa(args.max_len), ("max_len",)),
+            lambda args: bench_tpa(args.max_len), ("max_len",), True),
     "hyena": ("order-2 Hyena vs causal attention, 256 to --max-len tokens; the whole token mixers",
-              run_hyena, ("max_len", "plot", "json", "profile")),
+              run_hyena, ("max_len", "plot", "json", "profile"), True),
 }
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Benchmarks of the Triton kernels against the plain PyTorch "
-                                                 "paths (a CUDA GPU and Triton).")
+    """The subcommand's options; for gpt, every other flag is train.py's (args.mcfg, args.cfg)."""
+    parser = argparse.ArgumentParser(description="Benchmarks: the whole GPT, the Triton kernels against the plain "
+                                                 "PyTorch paths (a CUDA GPU and Triton), the linearity score.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="name", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
-    for name, (what, _, options) in BENCHMARKS.items():
-        p = sub.add_parser(name, help=what, description=what)
+    for name, (what, _, options, _) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=what, description=what, allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--set", action="append", default=[], metavar="DICT.key=value",
                        help="change one of kernels.py's launch settings first (repeatable), e.g. MHC_POST.block_n=32")
+        if "model" in options:
+            p.epilog = ("Every other flag is train.py's (python train.py --help): the model (--arch, --n-embd, ...), "
+                        "--batch-size, --seq-len, --grad-accum, --device, --dtype, --compile, --kernels. On a CPU, "
+                        "the tiny CPU configuration's model and batch for what is not given.")
+            p.add_argument("--steps", type=int, default=30, help="timed steps per model and round")
+            p.add_argument("--no-reference", action="store_true",
+                           help="leave the nanoGPT-style reference out (its memory and compile time at large "
+                                "widths; --arch vs gpt stays)")
+            p.add_argument("--profile", action="store_true",
+                           help="on a GPU: also each model's GPU time per kernel over one training step")
+        if "checkpoint" in options:
+            p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
+            p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens to score")
+            p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+            p.add_argument("--data", default=None, help="TinyStories folder or file; None: the one train.py finds")
+            p.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
+            p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           help="where the model runs")
         if "max_len" in options:
             p.add_argument("--max-len", type=int, default=65536, help="longest sequence / cache timed")
         if "plot" in options:
@@ -487,8 +754,16 @@ def parse_args(argv=None):
             p.add_argument("--profile", type=int, default=None, metavar="L",
                            help="instead of the benchmark, the per-kernel GPU time of the whole attention and "
                                 "Hyena operators at L tokens")
-    args = parser.parse_args(argv)
-    if getattr(args, "profile", None) is not None and args.profile < 1:
+    args, rest = parser.parse_known_args(argv)
+    if args.name == "gpt":
+        if args.steps < 1:
+            parser.error(f"--steps must be at least 1 (got {args.steps})")
+        model_names = {f.name for f in dataclasses.fields(train.GPTConfig)}
+        tiny = {k: v for k, v in train.CPU_TINY.items() if k in model_names or k == "batch_size"}
+        args.mcfg, args.cfg, _ = train.parse_args(rest, tiny=tiny)  # training-only settings stay as they are
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.name == "hyena" and args.profile is not None and args.profile < 1:
         parser.error("--profile L takes a length L >= 1")
     return args
 
@@ -496,12 +771,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     changed = apply_settings(args.set)
-    if not torch.cuda.is_available() or not kernels.HAVE_TRITON:
+    if BENCHMARKS[args.name][3] and (not torch.cuda.is_available() or not kernels.HAVE_TRITON):
         raise SystemExit(f"error: bench.py {args.name} needs a CUDA GPU and Triton")
     for line in changed:
         print(f"# --set {line}")
-    BENCHMARKS[args.name][1](args)
-    return 0
+    try:
+        return BENCHMARKS[args.name][1](args) or 0
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

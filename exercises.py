@@ -198,7 +198,7 @@ def mhc_write_back_bytes(answer=None):
     the benchmark's shape (B = 64, T = 512, n = 4, C = 384) and with f stored like the streams, how
     many MB (10^6 bytes) is that with fp32 streams, and with bf16 streams (--residual-dtype bfloat16)?
     At the ~3.0 TB/s an H100 copy reaches, how long must the bf16 one take at least? Compare with the
-    write-back's forward in `python kernels.py --bench mhc` (RESULTS.md: 0.082 ms). --answer FP32_MB,BF16_MB"""
+    write-back's forward in `python bench.py mhc` (RESULTS.md: 0.082 ms). --answer FP32_MB,BF16_MB"""
     given = need_numbers(answer, "FP32_MB,BF16_MB", 2)
     n, C, tokens = 4, 384, 64 * 512
     truth = [(2 * n + 1) * C * tokens * size / 1e6 for size in (4, 2)]  # read n + 1 rows of C, write n
@@ -384,7 +384,7 @@ def tpa_long_context_memory(answer=None):
     ok = given is not None and all(abs(g / mib[k] - 1) <= 0.01 for g, k in zip(given, ("mha", "tpa")))
     return ok, (f"MHA {mib['mha']:.0f} MiB ({per_token['mha']} values per token "
                 f"and layer), TPA {mib['tpa']:.0f} MiB ({per_token['tpa']}). Decoding reads all of it for every "
-                "new token, so the cache size is the decode speed (python kernels.py --bench tpa).")
+                "new token, so the cache size is the decode speed (python bench.py tpa).")
 
 
 @exercise("tpa.3", "run",
@@ -450,9 +450,10 @@ def checkpoint_profile(path: str, split: str):
     import linearity
     if not os.path.isfile(path):
         raise NotReady(f"no checkpoint {path}: train it first")
-    ckpt = linearity.read_checkpoint(path)
+    ckpt = linearity.read_checkpoint(train, path)
     model, cfg = train.model_from_checkpoint(ckpt, path)
-    train_path, val_path = linearity.token_files(ckpt, cache_dir=ckpt["train_config"].get("cache_dir", "out/tokens"),
+    train_path, val_path = linearity.token_files(train, ckpt,
+                                                 cache_dir=ckpt["train_config"].get("cache_dir", "out/tokens"),
                                                  log=lambda msg: None)
     T = cfg.block_size
     val = train.TokenData(val_path)

@@ -244,9 +244,10 @@ class HyenaMixer(nn.Module):
         # filters in two kernels forward), kernels.hyena_long_conv (Toeplitz matmuls for training shapes,
         # FFTs for long sequences). An edit of the plain functions they replace runs only with --kernels off.
         self.use_kernels = False
-        self.kernel_replaces = ("hyena.short_conv", "hyena.ImplicitFilter.forward", "hyena.long_conv_gate")
         self.kernel_supported = kernels.hyena_filter_supports(cfg.hyena_filter_width)
         self.filter_kernel = kernels.hyena_filter_supports(cfg.hyena_filter_width, pos_trainable)
+        self.kernel_replaces = ("hyena.short_conv", "hyena.long_conv_gate",
+                                *(("hyena.ImplicitFilter.forward",) if self.filter_kernel else ()))
 
     def init_weights(self):
         nn.init.zeros_(self.proj.weight)  # as every mixer here: the block starts as the identity

@@ -1029,6 +1029,12 @@ class TPAProductFunction(torch.autograd.Function):
         return da, db, None, None, None, None
 
 
+def tpa_supports(heads: int, head_dim: int) -> bool:
+    """Whether tpa_factor_product and tpa_decode both take this head shape (their tiles: up to 256 heads of
+    an even width up to 256)."""
+    return heads <= 256 and head_dim <= 256 and head_dim % 2 == 0
+
+
 def tpa_factor_product(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor | None = None,
                        sin: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
     """(1/R) sum_r a_r (outer) RoPE(b_r), written in SDPA's (B, h, T, d) layout, forward and backward.

@@ -41,12 +41,17 @@ Notation: N tokens, d hidden size, L blocks; hidden states h_0 (embedding) .. h_
 (h_{l-1}, h_l); in code it is model.blocks[l - 1].
 """
 import argparse
+import copy
 import math
 import os
+import signal
 import sys
+import time
 import warnings
 
 import torch
+
+import kernels
 
 # ----------------------------------------------------------------------------------------------------
 # The score: exact (all tokens in memory) and streaming (fixed memory)
@@ -88,7 +93,6 @@ class PairStats:
         x, y = x.reshape(-1, x.size(-1)), y.reshape(-1, y.size(-1))
         nb = x.size(0)
         if self.use_kernel:  # fused, fp32: statistics of (X, Y - X), turned into those of (X, Y) in float64
-            import kernels
             mx, my, cxx, cxd, tdd = (t.double() for t in kernels.centred_cross_gram(x, y))
             # Yc = Xc + Dc:  C_xy = C_xd + C_xx,  ||Yc||^2 = ||Dc||^2 + 2 tr(C_xd) + tr(C_xx)
             cxy, tyy = cxd + cxx, tdd + 2 * torch.trace(cxd) + torch.trace(cxx)
@@ -351,7 +355,6 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
     (a) removal, (b) linear replacement (least squares), (c) linear replacement + distillation; each
     row also holds the distillation objective over fit_batches before and after (distill_mse_*).
     A row's "blocks" are indices into model.blocks (0-based, as Python's). progress: as layer_profile's."""
-    import copy
     L = len(model.blocks)
     if not 1 <= k_max <= L:
         raise ValueError(f"--prune {k_max}: the model has {L} blocks (choose 1..{L})")
@@ -386,15 +389,8 @@ def prune_table(model, fit_batches, val_batches, k_max: int, distill_steps: int,
 
 
 # ----------------------------------------------------------------------------------------------------
-# The text a checkpoint is scored on (the command line below, and exercises.py)
-
-
-def token_files(ckpt: dict, data: str | None = None, cache_dir: str = "out/tokens", log=print) -> tuple[str, str]:
-    """(train, validation) token files of the text a train.py checkpoint was trained on, or of `data`."""
-    import train
-    tcfg = ckpt["train_config"]
-    texts = train.resolve_text(data or tcfg.get("data"), "out/data", tcfg.get("download_mb", 512), log=log)
-    return train.prepare_tokens(*texts, cache_dir, tcfg.get("lowercase", "auto"), log=log)
+# The windows a checkpoint is scored on, and the official recipe the streaming score is checked against
+# (test_all.py) and timed against (python bench.py linearity-score CHECKPOINT)
 
 
 def window_starts(data, T: int, tokens: int) -> list[int]:
@@ -403,13 +399,10 @@ def window_starts(data, T: int, tokens: int) -> list[int]:
     return list(range(0, len(data) - T - 1, T))[:math.ceil(tokens / T)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Benchmark: the official recipe vs the streaming score (python linearity.py CHECKPOINT --bench)
-
-
 def official_svd_score(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The official recipe (AIRI-Institute/LLM-Microscope), for the benchmark only: all N tokens in memory,
-    fp32 on the CPU; centre, Frobenius-normalise, A = X~^+ Y~ through a thin SVD of X~, LS = 1 - ||X~ A - Y~||^2."""
+    """The official recipe (AIRI-Institute/LLM-Microscope), to check and time the streaming score against:
+    all N tokens in memory, fp32 on the CPU; centre, Frobenius-normalise, A = X~^+ Y~ through a thin SVD of
+    X~, LS = 1 - ||X~ A - Y~||^2."""
     x, y = x - x.mean(0), y - y.mean(0)
     x, y = x / x.norm(), y / y.norm()
     u, s, vh = torch.linalg.svd(x, full_matrices=False)  # x = U diag(s) V^T, U (N, d)
@@ -417,100 +410,24 @@ def official_svd_score(x: torch.Tensor, y: torch.Tensor) -> float:
     return 1 - ((x @ a - y) ** 2).sum().item()
 
 
-def kernels_available() -> bool:
-    try:
-        import kernels
-    except ImportError:
-        return False
-    return kernels.HAVE_TRITON
+# ----------------------------------------------------------------------------------------------------
+# Command line (python linearity.py CHECKPOINT): the model and the text come from train.py. train.py
+# imports this file (for the regularisers), so nothing here imports train: the script entry point at the
+# bottom passes the module in as `train` (and bench.py and exercises.py pass it the same way).
 
 
-@torch.no_grad()
-def bench(model, data, tokens: int, batch_size: int, device, progress=None) -> int:
-    """Scores of every layer pair over `tokens` tokens, three ways, with their wall-clock times:
-    the official recipe (hidden states gathered on the CPU, two fp32 SVDs per pair), our streaming
-    closed form in float64 (torch), and the same with the fp32 cross-Gram kernel. progress: as
-    layer_profile's, told when each timed pass starts (outside the timings)."""
-    progress = progress or (lambda msg: None)
-    import time
-    T = model.cfg.block_size
-    starts = window_starts(data, T, tokens)
-    if len(starts) * T < tokens:
-        print(f"error: the training text has {len(data):,} tokens, fewer than --tokens {tokens:,}", file=sys.stderr)
-        return 1
-    batches = [data.windows(starts[i:i + batch_size], T)[0] for i in range(0, len(starts), batch_size)]
-    n_tokens = len(starts) * T
-    cuda = device.type == "cuda"
-    model.eval()
-
-    def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return out, time.perf_counter() - t0
-
-    def forwards():
-        for x in batches:
-            model(x.to(device), return_hidden=True)
-
-    def gather():  # what the official recipe needs: every hidden state of every token, on the CPU
-        hidden = None
-        for x in batches:
-            hs = [h.reshape(-1, h.size(-1)).float().cpu() for h in model(x.to(device), return_hidden=True)[2]]
-            hidden = [[h] for h in hs] if hidden is None else [acc + [h] for acc, h in zip(hidden, hs)]
-        return [torch.cat(h) for h in hidden]
-
-    methods = {"float64": False}
-    if cuda and kernels_available():
-        methods["kernel"] = True
-    for use_kernel in methods.values():  # warm-up (kernel compilation, cuBLAS handles)
-        layer_profile(model, batches[:1], device, use_kernel)
-    progress(f"bench over {n_tokens:,} tokens in {len(batches)} batches: the forward passes alone")
-    _, t_forward = timed(forwards)
-    scores, seconds = {}, {}
-    for name, use_kernel in methods.items():
-        progress(f"bench: the streaming score, {name}")
-        scores[name], seconds[name] = timed(lambda: layer_profile(model, batches, device, use_kernel))
-    progress("bench: the official recipe, gathering the hidden states")
-    hidden, t_gather = timed(gather)
-    official, t_svd = [], 0.0
-    for l, (x, y) in enumerate(zip(hidden[:-1], hidden[1:]), 1):
-        progress(f"bench: the official recipe, SVDs for block {l}/{len(hidden) - 1}")
-        (ls, ls_wo), t = timed(lambda: (official_svd_score(x, y), official_svd_score(x, y - x)))
-        official.append((ls, ls_wo))
-        t_svd += t
-    scores["official"], seconds["official"] = official, t_gather + t_svd
-
-    ref = scores["float64"]
-    print(f"linearity scores over {n_tokens:,} training tokens, {len(ref)} layer pairs, d={model.cfg.n_embd}; "
-          f"device {torch.cuda.get_device_name(device) if cuda else device}, CPU threads {torch.get_num_threads()}")
-    names = list(scores)
-    print("| block | " + " | ".join(f"LS {n}" for n in names) + " | " + " | ".join(f"LS_wo {n}" for n in names) + " |")
-    print("|------:|" + "---------:|" * (2 * len(names)))
-    for l in range(len(ref)):
-        print(f"| {l + 1:5d} | " + " | ".join(f"{scores[n][l][0]:.7f}" for n in names) + " | "
-              + " | ".join(f"{scores[n][l][1]:.7f}" for n in names) + " |")
-    print("\n| method | what runs | seconds | vs official | max abs diff from float64 (LS, LS_wo) |")
-    print("|--------|-----------|--------:|------------:|--------------------------------------:|")
-    what = {"official": f"forward on {device.type}, hidden states to the CPU, 2 fp32 SVDs per pair on the CPU",
-            "float64": f"forward + streaming float64 statistics, all on {device.type}",
-            "kernel": "forward + fp32 cross-Gram kernel, float64 merge, on cuda"}
-    for n in names:
-        err = max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(scores[n], ref))
-        print(f"| {n} | {what[n]} | {seconds[n]:.2f} | {seconds['official'] / seconds[n]:.1f}x | {err:.1e} |")
-    print(f"(the forward passes alone take {t_forward:.2f} s; the official recipe: gathering {t_gather:.2f} s, "
-          f"SVDs {t_svd:.2f} s)")
-    return 0
+def token_files(train, ckpt: dict, data: str | None = None, cache_dir: str = "out/tokens",
+                log=print) -> tuple[str, str]:
+    """(train, validation) token files of the text a train.py checkpoint was trained on, or of `data`."""
+    tcfg = ckpt["train_config"]
+    texts = train.resolve_text(data or tcfg.get("data"), "out/data", tcfg.get("download_mb", 512), log=log)
+    return train.prepare_tokens(*texts, cache_dir, tcfg.get("lowercase", "auto"), log=log)
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(train, path: str) -> dict:
     """train.load_checkpoint, with one line for each way a path can be wrong: no such file, or a file that
     torch cannot read (not written by train.py, or cut short). torch's own message for the latter advises
     loading with weights_only=False, which runs whatever code the file holds: it is not passed on."""
-    import train
     if not os.path.isfile(path):
         raise train.UserError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run "
                               "(python train.py writes out/ARCH/ckpt.pt)")
@@ -528,20 +445,28 @@ def read_checkpoint(path: str) -> dict:
 def stderr_progress():
     """A progress function for the long passes (report_progress): one flushed line on stderr, with the
     seconds since the command started, so that stdout holds only the tables."""
-    import time
     t0 = time.perf_counter()
     return lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
+def main(train, argv=None) -> int:
+    """The command line; train: the train module (see above)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bench" in argv:
+        args = " ".join(a for a in argv if a != "--bench")
+        print(f"error: linearity.py --bench moved to bench.py: python bench.py linearity-score {args}",
+              file=sys.stderr)
+        return 2
+    # Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run(argv)
-    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (the JSON is written atomically, at the end)
+        return run(train, argv)
+    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (each JSON is written atomically)
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def run(argv=None) -> int:
+def run(train, argv) -> int:
     parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
                                                  "the validation text it was trained with (or --data). Blocks "
                                                  "are numbered 1..L: block l maps h_{l-1} to h_l.",
@@ -566,18 +491,13 @@ def run(argv=None) -> int:
                              "torch; on an H100 the two are equally fast, on GPUs with slow float64 use on")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the profile (and the pruning table) to this JSON file")
-    parser.add_argument("--bench", action="store_true",
-                        help="instead: time the official recipe (fp32 SVD per pair on the CPU) against the "
-                             "streaming score over --tokens training tokens (1M unless given), and compare with "
-                             "float64")
     args = parser.parse_args(argv)
-    import train  # the CLI needs the model and the data; the functions above do not
     plt = train.pyplot() if args.plot else None
     if args.plot and plt is None:
         print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 1
     try:
-        ckpt = read_checkpoint(args.checkpoint)
+        ckpt = read_checkpoint(train, args.checkpoint)
         model, mcfg = train.model_from_checkpoint(ckpt, args.checkpoint)
         if args.tokens <= mcfg.n_embd:
             raise train.UserError(f"--tokens {args.tokens} is not more than the hidden size {mcfg.n_embd}: "
@@ -587,13 +507,13 @@ def run(argv=None) -> int:
         if args.prune and train.ARCHS[mcfg.arch][1] != "plain":
             raise train.UserError(f"--prune replaces blocks on a single residual stream; {mcfg.arch}'s blocks "
                                   "act on n streams")
-        train_path, val_path = token_files(ckpt, args.data, args.cache_dir)
+        train_path, val_path = token_files(train, ckpt, args.data, args.cache_dir)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
     use_kernel = args.kernels == "on"
-    if use_kernel and not kernels_available():
+    if use_kernel and not kernels.HAVE_TRITON:
         print("error: --kernels on needs Triton (pip install triton), or use --kernels off", file=sys.stderr)
         return 1
     if use_kernel and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -602,9 +522,6 @@ def run(argv=None) -> int:
         return 1
     model.to(device)
     T = mcfg.block_size
-    if args.bench:
-        tokens = args.tokens if args.tokens != parser.get_default("tokens") else 1_000_000
-        return bench(model, train.TokenData(train_path), tokens, args.batch_size, device, stderr_progress())
     val = train.TokenData(val_path)
     starts = window_starts(val, T, args.tokens)
     if len(starts) * T <= mcfg.n_embd:
@@ -633,6 +550,13 @@ def run(argv=None) -> int:
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")
+    def write_json(rows):  # after the profile, and again with the pruning: a stopped run keeps its scores
+        if args.json:
+            train.write_json_atomic(args.json, {
+                "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T, "first_block": 1,
+                "reg": ckpt["train_config"].get("reg", "none"),
+                "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile], "prune": rows})
+    write_json(None)
     if args.prune:
         # fit and distil on training text, measure on the validation windows used above
         fit = train.TokenData(train_path)
@@ -650,11 +574,8 @@ def run(argv=None) -> int:
                   f"{r['distilled']:19.2f} | {r['distill_mse_before']:.4g} -> {r['distill_mse_after']:.4g} |")
         print("(distillation MSE: the layer-wise objective, mean over the layers from the first replaced block on, "
               "on the training windows it trains on)")
+        write_json(rows)
     if args.json:
-        train.write_json_atomic(args.json, {
-            "checkpoint": args.checkpoint, "arch": mcfg.arch, "tokens": len(starts) * T, "first_block": 1,
-            "reg": ckpt["train_config"].get("reg", "none"), "profile": [{"ls": ls, "ls_wo": ls_wo} for ls, ls_wo in profile],
-            "prune": rows if args.prune else None})
         print(f"json: {args.json}")
     return 0
 
@@ -663,7 +584,11 @@ def run(argv=None) -> int:
 # Self-demo (CPU, seconds)
 
 if __name__ == "__main__" and len(sys.argv) > 1:
-    sys.exit(main())
+    # The command line needs train.py, which imports this file as `linearity`: registered under that name
+    # first, this script stays one module (not a second copy, with classes of its own).
+    sys.modules["linearity"] = sys.modules[__name__]
+    import train
+    sys.exit(main(train))
 
 if __name__ == "__main__":
     torch.manual_seed(0)

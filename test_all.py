@@ -1449,8 +1449,13 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     with_kernel = expect_ok(run("--tokens", "3000", "--kernels", "on", "--device",
                                 "cuda" if torch.cuda.is_available() else "cpu"))
     assert [line for line in with_kernel.splitlines() if line in rows] == rows, with_kernel
-    out = expect_ok(run("--bench", "--tokens", "3000"))
+    # the benchmark against the official recipe is bench.py's; linearity.py --bench says so in one line
+    out = expect_ok(subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "linearity-score", *cmd[2:],
+                                    "--tokens", "3000"], cwd=cwd, capture_output=True, text=True, timeout=300))
     assert "| official |" in out and "| float64 |" in out, out
+    r = run("--bench", "--tokens", "3000")
+    expect_fail(r, "python bench.py linearity-score out/gpt/ckpt.pt")
+    assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stdout + r.stderr
     expect_fail(run("--tokens", "10"), "meaningless")
     expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
     out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2", "--json", "lin.json"))
@@ -1460,7 +1465,7 @@ def test_cosine_regulariser_training_and_linearity_profile_cli():
     assert rows[0].split("|")[1:3] == ["     1 ", " embedding -> block 1 "], rows
     path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
     model, _ = train.model_from_checkpoint(train.load_checkpoint(path), path)
-    fit_path, val_path = linearity.token_files(train.load_checkpoint(path), DATA, TOKENS, log=lambda msg: None)
+    fit_path, val_path = linearity.token_files(train, train.load_checkpoint(path), DATA, TOKENS, log=lambda msg: None)
     n = len(linearity.window_starts(train.TokenData(val_path), 32, 3000)) * 32
     fit = train.TokenData(fit_path)
     starts = linearity.window_starts(fit, 32, n)
@@ -1488,7 +1493,7 @@ def test_linearity_cli_bad_paths_help_defaults_progress_and_ctrl_c():
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = linearity.main(list(args))
+                code = linearity.main(train, list(args))
             except SystemExit as e:  # --help
                 code = e.code
         return code, out.getvalue() + err.getvalue()
@@ -1508,8 +1513,8 @@ def test_linearity_cli_bad_paths_help_defaults_progress_and_ctrl_c():
     # progress and Ctrl-C: a checkpoint of train.py's format on ~15K tokens of made-up stories, scored one
     # 32-token window per batch (the first progress line comes after a tenth of the batches)
     data = make_folder([f"a story about a cat called tom {i}." for i in range(50)],
-                       [f"story number {i} is about a dog called rex {i}." for i in range(1000)])
-    model = small_model(vocab=50257, block=32, layers=2)
+                       [f"story number {i} is about a dog called rex {i}." for i in range(3000)])
+    model = small_model(vocab=50257, block=32, layers=2)  # ~1400 batches: Ctrl-C lands mid-way
     path = os.path.join(cwd, "ckpt.pt")
     train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), model.cfg, train.TrainConfig(), 0, {})
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "linearity.py"), path, "--data", data, "--cache-dir",
@@ -1663,7 +1668,7 @@ def test_compare_runs_every_stage_and_writes_the_report():
     assert "| gpt | 0 | [] [] |" in results, results
     assert len(re.findall(r"\| hyena \| \d+\.\d ± \d+\.\d%", results)) == 2, results  # MQAR and single query
     assert re.search(r"\| \d+\.\d{3} ± \d\.\d{3} \|", results), results  # final losses: mean ± std
-    assert re.search(r"\(MQAR\) gated .* \(95% CI, 2 seeds\) \| (yes|no) \(", results), results  # a paired verdict
+    assert re.search(r"\(MQAR\) gated .* \(95% CI, 2 seeds\) \| L=32: (yes|no) \(", results), results  # paired
     assert "not run (hc)" in results and "Not run yet" not in results  # hc was not asked for
     data = json.load(open(os.path.join(out, "results.json")))
     assert sorted(data["runs"]["gpt"]) == ["1337", "1338"] and len(data["claims"]) >= 10
@@ -1831,6 +1836,80 @@ def test_every_technique_self_demo_runs_in_under_30_seconds():
         assert r.returncode == 0 and r.stdout.strip(), f"{name}.py: exit {r.returncode}\n{r.stdout}{r.stderr}"
         assert elapsed < 30, f"{name}.py took {elapsed:.1f} s"
         print(f"{name}.py self-demo: {elapsed:.1f} s")
+
+
+def test_kernels_log_names_the_plain_functions_they_replace_and_what_stays_plain():
+    """With --kernels on, the run says which plain functions of the technique files the kernels run in
+    place of (a reader's edit of those needs --kernels off), and names every module kernels.py does not
+    cover (an mHC with 3 streams: its pre kernel takes powers of 2), not just the first module found."""
+    import contextlib
+    import io
+    if not kernels.HAVE_TRITON:
+        return skip("needs Triton")
+    for arch, extra, replaced, plain in (("mhc+tpa", {}, ["mhc.sinkhorn_knopp", "tpa.factor_product"], []),
+                                         ("mhc", {"hc_rate": 3}, [], ["MHCConnection"]),
+                                         ("hyena", {}, ["hyena.long_conv_gate", "hyena.short_conv"], [])):
+        model = small_model(arch=arch, active=False, **extra)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            train.set_kernels(model, "on", torch.device("cpu"))
+        text = out.getvalue()
+        assert all(name in text for name in replaced) and ("kernels: " in text) == bool(replaced), text
+        assert all(f"configuration of {name}" in text for name in plain) and ("note: " in text) == bool(plain), text
+        train.set_kernels(model, "off", torch.device("cpu"))
+        assert not any(getattr(m, "use_kernels", False) for m in model.modules())
+
+
+def test_layering_one_way_imports_and_scripts_load_once():
+    """design.md's layering, read from the source: kernels.py and attention.py import no file of this
+    project; the technique files import only kernels and attention; train.py imports project files at its
+    top only; no project import sits inside a function, and a script entry point imports train only in
+    linearity.py (its command line). Run: importing each technique file loads no train, compare or bench;
+    `python train.py --help` and `python linearity.py CKPT` load no second copy of themselves
+    (python -X importtime lists every module loaded by an import, so the script itself only if twice)."""
+    import ast
+    project = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+    uses = {"kernels": set(), "attention": set(), "mhc": {"kernels"}, "hyena": {"kernels"},
+            "tpa": {"kernels", "attention"}, "linearity": {"kernels"},
+            "train": {"kernels", "attention", "mhc", "hyena", "tpa", "linearity"}}
+    for name, allowed in uses.items():
+        tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
+        script = {id(n) for block in tree.body if isinstance(block, ast.If) and "__main__" in ast.unparse(block.test)
+                  for n in ast.walk(block)}
+        in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                found = {n.split(".")[0] for n in names if n} & project
+                where = f"{name}.py line {node.lineno} imports {sorted(found)}"
+                if id(node) in script:
+                    assert found <= allowed | ({"train"} if name == "linearity" else set()), where
+                else:
+                    assert not (found and id(node) in in_function), where + " inside a function"
+                    assert found <= allowed, where
+    code = ("import sys\n"
+            "for name, allowed in [('kernels', {'kernels'}), ('attention', {'attention'}), "
+            "('mhc', {'mhc', 'kernels'}), ('hyena', {'hyena', 'kernels'}), ('tpa', {'tpa', 'kernels', 'attention'}), "
+            "('linearity', {'linearity', 'kernels'})]:\n"
+            "    before = set(sys.modules)\n"
+            "    __import__(name)\n"
+            f"    new = (set(sys.modules) - before) & set({sorted(project)!r})\n"
+            "    assert new <= allowed, (name, sorted(new))\n"
+            "print('layering ok')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)]
+    procs += [subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(HERE, path), arg], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for path, arg in (("train.py", "--help"), ("linearity.py", "no/such/ckpt.pt"))]
+    (out, err), *scripts = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 0 and "layering ok" in out, err[-3000:]
+    loaded = [{line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+              for _, err in scripts]
+    assert procs[1].returncode == 0 and "usage:" in scripts[0][0], scripts[0]
+    assert procs[2].returncode == 1 and "error: no checkpoint at no/such/ckpt.pt" in scripts[1][1], scripts[1]
+    assert "train" not in loaded[0] and "linearity" in loaded[0], sorted(loaded[0] & project)
+    assert "linearity" not in loaded[1] and "train" in loaded[1], sorted(loaded[1] & project)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2295,33 +2374,44 @@ def test_ddp_two_processes_match_one():
     assert r.returncode != 0 and (r.stdout + r.stderr).count("no such file or folder") == 2, r.stderr[-2000:]
 
 
-def test_bench_command_prints_a_table():
-    """--bench runs both models and prints the throughput table (CPU, tiny, one timed step)."""
-    r = run_train("--bench", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-                  "--block-size", "16", "--batch-size", "2", "--bench-steps", "1", data=False)
-    out = expect_ok(r)
+def test_bench_gpt_prints_a_table_and_train_py_bench_points_there():
+    """bench.py gpt runs both models and prints the throughput table (CPU, tiny, one timed step), takes
+    train.py's model flags, and refuses --profile on a CPU; train.py --bench (and its old flags) says in one
+    line which bench.py command it became."""
+    def bench(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "gpt", *args], capture_output=True,
+                              text=True, timeout=300)
+    tiny = ("--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+            "--batch-size", "2", "--steps", "1")
+    out = expect_ok(bench(*tiny))
     assert "nanoGPT-style reference" in out and "this GPT (--arch gpt)" in out and "throughput:" in out
-    # --bench-no-reference: only gpt and the arch, and their ratio (how the README's width sweep runs)
-    r = run_train("--bench", "--bench-no-reference", "--arch", "mhc", "--device", "cpu", "--n-layer", "1",
-                  "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "2", "--bench-steps", "1",
-                  data=False)
-    out = expect_ok(r)
+    # --no-reference: only gpt and the arch, and their ratio (how RESULTS.md's width sweep runs)
+    out = expect_ok(bench(*tiny, "--no-reference", "--arch", "mhc"))
     assert "nanoGPT-style reference" not in out and "--arch mhc" in out and "step time / gpt step time:" in out
-    expect_fail(run_train("--bench-no-reference", data=False), "--bench-no-reference goes with --bench")
+    expect_fail(bench("--steps", "0"), "--steps must be at least 1")
+    expect_fail(bench("--arch", "nope"), "invalid choice")
     if not torch.cuda.is_available():  # the per-kernel profile reads GPU timings: refused on a CPU
-        expect_fail(run_train("--bench", "--profile", "--device", "cpu", data=False), "--profile goes with --bench")
+        expect_fail(bench("--profile", "--device", "cpu"), "--profile needs a CUDA GPU")
+    for old, new in ((["--bench", "--arch", "mhc"], "python bench.py gpt --arch mhc"),
+                     (["--bench", "--bench-steps", "3", "--bench-no-reference", "--profile"],
+                      "python bench.py gpt --steps 3 --no-reference --profile"),
+                     (["--bench-no-reference"], "python bench.py gpt --no-reference")):
+        r = run_train(*old, data=False)
+        expect_fail(r, new)
+        assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stdout + r.stderr
 
 
-def test_bench_on_a_cpu_uses_the_tiny_configuration():
-    """--bench on a CPU takes the tiny CPU configuration's model and batch for what is not given (never the
-    full-size model); training-only settings stay as they are."""
-    mcfg, cfg, _ = train.parse_args(["--bench", "--device", "cpu"])
-    tiny = train.CPU_TINY
+def test_bench_gpt_on_a_cpu_uses_the_tiny_configuration():
+    """bench.py gpt on a CPU takes the tiny CPU configuration's model and batch for what is not given (never
+    the full-size model); training-only settings stay as they are."""
+    import bench
+    args = bench.parse_args(["gpt", "--device", "cpu"])
+    mcfg, cfg, tiny = args.mcfg, args.cfg, train.CPU_TINY
     assert (mcfg.n_layer, mcfg.n_embd, mcfg.block_size, cfg.batch_size) == (
         tiny["n_layer"], tiny["n_embd"], tiny["block_size"], tiny["batch_size"])
     assert cfg.max_iters == train.TrainConfig.max_iters and cfg.lr == train.TrainConfig.lr
-    mcfg, _, _ = train.parse_args(["--bench", "--device", "cpu", "--n-embd", "32"])
-    assert mcfg.n_embd == 32 and mcfg.n_layer == tiny["n_layer"]
+    args = bench.parse_args(["gpt", "--device", "cpu", "--n-embd", "32", "--steps", "2"])
+    assert args.mcfg.n_embd == 32 and args.mcfg.n_layer == tiny["n_layer"] and args.steps == 2
 
 
 def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():

@@ -28,6 +28,9 @@ Notation (shape comments): B batch, T time, C model width, h heads, d = d_h head
 import torch
 import torch.nn as nn
 
+import kernels
+from attention import Rotary, causal_attention
+
 
 def matched_heads(n_embd: int, head_dim: int, ranks: tuple[int, int, int], kv_only: bool) -> int:
     """Heads that give TPA the 4 C^2 attention parameters of MHA (the paper raises h this way).
@@ -92,7 +95,6 @@ class TPAttention(nn.Module):
 
     def __init__(self, cfg, layer: int, kv_only: bool = False, fixed_a: dict | None = None):
         super().__init__()
-        from train import Rotary  # the GPT's RoPE, imported here: technique files never import train at load
         self.kv_only = kv_only
         self.h, self.d = tpa_heads(cfg), cfg.tpa_head_dim
         self.rq, self.rk, self.rv = cfg.tpa_rank_q, cfg.tpa_rank_k, cfg.tpa_rank_v
@@ -109,7 +111,8 @@ class TPAttention(nn.Module):
         # kernels.py path (train.set_kernels switches it): Q/K/V built from the factors by one kernel each,
         # and decoding over the factor cache; not for the fixed-head-factor special cases
         self.use_kernels = False
-        self.kernel_supported = fixed_a is None and self.h <= 256 and self.d <= 256
+        self.kernel_replaces = ("tpa.factor_product", "tpa.TPAttention.forward's cached decoding")
+        self.kernel_supported = fixed_a is None and kernels.tpa_supports(self.h, self.d)
 
     @torch.no_grad()
     def init_weights(self):
@@ -154,7 +157,6 @@ class TPAttention(nn.Module):
         return tuple(a), tuple(b)
 
     def forward(self, x, start_pos: int = 0, cache=None):
-        from train import causal_attention
         B, T, _ = x.shape
         if cache is not None and start_pos + T > cache["a_k"].size(1):
             raise ValueError(f"TPA cache overflow: positions up to {start_pos + T} for a cache of "
@@ -179,8 +181,6 @@ class TPAttention(nn.Module):
     def forward_kernels(self, x, start_pos: int = 0, cache=None):
         """forward() through kernels.py: training (no cache) builds Q, K, V from the factors in SDPA's
         layout, RoPE applied on the way; one-token decoding attends over the factor cache directly."""
-        import kernels
-        from train import causal_attention
         B, T, _ = x.shape
         (a_q, a_k, a_v), (b_q, b_k, b_v) = self.factors(x)
         cos, sin = self.rotary.cos, self.rotary.sin
@@ -211,10 +211,15 @@ class TPAKVOnly(TPAttention):
 # Self-demo (CPU, seconds)
 
 if __name__ == "__main__":
-    import train
+    from types import SimpleNamespace
+
+    def config(**changes):  # the settings TPA reads, at train.GPTConfig's defaults (--arch tpa)
+        defaults = dict(arch="tpa", n_embd=384, n_head=6, block_size=512, rope_base=10000.0, tpa_rank_q=6,
+                        tpa_rank_k=2, tpa_rank_v=2, tpa_heads=0, tpa_head_dim=64)
+        return SimpleNamespace(**{**defaults, **changes})
 
     torch.manual_seed(0)
-    cfg = train.GPTConfig(arch="tpa", n_embd=128, n_head=2, block_size=64, tpa_head_dim=32)
+    cfg = config(n_embd=128, n_head=2, block_size=64, tpa_head_dim=32)
     mixer = TPAttention(cfg, 0)
     mixer.init_weights()
     nn.init.normal_(mixer.proj.weight, std=0.02)
@@ -226,7 +231,7 @@ if __name__ == "__main__":
     rotate_q = mixer.rotary(factor_product(a_q, b_q))
     print(f"   max difference {(rotate_b - rotate_q).abs().max():.1e}")
 
-    default = train.GPTConfig(arch="tpa")
+    default = config()
     print(f"2. Values cached per token per layer at the project's default model (C={default.n_embd}, "
           f"{default.n_head} heads of d={default.n_embd // default.n_head}):")
     for name, n in cache_table(default):

@@ -4,11 +4,12 @@ train.py -- the tiny GPT and the trainer that every technique in this repository
     python train.py --arch gpt                        # train on TinyStories (downloads a prefix once)
     python train.py --arch gpt --device cpu           # a tiny CPU configuration, well under a minute
     python train.py --sample "Once upon a time"       # sample from out/gpt/ckpt.pt
-    python train.py --bench                           # tokens/s vs a plain nanoGPT-style model
     torchrun --nproc_per_node 2 train.py --arch gpt   # the same run on two GPUs (same global batch)
+    python bench.py gpt                               # tokens/s vs a plain nanoGPT-style model
 
 Read it top to bottom: the arch registry, the model (with its two plug-in points), the TinyStories
-pipeline, the trainer, checkpoints, the benchmark, and the command line.
+pipeline, the trainer, checkpoints, and the command line. RoPE and the attention call live in
+attention.py, shared with tpa.py.
 
 Notation (shape comments use these letters)
     B   batch size (sequences)             T   sequence length (tokens)
@@ -53,6 +54,7 @@ import kernels
 import linearity
 import mhc
 import tpa
+from attention import Rotary, causal_attention
 
 # ----------------------------------------------------------------------------------------------------
 # The arch registry: arch name -> (token mixer, residual-stream policy). Technique files add entries.
@@ -143,34 +145,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps)
 
 
-class Rotary(nn.Module):
-    """RoPE (Su et al. 2021): rotate each pair (x_i, x_{i+D/2}) of a head by angle t * base^(-2i/D).
-
-    The dot product of two rotated vectors depends only on their distance, so attention sees relative
-    positions. We use the half-split pairing (GPT-NeoX / Llama style), a convention choice.
-    """
-
-    def __init__(self, head_dim: int, max_len: int, base: float):
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, D/2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x, start_pos: int = 0):
-        # x: (B, T, H, D), positions start_pos .. start_pos+T-1. Rotating in this layout (before the
-        # heads are transposed) keeps reads and writes contiguous: its backward ran 3.4x faster on an
-        # H100 than rotating (B, H, T, D) views (1.86 -> 0.54 ms a step at the bench size).
-        T = x.size(1)
-        cos = self.cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, D/2)
-        sin = self.sin[start_pos:start_pos + T, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-        # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class CausalSelfAttention(nn.Module):
-    """Token mixer 'attention': multi-head causal self-attention with RoPE, through SDPA.
+    """Token mixer 'attention': multi-head causal self-attention with RoPE (attention.Rotary), through SDPA
+    (attention.causal_attention; tpa.py attends with the same two).
 
     A token mixer maps (B, T, C) -> (B, T, C) causally. For generation it also has an incremental
     form: init_cache() makes its state, and forward(x, start_pos, cache) processes the tokens at
@@ -213,19 +190,6 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
-
-
-def causal_attention(q, k, v, start_pos: int = 0):
-    """softmax(q k^T / sqrt(D)) v through SDPA, for queries at positions start_pos .. start_pos+T_q-1
-    over keys at 0 .. start_pos+T_q-1. q (B, H, T_q, D), k and v (B, H, T_k, D)."""
-    T_q, T_k = q.size(-2), k.size(-2)
-    if T_q == T_k:  # training, or a prefill from position 0
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if T_q == 1:  # one new token sees every cached one
-        return F.scaled_dot_product_attention(q, k, v)
-    # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
-    mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -852,15 +816,6 @@ class TrainConfig:
     max_new_tokens: int = field(default=200, metadata={"help": "tokens per sample"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
     top_k: int = field(default=200, metadata={"help": "sample among the k likeliest tokens (0: all)"})
-    # benchmark
-    bench: bool = field(default=False, metadata={"help": "time this model vs a nanoGPT-style reference (on a "
-                                                         "CPU: at the tiny CPU configuration, like training)"})
-    bench_steps: int = field(default=30, metadata={"help": "timed steps per model in --bench"})
-    bench_no_reference: bool = field(default=False, metadata={"help": "with --bench: leave the nanoGPT-style "
-                                                                      "reference out (its memory and compile time "
-                                                                      "at large widths; --arch vs gpt stays)"})
-    profile: bool = field(default=False, metadata={"help": "with --bench on a GPU: also each model's GPU time "
-                                                             "per kernel over one training step"})
 
 
 # A tiny configuration for --device cpu (for reading and debugging): seconds per run, not minutes.
@@ -907,8 +862,14 @@ def set_kernels(model: nn.Module, setting: str, device: torch.device, other_user
                         "TRITON_INTERPRET=1 is set: slow, for testing), or use --kernels off")
     for m in modules:
         m.use_kernels = on and m.kernel_supported
-    if on and not all(m.use_kernels for m in modules):
-        print(f"note: kernels.py does not cover this configuration; {type(modules[0]).__name__} uses the plain path")
+    if on:  # say which plain functions a reader's edit would not reach, and which modules stay plain
+        replaced = sorted({name for m in modules if m.use_kernels for name in m.kernel_replaces})
+        replaced += ["linearity.cosine_regulariser"] if other_users else []
+        if replaced:
+            print(f"kernels: kernels.py runs in place of {', '.join(replaced)} (to run edits of those: --kernels off)")
+        plain = sorted({type(m).__name__ for m in modules if not m.use_kernels})
+        if plain:
+            print(f"note: kernels.py does not cover this configuration of {', '.join(plain)}: the plain path runs there")
     return on and all(m.use_kernels for m in modules)
 
 
@@ -931,7 +892,7 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                 "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len, "eval_interval": cfg.eval_interval,
                 "eval_batches": cfg.eval_batches, "log_interval": cfg.log_interval,
                 "max_new_tokens": cfg.max_new_tokens, "num_samples": cfg.num_samples,
-                "bench_steps": cfg.bench_steps, "download_mb": cfg.download_mb, "hc_rate": mcfg.hc_rate,
+                "download_mb": cfg.download_mb, "hc_rate": mcfg.hc_rate,
                 "sinkhorn_iters": mcfg.sinkhorn_iters, "tpa_rank_q": mcfg.tpa_rank_q, "tpa_rank_k": mcfg.tpa_rank_k,
                 "tpa_rank_v": mcfg.tpa_rank_v, "hyena_order": mcfg.hyena_order,
                 "hyena_filter_width": mcfg.hyena_filter_width, "recall_vocab": cfg.recall_vocab}
@@ -989,10 +950,6 @@ def validate(mcfg: GPTConfig, cfg: TrainConfig, world_size: int):
                         "block -> block pair); use --reg-pairs all")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --out-dir and --overwrite replaces it: pass one of them")
-    if cfg.bench_no_reference and not cfg.bench:
-        raise UserError("--bench-no-reference goes with --bench")
-    if cfg.profile and not (cfg.bench and torch.cuda.is_available() and cfg.device != "cpu"):
-        raise UserError("--profile goes with --bench and needs a CUDA GPU (it reads the GPU's kernel timings)")
 
 
 def check_memory(mcfg: GPTConfig, micro_batch: int, seq_len: int, device: torch.device, dtype: str):
@@ -1481,134 +1438,12 @@ def sample_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark: this GPT vs a plain nanoGPT-style model of the same size, side by side in one process.
-
-
-class NanoGPTReference(nn.Module):
-    """The throughput anchor: learned positions, LayerNorm, GELU MLP, untied head, SDPA attention."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        C, V = cfg.n_embd, cfg.padded_vocab_size
-        self.n_head = cfg.n_head
-        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(cfg.block_size, C)
-        self.ln1 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
-        self.ln2 = nn.ModuleList(nn.LayerNorm(C, bias=False) for _ in range(cfg.n_layer))
-        self.qkv = nn.ModuleList(nn.Linear(C, 3 * C, bias=False) for _ in range(cfg.n_layer))
-        self.out = nn.ModuleList(nn.Linear(C, C, bias=False) for _ in range(cfg.n_layer))
-        self.fc = nn.ModuleList(nn.Linear(C, 4 * C, bias=False) for _ in range(cfg.n_layer))
-        self.fc_out = nn.ModuleList(nn.Linear(4 * C, C, bias=False) for _ in range(cfg.n_layer))
-        self.ln_f, self.head = nn.LayerNorm(C, bias=False), nn.Linear(C, V, bias=False)
-
-    def forward(self, idx, targets):
-        B, T = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
-        for i in range(len(self.qkv)):
-            q, k, v = self.qkv[i](self.ln1[i](x)).split(x.size(-1), dim=2)
-            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-            x = x + self.out[i](y)
-            x = x + self.fc_out[i](F.gelu(self.fc[i](self.ln2[i](x))))
-        logits = self.head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-
-
-def bench_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
-    """Train-step throughput (forward, backward, AdamW) of this GPT vs NanoGPTReference on random
-    tokens, compiled and in bf16 on CUDA. Both models are built and warmed up, then timed in
-    alternating rounds (so clock drift hits both alike); the table shows each one's median round.
-    It measures and prints; it asserts nothing."""
-    device, _, _ = setup_distributed(cfg)
-    validate(mcfg, cfg, 1)
-    seq_len = cfg.seq_len or mcfg.block_size
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-    peak = peak_tflops(device, cfg.peak_tflops)
-    B, rounds, warmup = cfg.batch_size // cfg.grad_accum, 5, 10
-    check_memory(mcfg, B, seq_len, device, dtype)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(mcfg.vocab_size, (B, seq_len + 1), generator=gen).to(device) for _ in range(4)]
-    print(f"# --bench on {torch.cuda.get_device_name(device) if cuda else 'CPU'}, torch {torch.__version__}, "
-          f"{dtype}, compile {'on' if use_compile else 'off'}, d={mcfg.n_embd} L={mcfg.n_layer} T={seq_len} "
-          f"B={B}: {warmup} warm-up steps, then {rounds} alternating rounds of {cfg.bench_steps} steps")
-    runs = []
-    models = [("this GPT (--arch gpt)", GPT, dataclasses.replace(mcfg, arch="gpt"))]
-    if not cfg.bench_no_reference:
-        models.insert(0, ("nanoGPT-style reference", NanoGPTReference, mcfg))
-    if mcfg.arch != "gpt":
-        models.append((f"--arch {mcfg.arch}", GPT, mcfg))
-    for name, build, model_cfg in models:
-        mem_before = torch.cuda.memory_allocated(device) if cuda else 0
-        torch.manual_seed(0)
-        model = build(model_cfg).to(device)
-        if build is GPT and model_cfg.arch != "gpt":
-            name += f", kernels {'on' if set_kernels(model, cfg.kernels, device) else 'off'}"
-        n_params = sum(p.numel() for p in model.parameters())
-        if build is GPT:
-            flops_per_token = model.flops_per_token(seq_len)
-        else:  # GPT.flops_per_token's rule: 6 x matmul weights (a lookup table is none) + attention
-            lookups = model.wpe.weight.numel() + model.wte.weight.numel()
-            flops_per_token = 6 * (n_params - lookups) + 12 * mcfg.n_layer * mcfg.n_embd * seq_len
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-        step_model = torch.compile(model) if use_compile else model
-
-        def step(i, step_model=step_model, optimizer=optimizer):
-            xy = batches[i % len(batches)]
-            with autocast:
-                _, loss = step_model(xy[:, :-1], xy[:, 1:])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(warmup):
-            step(i)
-        mem = (torch.cuda.max_memory_allocated(device) - mem_before) / 2**30 if cuda else float("nan")
-        runs.append({"name": name, "params": n_params, "flops": flops_per_token, "mem": mem, "step": step,
-                     "ms": []})
-    for _ in range(rounds):
-        for run in runs:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(cfg.bench_steps):
-                loss = run["step"](i)
-            loss.item()  # waits for the device
-            run["ms"].append(1000 * (time.perf_counter() - t0) / cfg.bench_steps)
-    print(f"| {'model':38s} | params (M) | ms/step (min-max) | tokens/s   | TFLOP/s | MFU (%) | peak mem (GiB) |")
-    print(f"|{'-' * 40}|-----------:|------------------:|-----------:|--------:|--------:|---------------:|")
-    for run in runs:
-        ms = sorted(run["ms"])[len(run["ms"]) // 2]
-        run["tokens_per_s"] = B * seq_len / ms * 1000
-        tflops = run["flops"] * run["tokens_per_s"] / 1e12
-        mfu = 100 * tflops / peak if peak else float("nan")
-        spread = f"{ms:6.2f} ({min(run['ms']):.1f}-{max(run['ms']):.1f})"
-        print(f"| {run['name']:38s} | {run['params'] / 1e6:10.1f} | {spread:>17s} | {run['tokens_per_s']:10,.0f} | "
-              f"{tflops:7.1f} | {mfu:7.1f} | {run['mem']:14.1f} |")
-    gpt = runs[0 if cfg.bench_no_reference else 1]
-    if not cfg.bench_no_reference:
-        print(f"this GPT / reference throughput: {gpt['tokens_per_s'] / runs[0]['tokens_per_s']:.3f}x")
-    if mcfg.arch != "gpt":
-        print(f"--arch {mcfg.arch} step time / gpt step time: {gpt['tokens_per_s'] / runs[-1]['tokens_per_s']:.3f}x")
-    if cfg.profile:  # where each step's GPU time goes (torch.profiler)
-        for run in runs:
-            kernels.print_gpu_kernels(f"{run['name']}: one training step", lambda run=run: run["step"](0), iters=3)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line: every field of GPTConfig and TrainConfig is a flag (--n-layer, --lr, ...).
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train, sample or benchmark the tiny GPT of this repository on TinyStories.",
+        description="Train or sample the tiny GPT of this repository on TinyStories (benchmark: bench.py gpt).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
         allow_abbrev=False)  # a typo such as --max-iter is an error, not a prefix of --max-iters
@@ -1633,7 +1468,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, tiny: dict = CPU_TINY):
+    """(model config, training config, the names given on the command line). On a CPU, `tiny`'s settings
+    for what was not given (bench.py gpt passes the model's and the batch's only)."""
     args = vars(build_parser().parse_args(argv))
     explicit = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     model_names = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -1641,8 +1478,7 @@ def parse_args(argv=None):
     cfg = TrainConfig(**{k: v for k, v in args.items() if k not in model_names})
     wants_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if wants_cpu and not cfg.sample:
-        tiny = {k: v for k, v in CPU_TINY.items() if k not in explicit
-                and (not cfg.bench or k in model_names or k == "batch_size")}  # --bench: the model and batch
+        tiny = {k: v for k, v in tiny.items() if k not in explicit}
         for k, v in tiny.items():
             setattr(mcfg if k in model_names else cfg, k, v)
         if tiny:
@@ -1651,7 +1487,7 @@ def parse_args(argv=None):
 
 
 def check_device(name: str):
-    """--device names a device torch has here (before any run, sample or bench builds on it)."""
+    """--device names a device torch has here (before any run, sample or benchmark builds on it)."""
     if name in ("auto", "cpu"):
         return
     try:
@@ -1662,14 +1498,22 @@ def check_device(name: str):
         raise UserError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu or auto")
 
 
+# The benchmark's flags moved to bench.py (python bench.py gpt): each old flag -> its name there.
+MOVED_TO_BENCH = {"--bench": "", "--bench-steps": "--steps", "--bench-no-reference": "--no-reference",
+                  "--profile": "--profile"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.partition("=")[0] in MOVED_TO_BENCH for a in argv):
+        new = [MOVED_TO_BENCH.get(a, a) for a in argv if a != "--bench"]
+        print(f"error: train.py --bench moved to bench.py: python bench.py gpt {' '.join(new)}", file=sys.stderr)
+        return 2
     mcfg, cfg, explicit = parse_args(argv)
     try:
         check_device(cfg.device)
         if cfg.sample is not None:
             return sample_main(mcfg, cfg)
-        if cfg.bench:
-            return bench_main(mcfg, cfg)
         return train(mcfg, cfg, explicit)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
