@@ -189,6 +189,16 @@ def run_jobs(jobs: list[Job], parallel: int) -> list[str]:
     return failed
 
 
+def continue_or_start(run_dir: str) -> list[str]:
+    """A run that was stopped (Ctrl-C, a time limit) left a checkpoint: continue it; anything else in its
+    folder (a run that failed before its first checkpoint) is replaced."""
+    return ["--resume"] if os.path.isfile(os.path.join(run_dir, "ckpt.pt")) else ["--overwrite"]
+
+
+# What compare.py sets for every run itself: not to be passed after `--`
+OWN_FLAGS = ("--resume", "--overwrite", "--max-iters", "--eval-interval", "--seed", "--out-dir")
+
+
 def seeds_of(args) -> list[int]:
     return [SEED0 + i for i in range(args.seeds)]
 
@@ -210,7 +220,7 @@ def train_jobs(runs: list[str], args, extra: list[str], linearity: bool = False)
                     os.remove(stale)
             cmd = [sys.executable, "train.py", *EXTRA_RUNS.get(name, ["--arch", name]),
                    "--max-iters", str(args.max_iters), "--eval-interval", str(args.eval_interval),
-                   "--seed", str(seed), "--out-dir", run_dir, "--overwrite", *extra]
+                   "--seed", str(seed), "--out-dir", run_dir, *continue_or_start(run_dir), *extra]
             then = (lambda name=name, seed=seed: linearity_jobs([name], args, [seed])) if linearity else None
             jobs.append(Job(f"{name} seed {seed}", cmd, os.path.join(run_dir, "train.log"), before=before, then=then))
     return jobs
@@ -273,7 +283,7 @@ def recall_jobs(args, extra: list[str], out: str | None = None, archs=None, sett
                         cmd = [sys.executable, "train.py", *extra, "--arch", arch, *RECALL_TASKS[task], *flags,
                                "--block-size", str(length), "--max-iters", str(steps),
                                "--eval-interval", str(steps // 4), "--log-interval", "100",
-                               "--seed", str(seed), "--out-dir", run_dir, "--overwrite"]
+                               "--seed", str(seed), "--out-dir", run_dir, *continue_or_start(run_dir)]
                         jobs.append(Job(label, cmd, os.path.join(run_dir, "train.log")))
     return jobs
 
@@ -293,7 +303,7 @@ def sweep_jobs(args, extra: list[str]) -> list[Job]:
                 continue
             cmd = [sys.executable, "train.py", "--arch", "hyena", *flags, "--max-iters", str(args.max_iters),
                    "--eval-interval", str(args.eval_interval), "--seed", str(seed), "--out-dir", run_dir,
-                   "--overwrite", *extra]
+                   *continue_or_start(run_dir), *extra]
             jobs.append(Job(f"sweep {setting} seed {seed}", cmd, os.path.join(run_dir, "train.log")))
     return jobs + recall_jobs(args, extra, os.path.join(args.out, "sweep"), archs=("hyena",), settings=HYENA_SWEEP,
                               seeds=seeds, shortest=True)
@@ -666,7 +676,7 @@ def micro_batches(runs: dict) -> str:
     accum = sorted({s["info"]["train_config"].get("grad_accum", 1) for seeds in runs.values() for s in seeds.values()})
     if accum == [1]:
         return ""
-    return (f" Steps split into {'/'.join(map(str, accum))} micro-batches (`-- --grad-accum N --eval-batches "
+    return (f" Steps split into {' or '.join(map(str, accum))} micro-batches (`-- --grad-accum N --eval-batches "
             "20N`: the same tokens per step and the same validation windows, less memory each), so their peak "
             "memory is not shown.")
 
@@ -736,6 +746,10 @@ def report(run_names: list[str], args, target: str, summary: bool = False) -> tu
     speed = read_json(os.path.join(args.out, "hyena_speed.json"))
     lines = []
     missing = [f"{n} seed {seed}" for n in run_names for seed in seeds_of(args) if seed not in runs.get(n, {})]
+    if "recall" in args.stages or recall:  # the recall runs asked for that did not finish
+        missing += [f"{task} {arch} L={L} seed {seed}" for task, lengths in recall_lengths(args) for L in lengths
+                    for arch in args.recall_archs for seed in seeds_of(args)
+                    if seed not in recall.get(task, {}).get(L, {}).get(arch, {})]
     if runs:
         first = next(iter(next(iter(runs.values())).values()))
         info, tc = first["info"], first["info"]["train_config"]
@@ -773,7 +787,8 @@ def report(run_names: list[str], args, target: str, summary: bool = False) -> tu
                      f"{pm([s['val'] for s in seeds.values()])} | "
                      f"{fmt(mean_std([s['ms'] for s in seeds.values()])[0], '.1f')} | "
                      f"{fmt(mean_std([s['tok_s'] for s in seeds.values()])[0], ',.0f')} | "
-                     f"{fmt(max(s['mem'] for s in seeds.values()), '.1f')} | {s0['cache']} |")
+                     f"{fmt(max((s['mem'] for s in seeds.values() if not math.isnan(s['mem'])), default=math.nan), '.1f')} | "
+                     f"{s0['cache']} |")
     if runs:
         p = [next(iter(seeds.values()))["info"]["params"] / 1e6 for seeds in runs.values()]
         lines += ["", f"Parameters are matched to within {100 * (max(p) / min(p) - 1):.1f}% (TPA's heads by "
@@ -986,7 +1001,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
     p.add_argument("--linearity-tokens", type=int, default=200_000, help="linearity.py --tokens (validation)")
     # Each distillation step is a forward and backward over ~200K tokens of the later blocks, and the objective
-    # barely moves after a few dozen (RESULTS.md): 30 keeps the linearity stage minutes, not an hour.
+    # barely moves after a few dozen steps (RESULTS.md), so 30.
     p.add_argument("--distill-steps", type=int, default=30, help="linearity.py --prune's distillation steps")
     p.add_argument("--recall-lengths", default="128,512", help="sequence lengths of the MQAR runs")
     p.add_argument("--recall1-lengths", default="256,1024,2048", help="sequence lengths of the single-query runs")
@@ -1031,6 +1046,9 @@ def parse_args(argv=None):
             p.error(f"--{flag} needs the report stage")
         if path:
             check_markers(path)  # before hours of training, not after
+    own = [a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS]
+    if own:
+        p.error(f"{', '.join(own)} after `--`: compare.py sets those for each run itself")
     args.out = os.path.abspath(args.out)  # the commands run in this file's folder
     args.plot = os.path.abspath(args.plot or os.path.join(args.out, "loss_curves.png"))
     return args, extra
@@ -1038,6 +1056,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
+    # Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     failed = []
     try:

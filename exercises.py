@@ -1,5 +1,5 @@
 """
-exercises.py -- three exercises per technique, each with an automatic check.
+exercises.py -- three to five exercises per technique, each with an automatic check.
 
     python exercises.py                    # the list
     python exercises.py mhc.1              # the task, then its check (exit 0 when it passes)
@@ -25,6 +25,12 @@ import os
 import sys
 
 import torch
+
+import hyena
+import linearity
+import mhc
+import tpa
+import train
 
 EXERCISES = {}  # id -> function(answer) -> (passed, solution); its docstring is the task, .hint the hint
 REVEAL = object()  # the answer --reveal passes: the check computes its solution and judges nothing
@@ -115,7 +121,6 @@ def mhc_row_softmax(answer=None):
         python train.py --arch mhc --max-iters 300 --eval-interval 25
         python train.py --arch mhc --max-iters 300 --eval-interval 25 --kernels off --compile off --out-dir out/mhc-softmax
         python mhc.py --gains out/mhc/metrics.jsonl out/mhc-softmax/metrics.jsonl"""
-    import mhc
     g = torch.Generator().manual_seed(0)
     logits = 2 * torch.randn(64, 1, 4, 4, generator=g)  # 64 sub-layers, n = 4
     res = logits.softmax(-1) if answer is REVEAL else mhc.sinkhorn_knopp(logits)  # revealing: the change made
@@ -147,7 +152,6 @@ def mhc_iterations(answer=None):
     Amax gain (`mhc.amax_gain`, averaged over tokens) is below 1.02? Guess first, then write the loop.
     The paper uses 20; each iteration costs time in every sub-layer of every step. --answer t (on the
     unmodified mhc.py)."""
-    import mhc
     t_given = as_number(need_answer(answer, "an iteration count"), int)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(24, 256, 4, 4, generator=g)
@@ -173,7 +177,6 @@ def mhc_which_sums(answer=None):
     which sums of H_res must be 1: "rows", "columns" or "both"? (Sinkhorn makes H_res doubly
     stochastic, and any such H_res is a no-op at step 0; which half of that is actually needed?)
     --answer rows|columns|both"""
-    import mhc
     given = need_choice(answer, ("rows", "columns", "both"))
     x = torch.randn(1, 1, 1, 8).expand(1, 1, 4, 8)  # (B, T, n, C): four identical streams
     zero_out, post = torch.zeros(1, 1, 8), torch.ones(1, 1, 4)
@@ -252,7 +255,6 @@ def hyena_window_off(answer=None):
     mostly needs the last few tokens? The check measures the share of each filter's energy past
     position l_max / 4 at init. Then train and compare the losses:
         python train.py --arch hyena --max-iters 300 --eval-interval 50 --out-dir out/hyena-nowindow"""
-    import hyena
     torch.manual_seed(0)
     f = hyena.ImplicitFilter(n_embd=64, order=2, l_max=1024)
     f.init_weights()
@@ -282,7 +284,6 @@ def hyena_fft_size(answer=None):
     output at time t then sees tokens after t. For L = 100, what is the smallest n whose first L
     outputs equal `hyena.direct_causal_conv`? --answer n (then: is 2L a waste?)"""
     n_given = as_number(need_answer(answer, "an FFT length"), int)
-    import hyena
     torch.manual_seed(0)
     L = 100
     u, h = torch.randn(1, 3, L, dtype=torch.float64), torch.randn(3, L, dtype=torch.float64)
@@ -309,11 +310,10 @@ def hyena_filter_init(answer=None):
     `hyena.ImplicitFilter` at the recall setting (C = 128, order 2, l_max = 128, emb_dim and w as
     train.py's defaults) with each init. Predict: which one's filters h start as white noise along
     time (lag-1 autocorrelation near 0) rather than as smooth curves (near 1)? --answer kaiming|normal
-    The check computes both. (Measured on an H100, RESULTS.md's Hyena section: MQAR recall at L = 128,
+    The check computes both. (RESULTS.md's Hyena section: MQAR recall at L = 128,
     3000 steps, 3 seeds, chance 6.2%: the Pile setting w 14, emb_dim 33 with Kaiming init 6.0%, with
     normal init 22.5%; the defaults w 10, emb_dim 5, normal init 38.2%.)"""
     given = need_choice(answer, ("kaiming", "normal"))
-    import hyena
     cfg = default_config()
     lag1 = {}
     for init in ("kaiming", "normal"):
@@ -341,7 +341,6 @@ def hyena_filter_init(answer=None):
 
 
 def default_config(**changes):
-    import train
     return train.GPTConfig(**changes)
 
 
@@ -356,7 +355,6 @@ def tpa_rank_one_cache(answer=None):
     matched to MHA's parameters by `tpa.matched_heads`), how many numbers does one layer cache per
     token? (MHA caches 2 C = 768.) Work out the heads first. --answer N. Then train it and compare the
     loss with rank (6, 2, 2) (exercise tpa.3)."""
-    import tpa
     n_given = as_number(need_answer(answer, "values per token per layer"))
     cfg = default_config(arch="tpa", tpa_rank_q=1, tpa_rank_k=1, tpa_rank_v=1)
     h = tpa.tpa_heads(cfg)
@@ -375,7 +373,6 @@ def tpa_long_context_memory(answer=None):
     For one sequence of 65,536 tokens in bf16, how many MiB does the whole KV cache of the default
     model (6 layers, C = 384) take with MHA, and with TPA at ranks (6, 2, 2) (heads matched)?
     --answer MHA,TPA in MiB (within 1%)"""
-    import tpa
     given = need_numbers(answer, "MHA,TPA in MiB", 2)
     cfg = default_config(arch="tpa")
     per_token = {"mha": tpa.kv_cache_values_per_token("mha", cfg.n_head, cfg.n_embd // cfg.n_head),
@@ -425,7 +422,6 @@ def linearity_invariance(answer=None):
 
     `linearity.linearity_score(X, Y)` returns (LS, LS_wo). If Y is replaced by 10 Y + 3, does LS
     change? Does LS_wo (which scores Y - X)? --answer yes,no style: LS first, then LS_wo."""
-    import linearity
     given = need_answer(answer, "two of yes/no: LS,LS_wo")
     given = None if given is None else given.replace(" ", "")
     torch.manual_seed(0)
@@ -446,8 +442,6 @@ def checkpoint_profile(path: str, split: str):
     """(LS, LS_wo) per block pair of a train.py checkpoint on the CPU, from the windows linearity.py
     uses: LINEARITY_TOKENS of validation text (its table), or as many windows of training text (what
     --prune ranks blocks by)."""
-    import train
-    import linearity
     if not os.path.isfile(path):
         raise NotReady(f"no checkpoint {path}: train it first")
     ckpt = linearity.read_checkpoint(train, path)

@@ -170,9 +170,9 @@ class ImplicitFilter(nn.Module):
         if L > self.l_max:
             raise ValueError(f"sequence of {L} tokens is longer than the filters' l_max = {self.l_max} "
                              f"(the model's --block-size)")
-        # Precision: sin(w p) with w ~ 14 multiplies p's rounding error by 14, three layers deep. On an H100
-        # the hidden layers in bf16 (autocast) put h 60% (relative to its largest tap) off its exact value,
-        # in tf32 18%; so they run in float64 (L x F x F multiply-adds, next to nothing) and the last layer,
+        # Precision: sin(w p) with w ~ 10 (14 in the Pile config) multiplies p's rounding error by w, three
+        # layers deep: hidden layers in bf16 or tf32 put h far off its exact value (RESULTS.md, "The
+        # filter's precision"); so they run in float64 (L x F x F multiply-adds, next to nothing) and the last layer,
         # whose rounding is not amplified, in fp32 (tf32 where torch allows it), whatever autocast says.
         with torch.autocast(self.pos.device.type, enabled=False):
             z = self.pos[:L].double()  # (L, emb_dim); positions never depend on L, so a prefix is causal

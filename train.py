@@ -312,8 +312,8 @@ class GPT(nn.Module):
             # autocast runs cross_entropy in fp32; -1 marks positions that carry no target
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             # Training differentiates the loss only. Returned with a graph, the logits would make the
-            # compiled backward fill a zero gradient of their size (3.3 GB at B=64, T=512: ~1 ms a step
-            # on an H100), so they come back detached. Call without targets to differentiate logits.
+            # compiled backward fill a zero gradient as large as the logits every step, so they come back
+            # detached. Call without targets to differentiate logits.
             logits = logits.detach()
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
@@ -864,7 +864,7 @@ def set_kernels(model: nn.Module, setting: str, device: torch.device, other_user
         m.use_kernels = on and m.kernel_supported
     if on:  # say which plain functions a reader's edit would not reach, and which modules stay plain
         replaced = sorted({name for m in modules if m.use_kernels for name in m.kernel_replaces})
-        replaced += ["linearity.cosine_regulariser"] if other_users else []
+        replaced += ["linearity.cosine_regulariser"] if other_users and all(m.use_kernels for m in modules) else []
         if replaced:
             print(f"kernels: kernels.py runs in place of {', '.join(replaced)} (to run edits of those: --kernels off)")
         plain = sorted({type(m).__name__ for m in modules if not m.use_kernels})
