@@ -209,7 +209,8 @@ def layer_profile(model, batches, device, use_kernel: bool = False, progress=Non
             stats = [PairStats(hidden[0].size(-1), device, use_kernel) for _ in range(len(hidden) - 1)]
         for s, x, y in zip(stats, hidden[:-1], hidden[1:]):
             s.update(x, y)
-        report_progress(progress, i, len(batches), "scoring: batch")
+        if progress is not None:
+            report_progress(progress, i, len(batches), "scoring: batch")
     return [s.scores() for s in stats]
 
 
@@ -488,7 +489,7 @@ def run(train, argv) -> int:
                              "block on, on the training windows; 0: the plain fit")
     parser.add_argument("--kernels", choices=["on", "off"], default="off",
                         help="per-batch statistics from the Triton cross-Gram kernel (fp32) instead of float64 "
-                             "torch; on an H100 the two are equally fast, on GPUs with slow float64 use on")
+                             "torch: as fast where float64 runs at full rate, faster on GPUs with slow float64")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the profile (and the pruning table) to this JSON file")
     args = parser.parse_args(argv)
@@ -597,10 +598,12 @@ if __name__ == "__main__":
     w = torch.randn(d, d) / math.sqrt(d)
     print("1. A linear map scores 1; a residual block with a small nonlinear part scores ~1 with the")
     print("   residual and much less without it:")
-    print(f"   y = x W + b:              LS {linearity_score(x, x @ w + 3)[0]:.6f}")
+    ls_linear = linearity_score(x, x @ w + 3)[0]
+    print(f"   y = x W + b:              LS {ls_linear:.6f}")
     y = x + 0.3 * torch.tanh(2 * (x - 100) @ w)
     ls, ls_wo = linearity_score(x, y)
     print(f"   y = x + 0.3 tanh(2 x W):  LS {ls:.6f}, LS_wo {ls_wo:.6f}")
+    assert abs(ls_linear - 1) < 1e-6 and ls > 0.99 and ls_wo < ls - 0.1
 
     print("2. The streaming score (10 batches, float64 Chan merge) equals the exact least-squares one:")
     stats = PairStats(d)
@@ -608,8 +611,10 @@ if __name__ == "__main__":
         stats.update(xb, yb)
     exact = linearity_score_exact(x, y)
     print(f"   streaming {stats.scores()[0]:.9f} {stats.scores()[1]:.9f}   exact {exact[0]:.9f} {exact[1]:.9f}")
+    assert all(abs(a - b) < 1e-9 for a, b in zip(stats.scores(), exact))
 
     print("3. The identity 1 - LS_wo = (1 - LS) ||Yc||^2 / ||Yc - Xc||^2:")
     xc, yc = x - x.mean(0), y - y.mean(0)
     rhs = (1 - ls) * (yc.norm() ** 2 / (yc - xc).norm() ** 2).item()
     print(f"   1 - LS_wo = {1 - ls_wo:.6f}, right-hand side = {rhs:.6f}")
+    assert abs((1 - ls_wo) - rhs) < 1e-6

@@ -8,8 +8,14 @@ test_all.py -- every check of this repository, on the CPU and (where one is pres
 Data: the real TinyStories sample in $TINYSTORIES_DIR (default ../shared/tinystories) and the GPT-2 BPE
 files in $TIKTOKEN_CACHE_DIR (default ../shared/tiktoken_cache). Tests that need a GPU are skipped
 without one. Each test says what it proves in its first line.
+
+The techniques' sections follow kernels.py: mHC, linearity, TPA, Hyena. A kernel's tests are named
+test_<technique>_<what>_ref (against the plain reference, on a CPU under Triton's interpreter),
+_gpu_... (on CUDA, next to its CPU twin) and _inputs (bad inputs refused): `-k mhc` picks every mHC
+test, `-k gpu_` every test that needs a GPU.
 """
 import atexit
+import contextlib
 import http.server
 import json
 import lzma
@@ -85,6 +91,19 @@ def expect_fail(result, *phrases):
     for phrase in phrases:
         assert phrase.lower() in out.lower(), f"missing {phrase!r} in:\n{out[-2000:]}"
     assert "Traceback" not in out, f"a traceback instead of a clear message:\n{out[-3000:]}"
+
+
+@contextlib.contextmanager
+def expect_raises(errors, *phrases):
+    """The with-block raises one of `errors` (an exception class or a tuple of them) whose message holds
+    every phrase; a block that raises nothing fails the test."""
+    try:
+        yield
+    except errors as e:
+        for phrase in phrases:
+            assert phrase in str(e), (phrase, str(e))
+        return
+    raise AssertionError(f"accepted: expected {errors} saying {phrases}")
 
 
 def expect_ok(result):
@@ -436,7 +455,7 @@ def check_kernel_post_res(B, T, C, device, dtype, tol):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
 
 
-def test_kernel_sinkhorn_matches_reference():
+def test_mhc_sinkhorn_ref():
     """Triton Sinkhorn (20 iterations) == mhc.sinkhorn_knopp, forward and backward, fp32, 37 matrices
     (not a multiple of the block); on a GPU also 16k matrices."""
     needs_triton()
@@ -445,7 +464,7 @@ def test_kernel_sinkhorn_matches_reference():
         check_kernel_sinkhorn(16384, "cuda", 1e-5)
 
 
-def test_sinkhorn_stays_finite_at_extreme_logits():
+def test_mhc_sinkhorn_finite_at_extreme_logits_ref():
     """Logits of std 40, and matrices with columns or a row 100 to 1000 below the rest: mhc.sinkhorn_knopp,
     the Triton Sinkhorn and the mHC pre kernels give finite outputs and finite gradients (fp32, 20
     iterations). Rows (normalised last) sum to 1 within 1e-5 (eps 1e-6 in each division); columns within
@@ -498,7 +517,7 @@ def test_sinkhorn_stays_finite_at_extreme_logits():
         assert torch.isfinite(a).all() and torch.isfinite(b).all() and rel_err(a, b) < 1e-4, (name, rel_err(a, b))
 
 
-def test_kernel_mhc_pre_matches_reference():
+def test_mhc_pre_ref():
     """The mHC pre path's kernels == MHCConnection.coefficients + the pre-mix: x_in, H_post, H_res and the
     gradients of h, phi, gates and biases, with and without a gradient for the streams passed through;
     fp32, 2 x 19 tokens, C = 81 (the rows nC = 324 and channels not multiples of any block). (The
@@ -510,27 +529,35 @@ def test_kernel_mhc_pre_matches_reference():
                              pass_grad)
 
 
-def test_kernel_post_res_matches_reference():
+def test_mhc_post_res_ref():
     """Fused write-back res h + post^T f == mhc.write_back, with all four gradients; fp32, odd sizes."""
     needs_triton()
     check_kernel_post_res(3, 7, 80, "cpu" if not torch.cuda.is_available() else "cuda", torch.float32, 1e-5)
 
 
-def test_kernel_input_checks():
+def test_mhc_kernels_gpu_training_shapes():
+    """On the GPU: the mHC kernels at the GPT's width (8 x 512 tokens, C = 384), in bf16 and
+    fp32 against the fp32 reference math on the same inputs."""
+    needs_cuda()
+    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):  # fp32: the projection runs in TF32
+        check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol)
+        check_kernel_post_res(8, 512, 384, "cuda", dtype, 1e-5 if dtype == torch.float32 else tol)
+    kernels.MHC_PRE["dot"] = "ieee"  # with fp32 dot products the pre path matches to fp32 rounding
+    try:
+        check_kernel_mhc_pre(2, 300, 384, "cuda", torch.float32, 1e-4)
+    finally:
+        kernels.MHC_PRE["dot"] = "tf32"
+
+
+def test_mhc_kernels_inputs():
     """Unsupported stream counts and dtypes are refused with a clear error (the model falls back)."""
     needs_triton()
     conn = mhc_connection(16, n=2)
-    try:
+    with expect_raises(ValueError, "n must be a power of 2 >= 4"):
         kernels.mhc_pre(torch.randn(1, 3, 2, 16), conn.phi, conn.gates, conn.b_pre, conn.b_post, conn.b_res)
-        raise AssertionError("n = 2 accepted")
-    except ValueError as e:
-        assert "n must be a power of 2 >= 4" in str(e)
-    try:
+    with expect_raises(TypeError, "float64"):
         kernels.mhc_post_res(torch.randn(1, 3, 4, 16).double(), torch.randn(1, 3, 16), torch.rand(1, 3, 4),
                              torch.rand(1, 3, 4, 4))
-        raise AssertionError("float64 accepted")
-    except TypeError as e:
-        assert "float64" in str(e)
     # wrong shapes and dtypes of the other inputs: an error that names the argument, never a silent read
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     conn = mhc_connection(16).to(device)
@@ -548,19 +575,596 @@ def test_kernel_input_checks():
         (lambda: kernels.mhc_post_res(h, f, post, res.int()), "res: dtype torch.int32"),
     ]
     for call, message in bad_calls:
-        try:
+        with expect_raises((ValueError, TypeError), message):
             call()
-            raise AssertionError(f"accepted: {message}")
-        except (ValueError, TypeError) as e:
-            assert message in str(e), (message, str(e))
     model = small_model(arch="mhc", hc_rate=2)
     assert train.set_kernels(model, "on", device) is False  # n = 2: the plain path
 
 
-def test_mhc_training_kernels_on_vs_off_agree():
+def test_mhc_training_kernels_on_off_ref():
     """Two steps of --arch mhc on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-5 (fp32; the interpreter is slow, so the model is tiny)."""
-    check_interpreter_kernels_on_off("test_gpu_mhc_training_kernels_on_vs_off_agree", 1e-5, "mhc", "--max-iters", "2")
+    check_interpreter_kernels_on_off("test_mhc_training_kernels_on_off_gpu_bf16", 1e-5, "mhc", "--max-iters", "2")
+
+
+def test_mhc_training_kernels_on_off_gpu_bf16():
+    """On the GPU: 100 steps of --arch mhc (bf16 autocast) with kernels on and off from the same seed,
+    with fp32 streams and with bf16 streams (--residual-dtype bfloat16); the training losses agree
+    within 2% at every logged step, the final one within 1%."""
+    needs_cuda()
+    check_gpu_kernels_on_off("mhc")
+    check_gpu_kernels_on_off("mhc", "--residual-dtype", "bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linearity (linearity.py) and its kernels
+
+
+def test_linearity_streaming_equals_exact_and_svd():
+    """On hidden-state-like data with a large mean offset (1e3), the streaming score (13 uneven batches,
+    float64 Chan merge) equals the exact least-squares score and the float64 SVD recipe to 1e-6, with
+    and without the residual, and 1 - LS_wo = (1 - LS) ||Yc||^2 / ||Yc - Xc||^2."""
+    torch.manual_seed(0)
+    N, d = 3000, 24
+    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
+    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
+    stats = linearity.PairStats(d)
+    for xb, yb in zip(x.split(237), y.split(237)):
+        stats.update(xb.float(), yb.float())
+    x64, y64 = x.double(), y.double()
+    svd = linearity.official_svd_score(x64, y64), linearity.official_svd_score(x64, y64 - x64)  # in float64
+    streaming, exact = stats.scores(), linearity.linearity_score_exact(x, y)
+    for a, b, c in zip(streaming, exact, svd):
+        assert abs(a - b) < 1e-6 and abs(a - c) < 1e-6, (streaming, exact, svd)
+    assert streaming[1] < streaming[0] < 1
+    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    ratio = (yc.norm() ** 2 / (yc - xc).norm() ** 2).item()
+    assert abs((1 - streaming[1]) - (1 - streaming[0]) * ratio) < 1e-9
+
+
+def test_linearity_of_a_linear_map_and_its_fit():
+    """y = x W + b scores 1 (to 1e-9), and PairStats.linear_map recovers W and b, so a linear block
+    replaced by its fitted map gives back the block's output."""
+    torch.manual_seed(1)
+    x = torch.randn(2000, 16).double() + 5
+    w, b = torch.randn(16, 16).double(), torch.randn(16).double()
+    stats = linearity.PairStats(16)
+    stats.update(x, x @ w + b)
+    assert stats.scores()[0] > 1 - 1e-9
+    w_fit, b_fit = stats.linear_map()
+    torch.testing.assert_close(x @ w_fit + b_fit, x @ w + b, atol=1e-8, rtol=1e-8)
+
+
+def test_linearity_refuses_fewer_tokens_than_hidden_size():
+    """With N <= d any X maps onto any Y: the score says so instead of returning 1."""
+    with expect_raises(ValueError, "meaningless"):
+        linearity.linearity_score(torch.randn(10, 32), torch.randn(10, 32))
+
+
+def test_regularisers_match_their_formulas_and_gradcheck():
+    """cosine: sum over consecutive pairs of the token mean of 1 - cos; mse: of ||h_i - h_{i-1}||^2;
+    pairs="all" sums (h0, h1), (h1, h2), (h2, h3) (h0 the embedding), pairs="blocks" (the default) leaves
+    (h0, h1) out; both pass gradcheck in float64."""
+    torch.manual_seed(0)
+    h0, h1, h2, h3 = hidden = [torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    cos = lambda a, b: (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()  # noqa: E731
+    sq = lambda a, b: ((b - a) ** 2).sum(-1).mean()  # noqa: E731
+    for fn, term in ((linearity.cosine_regulariser, cos), (linearity.mse_regulariser, sq)):
+        blocks = term(h1, h2) + term(h2, h3)
+        assert abs(fn(hidden, "all").item() - (term(h0, h1) + blocks).item()) < 1e-12
+        assert abs(fn(hidden, "blocks").item() - blocks.item()) < 1e-12
+        assert abs(fn(hidden).item() - blocks.item()) < 1e-12
+        for pairs in ("blocks", "all"):
+            assert torch.autograd.gradcheck(lambda *h: fn(list(h), pairs), tuple(hidden))
+    with expect_raises(ValueError, "blocks"):
+        linearity.cosine_regulariser(hidden, "embedding")
+
+
+def test_pruning_by_linear_replacement():
+    """A block that is linear (here: block 1 left at its identity init) is ranked most linear, and
+    replacing it by its least-squares map reproduces the model's logits; prune_table runs all three
+    variants for k = 1..L and refuses k > L."""
+    model = small_model(vocab=100, block=16, layers=3)
+    with torch.no_grad():
+        model.blocks[1].mixer.proj.weight.zero_()
+        model.blocks[1].mlp.proj.weight.zero_()
+    torch.manual_seed(0)
+    batches = [(torch.randint(100, (4, 16)), torch.randint(100, (4, 16))) for _ in range(6)]
+    rows = linearity.prune_table(model, batches, batches[:2], 3, 5, "cpu")
+    assert [r["k"] for r in rows] == [0, 1, 2, 3] and rows[1]["blocks"] == [1]
+    assert abs(rows[1]["linear"] - rows[0]["linear"]) < 1e-4 * rows[0]["linear"]  # exact map: same model
+    assert all(math.isfinite(r[v]) for r in rows for v in ("removed", "linear", "distilled"))
+    assert all(0 <= r["distill_mse_after"] <= r["distill_mse_before"] for r in rows), rows
+    with expect_raises(ValueError, "3 blocks"):
+        linearity.prune_table(model, batches, batches, 4, 1, "cpu")
+
+
+def test_pruning_distillation_lowers_its_layerwise_objective():
+    """Blocks of a 4-block model (random blocks) replaced by their least-squares fits: distill_objective
+    is the mean over h_{first+1} .. h_4 of the MSE to the full model (checked by hand); distillation
+    lowers it strictly on the batches it trains on, with one map and with two, changes only the maps
+    (and not the teacher), and never raises it: not where the fit is already the minimum (the last
+    block alone), not with a preconditioner so weakly damped that its first steps overshoot."""
+    import copy
+    model = small_model(vocab=100, block=16, layers=4)
+    teacher = copy.deepcopy(model.state_dict())
+    torch.manual_seed(0)
+    batches = [(torch.randint(100, (4, 16)), None) for _ in range(4)]
+    stats = [linearity.PairStats(32) for _ in range(4)]
+    with torch.no_grad():
+        for x, _ in batches:
+            hidden = model(x, return_hidden=True)[2]
+            for l, s in enumerate(stats):
+                s.update(hidden[l], hidden[l + 1])
+
+    def pruned(replaced):
+        student = copy.deepcopy(model)
+        for l in replaced:
+            student.blocks[l] = linearity.LinearBlock(*stats[l].linear_map())
+        return student
+    student = pruned([1])
+    with torch.no_grad():
+        h, t = student(batches[0][0], return_hidden=True)[2], model(batches[0][0], return_hidden=True)[2]
+    want = sum(((a - b) ** 2).mean() for a, b in zip(h[2:], t[2:])) / 3
+    assert abs(linearity.distill_objective(h, t, 1).item() - want.item()) < 1e-6 * want.item()
+    assert linearity.distill_loss(model, model, 1, batches, "cpu") == 0
+    for replaced, factor in (([1], 0.95), ([1, 2], 0.98)):
+        student = pruned(replaced)
+        fit = copy.deepcopy(student.state_dict())
+        before, after = linearity.distill(student, model, replaced, batches, 10, "cpu")
+        assert before == linearity.distill_loss(pruned(replaced), model, min(replaced), batches, "cpu")
+        assert after < factor * before, (replaced, before, after)
+        assert linearity.distill_loss(student, model, min(replaced), batches, "cpu") == after
+        for name, p in student.state_dict().items():
+            changed = not torch.equal(p, fit[name])
+            assert changed == (name.split(".")[:2] in [["blocks", str(l)] for l in replaced]), name
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, teacher[name]), name
+    for replaced, damping in (([3], 1e-4), ([1, 2], 1e-12)):
+        before, after = linearity.distill(pruned(replaced), model, replaced, batches, 5, "cpu", damping=damping)
+        assert after <= before, (replaced, damping, before, after)
+
+
+def test_cosine_regulariser_training_and_linearity_profile_cli():
+    """train.py --reg cosine logs the regulariser; linearity.py CHECKPOINT prints one row per layer
+    pair; blocks are numbered 1..L alike in the profile, the pruning table and the JSON; too few tokens
+    and a missing checkpoint are clear errors."""
+    cwd = tempfile.mkdtemp(dir=WORK)
+    expect_ok(run_train(*TINY, "--reg", "cosine", "--max-iters", "4", cwd=cwd))
+    records = read_metrics(os.path.join(cwd, "out", "gpt"))
+    assert all("reg" in r for r in records if "loss" in r)
+    cmd = [sys.executable, os.path.join(HERE, "linearity.py"), "out/gpt/ckpt.pt", "--data", DATA,
+           "--cache-dir", TOKENS, "--device", "cpu"]
+    run = lambda *extra: subprocess.run(cmd + list(extra), cwd=cwd, capture_output=True, text=True, timeout=300)
+    out = expect_ok(run("--tokens", "3000"))
+    rows = [line for line in out.splitlines() if re.match(r"\| +\d+ \| (embedding|block \d+) -> block \d+ ", line)]
+    assert len(rows) == 2, out
+    assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[3:5]), rows
+    # the kernel (on a GPU, or the interpreter on a CPU) prints the same profile
+    with_kernel = expect_ok(run("--tokens", "3000", "--kernels", "on", "--device",
+                                "cuda" if torch.cuda.is_available() else "cpu"))
+    assert [line for line in with_kernel.splitlines() if line in rows] == rows, with_kernel
+    # the benchmark against the official recipe is bench.py's; linearity.py --bench says so in one line
+    out = expect_ok(subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "linearity-score", *cmd[2:],
+                                    "--tokens", "3000"], cwd=cwd, capture_output=True, text=True, timeout=300))
+    assert "| official |" in out and "| float64 |" in out, out
+    r = run("--bench", "--tokens", "3000")
+    expect_fail(r, "python bench.py linearity-score out/gpt/ckpt.pt")
+    assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stdout + r.stderr
+    expect_fail(run("--tokens", "10"), "meaningless")
+    expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
+    out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2", "--json", "lin.json"))
+    assert "(c) fit + distilled" in out and "| 1 |" in out, out
+    # blocks are numbered 1..L everywhere: the profile's rows, the pruning table, the JSON compare.py reads.
+    # The block pruned first is the one of highest LS_wo on the training windows --prune ranks on.
+    assert rows[0].split("|")[1:3] == ["     1 ", " embedding -> block 1 "], rows
+    path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
+    model, _ = train.model_from_checkpoint(train.load_checkpoint(path), path)
+    fit_path, val_path = linearity.token_files(train, train.load_checkpoint(path), DATA, TOKENS, log=lambda msg: None)
+    n = len(linearity.window_starts(train.TokenData(val_path), 32, 3000)) * 32
+    fit = train.TokenData(fit_path)
+    starts = linearity.window_starts(fit, 32, n)
+    profile = linearity.layer_profile(model, [fit.windows(starts[i:i + 16], 32)[0] for i in range(0, len(starts), 16)],
+                                      "cpu")
+    first = 1 + max(range(2), key=lambda l: profile[l][1])
+    assert re.search(rf"^\| 1 \| \[{first}\] ", out, re.M), (first, out)
+    data = json.load(open(os.path.join(cwd, "lin.json")))
+    assert data["first_block"] == 1 and data["prune"][1]["blocks"] == [first], data["prune"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
+                       capture_output=True, text=True, timeout=120)
+    expect_fail(r, "no checkpoint")
+
+
+def test_linearity_cli_bad_paths_help_defaults_progress_and_ctrl_c():
+    """linearity.py's command line: a missing checkpoint and a file of random bytes each get one line
+    naming what is wrong (no option it lacks, never torch's advice to load with weights_only=False);
+    --help shows every default; scoring prints flushed progress lines on stderr; Ctrl-C ends it with
+    "interrupted" and no traceback."""
+    import contextlib
+    import io
+    cwd = tempfile.mkdtemp(dir=WORK)
+
+    def cli(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = linearity.main(train, list(args))
+            except SystemExit as e:  # --help
+                code = e.code
+        return code, out.getvalue() + err.getvalue()
+    missing = os.path.join(cwd, "out", "nothing", "ckpt.pt")
+    code, text = cli(missing)
+    assert code == 1 and text == f"error: no checkpoint at {missing}: give the ckpt.pt of a train.py run " \
+                                 "(python train.py writes out/ARCH/ckpt.pt)\n", text
+    noise = os.path.join(cwd, "noise.pt")
+    with open(noise, "wb") as f:
+        f.write(bytes(range(256)) * 20)
+    code, text = cli(noise)
+    assert code == 1 and text.count("\n") == 1 and "not a checkpoint of this project" in text, text
+    assert "weights_only" not in text, text
+    code, text = cli("--help")
+    for default in ("200000", "16", "out/tokens", "0", "200", "off"):
+        assert f"(default: {default})" in " ".join(text.split()), (default, text)
+    # progress and Ctrl-C: a checkpoint of train.py's format on ~15K tokens of made-up stories, scored one
+    # 32-token window per batch (the first progress line comes after a tenth of the batches)
+    data = make_folder([f"a story about a cat called tom {i}." for i in range(50)],
+                       [f"story number {i} is about a dog called rex {i}." for i in range(3000)])
+    model = small_model(vocab=50257, block=32, layers=2)  # ~1400 batches: Ctrl-C lands mid-way
+    path = os.path.join(cwd, "ckpt.pt")
+    train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), model.cfg, train.TrainConfig(), 0, {})
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "linearity.py"), path, "--data", data, "--cache-dir",
+                             os.path.join(data, "tokens"), "--device", "cpu", "--batch-size", "1"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "scoring: batch" in line:
+                break
+        assert seen and "scoring: batch" in seen[-1], "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "| block" not in out, err + out
+
+
+def check_kernel_cross_gram(N, D, device, dtype, tol):
+    """kernels.centred_cross_gram == the float64 statistics of (X, Y - X) from the same (rounded) inputs,
+    offset by 100."""
+    torch.manual_seed(0)
+    x = (torch.randn(N, D, device=device) * torch.linspace(0.1, 3, D, device=device) + 100).to(dtype)
+    y = (x.float() + 0.3 * torch.tanh(x.float() - 100) + 5).to(dtype)
+    got = kernels.centred_cross_gram(x, y)
+    x64, y64 = x.double(), y.double()
+    xc, yc = x64 - x64.mean(0), y64 - y64.mean(0)
+    want = (x64.mean(0), y64.mean(0), xc.T @ xc, xc.T @ (yc - xc), ((yc - xc) ** 2).sum())
+    for name, a, b in zip(["mean_x", "mean_y", "C_xx", "C_xd", "t_dd"], got, want):
+        assert a.dtype == torch.float64
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < tol, (name, err)
+
+
+def check_kernel_cosine(shape, device, dtype, tol):
+    """kernels.cosine_regulariser on linearity.regularised_states (what train.py passes it) ==
+    linearity.cosine_regulariser, value and gradients of every hidden state, for both pair settings
+    (with "blocks" the embedding gets no gradient from either)."""
+    torch.manual_seed(0)
+    hidden = [torch.randn(*shape, device=device).to(dtype).requires_grad_() for _ in range(4)]
+    for pairs in linearity.REG_PAIRS:
+        ref = linearity.cosine_regulariser(hidden, pairs)
+        out = kernels.cosine_regulariser(linearity.regularised_states(hidden, pairs))
+        assert abs(out.item() - ref.item()) < tol * abs(ref.item()), (pairs, out.item(), ref.item())
+        grads = [torch.autograd.grad(f, hidden, allow_unused=True) for f in (out, ref)]
+        assert [g is None for g in grads[0]] == [g is None for g in grads[1]] == [pairs == "blocks", False, False, False]
+        for a, b in zip(*grads):
+            assert a is None or (a.dtype == dtype and rel_err(a, b) < tol), (pairs, rel_err(a, b))
+
+
+def test_linearity_cross_gram_ref():
+    """The fused centred cross-Gram (fp32 with fp32 products) == float64 means, C_xx, C_xy, t_yy on data
+    offset by 100 (sizes not multiples of the tile); PairStats fed by it over uneven batches of data
+    offset by 1e3 gives the exact scores to 1e-7."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for N, D in ((123, 40), (70, 33), (300, 16)):
+        check_kernel_cross_gram(N, D, device, torch.float32, 1e-6)
+    torch.manual_seed(0)
+    N, d = 1500, 24
+    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
+    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
+    stats = linearity.PairStats(d, device, use_kernel=True)
+    for xb, yb in zip(x.split(237), y.split(237)):
+        stats.update(xb.to(device), yb.to(device))
+    for a, b in zip(stats.scores(), linearity.linearity_score_exact(x, y)):
+        assert abs(a - b) < 1e-7, (stats.scores(), linearity.linearity_score_exact(x, y))
+
+
+def test_linearity_cosine_regulariser_ref():
+    """The fused cosine regulariser == linearity.cosine_regulariser, value and the gradient of every
+    hidden state, fp32, 2 x 37 tokens of width 50 (not a power of 2)."""
+    needs_triton()
+    check_kernel_cosine((2, 37, 50), "cuda" if torch.cuda.is_available() else "cpu", torch.float32, 1e-5)
+
+
+def test_linearity_cosine_training_kernels_on_off_ref():
+    """Three steps of --arch gpt --reg cosine, kernels on (the fused regulariser) vs off from the same
+    seed: the losses agree within 1e-5 (fp32, interpreter)."""
+    check_interpreter_kernels_on_off("test_linearity_kernels_gpu_bf16_and_training", 1e-5, "gpt", "--reg", "cosine",
+                                     "--max-iters", "3")
+
+
+def test_linearity_reg_pairs_kernels_on_off_and_resume_ref():
+    """--reg-pairs blocks, two steps with kernels on (the fused regulariser, given the chosen states) and
+    off: the logged regulariser agrees within 1e-5 (fp32, interpreter); kernels on with --reg-pairs all
+    logs more (one more pair; the blocks start as the identity, so step 0 logs 0 either way); run.json
+    records reg_pairs; a resumed run whose checkpoint predates the key keeps the old behaviour, all; one
+    block with --reg-pairs blocks is a clear error."""
+    needs_triton()
+    if torch.cuda.is_available():
+        skip("CPU (interpreter) variant; test_linearity_kernels_gpu_bf16_and_training runs instead")
+    reg, cwds = {}, {}
+    for pairs, setting in (("blocks", "off"), ("blocks", "on"), ("all", "on")):
+        cwds[pairs, setting] = cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train(*TINY, "--kernels", setting, "--reg", "cosine", "--reg-pairs", pairs, "--max-iters", "2",
+                            *INTERPRETER_RUN, cwd=cwd))
+        reg[pairs, setting] = [r["reg"] for r in read_metrics(os.path.join(cwd, "out", "gpt")) if "reg" in r]
+        with open(os.path.join(cwd, "out", "gpt", "run.json")) as f:
+            assert json.load(f)["train_config"]["reg_pairs"] == pairs
+    assert len(reg["blocks", "off"]) == 2, reg
+    assert all(abs(a - b) < 1e-5 for a, b in zip(reg["blocks", "off"], reg["blocks", "on"])), reg
+    assert reg["all", "on"][1] > 1.2 * reg["blocks", "on"][1] > 0, reg
+    cwd = cwds["blocks", "off"]  # its checkpoint, made to look like one written before --reg-pairs existed
+    path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
+    ckpt = train.load_checkpoint(path)
+    del ckpt["train_config"]["reg_pairs"]
+    torch.save(ckpt, path)
+    expect_ok(run_train(*TINY, "--kernels", "off", "--reg", "cosine", "--max-iters", "3", *INTERPRETER_RUN,
+                        "--resume", cwd=cwd))
+    with open(os.path.join(cwd, "out", "gpt", "run.json")) as f:
+        assert json.load(f)["train_config"]["reg_pairs"] == "all"
+    expect_fail(run_train(*TINY, "--n-layer", "1", "--reg", "cosine", "--max-iters", "1", cwd=tempfile.mkdtemp(dir=WORK)),
+                "at least 2 blocks")
+
+
+def test_linearity_kernels_gpu_bf16_and_training():
+    """On the GPU: the cross-Gram kernel at a profile batch (16 x 512 tokens, d = 384) in fp32 and bf16
+    against float64, the cosine regulariser in bf16 at training shape, and 100 steps of --reg cosine with
+    kernels on and off agree (2% per logged step, 1% at the end)."""
+    needs_cuda()
+    check_kernel_cross_gram(8192, 384, "cuda", torch.float32, 1e-6)
+    check_kernel_cross_gram(8192, 384, "cuda", torch.bfloat16, 3e-6)
+    check_kernel_cosine((8, 512, 384), "cuda", torch.bfloat16, 1e-2)
+    check_gpu_kernels_on_off("gpt", "--reg", "cosine")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor Product Attention (tpa.py) and its kernels
+
+
+def tpa_config(**kw):
+    return train.GPTConfig(**{"arch": "tpa", "n_embd": 48, "n_head": 4, "block_size": 32, "tpa_head_dim": 8, **kw})
+
+
+def test_tpa_rope_commutes_with_the_head_factor():
+    """Theorem 3.1: building Q from RoPE-rotated B factors equals rotating the built Q."""
+    torch.manual_seed(0)
+    mixer = tpa.TPAttention(tpa_config(), 0)
+    (a_q, _, _), (b_q, _, _) = mixer.factors(torch.randn(2, 11, 48))
+    built_then_rotated = mixer.rotary(tpa.factor_product(a_q, b_q), 3)
+    rotated_then_built = tpa.factor_product(a_q, mixer.rotary(b_q, 3))
+    torch.testing.assert_close(rotated_then_built, built_then_rotated, atol=1e-6, rtol=1e-6)
+
+
+def standard_attention(x, wq, wk, wv, wo, h, d, rotary):
+    """Multi-head attention with h query heads and wk, wv giving G = rows / d key/value heads
+    (G = h: MHA, G = 1: MQA, otherwise GQA), each shared by h / G consecutive query heads."""
+    B, T, _ = x.shape
+    q = rotary((x @ wq.T).view(B, T, h, d)).transpose(1, 2)  # (B, h, T, d)
+    g = wk.size(0) // d
+    k = rotary((x @ wk.T).view(B, T, g, d)).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    v = (x @ wv.T).view(B, T, g, d).transpose(1, 2).repeat_interleave(h // g, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return y.transpose(1, 2).reshape(B, T, h * d) @ wo.T
+
+
+def test_tpa_special_cases_are_mha_mqa_gqa():
+    """With constant head factors, TPA computes exactly MHA (R = h, a_i = h e_i), MQA (R_K = R_V = 1,
+    a = 1) and GQA (R = G, a_g = G x the mask of group g's heads) from the same projection weights."""
+    torch.manual_seed(0)
+    h, d, C = 4, 8, 48
+    x = torch.randn(2, 9, C)
+    eye = h * torch.eye(h)
+    for name, g in (("MHA", 4), ("GQA", 2), ("MQA", 1)):
+        groups = g * torch.repeat_interleave(torch.eye(g), h // g, dim=1)  # (G, h): G x the group masks
+        cfg = tpa_config(tpa_heads=h, tpa_rank_q=h, tpa_rank_k=g, tpa_rank_v=g)
+        mixer = tpa.TPAttention(cfg, 0, fixed_a={"q": eye, "k": groups, "v": groups})
+        torch.nn.init.normal_(mixer.proj.weight, std=0.1)
+        wq, wk, wv = mixer.w_b.weight.split([h * d, g * d, g * d])  # b_r = the r-th head's projection
+        want = standard_attention(x, wq, wk, wv, mixer.proj.weight, h, d, mixer.rotary)
+        torch.testing.assert_close(mixer(x), want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_tpa_heads_and_cache_sizes():
+    """Head matching and cache sizes: the paper's small config (C = 768, d = 64, ranks 6, 2, 2) caches
+    (2 + 2)(h + 64) values per token against MHA's 2 x 12 x 64; our default model's table is consistent."""
+    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=False) == 33
+    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=True) == 21
+    assert tpa.kv_cache_values_per_token("tpa", 34, 64) == 392
+    assert tpa.kv_cache_values_per_token("mha", 12, 64) == 1536
+    table = dict(tpa.cache_table(train.GPTConfig(arch="tpa")))
+    assert table["MHA (h=6, d=64)"] == 768 and table["TPA (h=12, d=64, ranks (6, 2, 2))"] == 304
+    mixer = tpa.TPAttention(train.GPTConfig(arch="tpa"), 0)  # attention parameters close to MHA's 4 C^2
+    n = sum(p.numel() for p in mixer.parameters())
+    assert abs(n - 4 * 384 ** 2) < 0.05 * 4 * 384 ** 2, n
+
+
+def test_tpa_init_matches_the_official_xavier_per_projection():
+    """In the GPT (after its generic init), every factor block has the std of torch's xavier_uniform_ on
+    that projection's own 3-D view, (C, h, R) for A and (C, R, d) for B with its own rank: fan_in =
+    size(1) size(2), fan_out = size(0) size(2), std = sqrt(2 / (fan_in + fan_out)); KV-only W_q 2-D Xavier."""
+    def xavier_std(*shape):
+        rest = math.prod(shape[2:])
+        return math.sqrt(2 / (shape[1] * rest + shape[0] * rest))
+
+    C, d = 384, 64
+    for arch, h in (("tpa", 12), ("tpa-kvonly", 10)):
+        torch.manual_seed(0)
+        mixer = train.GPT(train.GPTConfig(arch=arch, n_layer=1)).blocks[0].mixer
+        assert mixer.h == h == tpa.tpa_heads(train.GPTConfig(arch=arch)), (arch, mixer.h)  # matched heads
+        ranks = {"q": 6, "k": 2, "v": 2} if arch == "tpa" else {"k": 2, "v": 2}
+        a_blocks = mixer.w_a.weight.split([r * h for r in ranks.values()])
+        b_blocks = mixer.w_b.weight.split([r * d for r in ranks.values()])
+        want = {}
+        for (name, r), a, b in zip(ranks.items(), a_blocks, b_blocks):
+            want[f"A_{name}"] = (a, xavier_std(C, h, r))  # e.g. A_q: sqrt(2 / 2376), A_k: sqrt(2 / 792)
+            want[f"B_{name}"] = (b, xavier_std(C, r, d))  # B_q: sqrt(2 / 24960), B_k: sqrt(2 / 24704)
+        if arch == "tpa-kvonly":
+            want["W_q"] = (mixer.w_q.weight, xavier_std(h * d, C))  # sqrt(2 / 1024)
+        for name, (w, std) in want.items():
+            assert abs(w.std().item() / std - 1) < 0.03, (arch, name, w.std().item(), std)
+        assert mixer.proj.weight.abs().max() == 0
+
+
+def test_tpa_trains_on_tinystories():
+    """--arch tpa and --arch tpa-kvonly train on the CPU and write checkpoints that sample."""
+    for arch in ("tpa", "tpa-kvonly"):
+        cwd = tempfile.mkdtemp(dir=WORK)
+        expect_ok(run_train(*TINY, "--arch", arch, "--tpa-head-dim", "16", "--max-iters", "3", cwd=cwd))
+        assert os.path.exists(os.path.join(cwd, "out", arch, "ckpt.pt"))
+
+
+def check_kernel_tpa_product(B, T, R, h, d, device, dtype, tol, start_pos=3):
+    """tpa_factor_product == factor_product(a, RoPE(b)) in (B, h, T, d), with and without RoPE, output and
+    the gradient of the one projection both factors are views of."""
+    rotary = train.Rotary(d, start_pos + T, 10000.0).to(device)
+    ab = torch.randn(B, T, R * (h + d), device=device).to(dtype).requires_grad_()
+    a, b = ab[..., :R * h].view(B, T, R, h), ab[..., R * h:].view(B, T, R, d)
+    for rotate in (True, False):
+        ref = tpa.factor_product(a.float(), rotary(b.float(), start_pos) if rotate else b.float()).transpose(1, 2)
+        out = kernels.tpa_factor_product(a, b, *((rotary.cos, rotary.sin) if rotate else (None, None)), start_pos)
+        assert out.dtype == dtype and out.shape == (B, h, T, d) and rel_err(out, ref) < tol, rel_err(out, ref)
+        g = torch.randn_like(ref).to(dtype)
+        (want,), (got,) = torch.autograd.grad(ref, ab, g.float()), torch.autograd.grad(out, ab, g)
+        assert rel_err(got, want) < tol, (rotate, rel_err(got, want))
+
+
+def check_kernel_tpa_decode(B, ranks, h, d, length, cache_len, device, dtype, tol):
+    """tpa_decode == SDPA over K, V materialised from the cache's factors, one query per sequence."""
+    rq, rk, rv = ranks
+    q = tpa.factor_product(torch.randn(B, 1, rq, h, device=device), torch.randn(B, 1, rq, d, device=device))[:, 0]
+    cache = [torch.randn(B, cache_len, r, n, device=device).to(dtype) for r, n in ((rk, h), (rk, d), (rv, h), (rv, d))]
+    k = tpa.factor_product(cache[0][:, :length].float(), cache[1][:, :length].float()).transpose(1, 2)
+    v = tpa.factor_product(cache[2][:, :length].float(), cache[3][:, :length].float()).transpose(1, 2)
+    q = q.to(dtype)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v)[:, :, 0]  # (B, h, d)
+    got = kernels.tpa_decode(q, *cache, length)
+    assert got.dtype == dtype and rel_err(got, want) < tol, (ranks, length, rel_err(got, want))
+
+
+def test_tpa_factor_product_ref():
+    """The training kernel (Q/K/V from factors, RoPE in registers, SDPA layout) == the plain product,
+    forward and backward, fp32; 13 tokens, 5 heads, d = 12 (neither a power of 2), ranks 1 and 3."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for R in (1, 3):
+        check_kernel_tpa_product(2, 13, R, 5, 12, device, torch.float32, 1e-5)
+
+
+def test_tpa_decode_ref():
+    """FlashTPA decoding == attention over the materialised K, V for ranks (1,1,1), (6,2,2), (16,1,1);
+    cache lengths 1, 77 and 250 (shorter than a 16-token tile, not a multiple of it, and split over
+    several slices of the cache), in a cache longer than what is filled; fp32."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    saved = dict(kernels.TPA_DECODE)
+    kernels.TPA_DECODE.update(block_m=16, programs=8)
+    try:
+        torch.manual_seed(0)
+        for ranks in ((1, 1, 1), (6, 2, 2), (16, 1, 1)):
+            for length in (1, 77, 250):
+                check_kernel_tpa_decode(2, ranks, 5, 16, length, 260, device, torch.float32, 1e-5)
+    finally:
+        kernels.TPA_DECODE.update(saved)
+
+
+def test_tpa_kernels_gpu_training_shapes():
+    """On the GPU: the TPA training kernel at the default model's shape (8 x 512 tokens, h = 12, d = 64,
+    ranks 6 and 2) in fp32 and bf16, and decoding over 5000 and 16000 cached tokens in bf16 and fp32."""
+    needs_cuda()
+    torch.manual_seed(0)
+    for R in (6, 2):
+        check_kernel_tpa_product(8, 512, R, 12, 64, "cuda", torch.float32, 1e-5, start_pos=0)
+        check_kernel_tpa_product(8, 512, R, 12, 64, "cuda", torch.bfloat16, 2e-2, start_pos=0)
+    for ranks in ((1, 1, 1), (6, 2, 2), (16, 1, 1)):
+        check_kernel_tpa_decode(4, ranks, 12, 64, 5000, 5003, "cuda", torch.bfloat16, 2e-2)
+        check_kernel_tpa_decode(2, ranks, 12, 64, 16000, 16000, "cuda", torch.float32, 1e-5)
+
+
+def test_tpa_kernels_in_the_model_ref():
+    """With kernels on, tpa and tpa-kvonly give the plain model's logits, and prefill + one-token steps
+    through the decoding kernel give the full forward's; a cache overflow is a clear error."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for arch in ("tpa", "tpa-kvonly"):
+        model = small_model(arch=arch).to(device)
+        idx = torch.randint(100, (2, 16), device=device)
+        plain, _ = model(idx)
+        assert train.set_kernels(model, "on", torch.device(device)) is True
+        full, _ = model(idx)
+        torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5, msg=arch)
+        caches = model.init_caches(2, idx.device, torch.float32)
+        pieces = [model(idx[:, :6], caches=caches)[0]]
+        pieces += [model(idx[:, t:t + 1], start_pos=t, caches=caches)[0] for t in range(6, 16)]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5, msg=arch)
+        with expect_raises(ValueError, "cache overflow"):
+            model(idx[:, :1], start_pos=16, caches=caches)
+
+
+def test_tpa_kernels_inputs():
+    """Head widths the kernels do not take fall back to the plain path (said by set_kernels); odd head
+    widths, bad shapes and RoPE tables too short are refused with a clear error."""
+    needs_triton()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = small_model(arch="tpa", tpa_head_dim=258)
+    assert train.set_kernels(model, "on", device) is False
+    a, b = torch.randn(1, 4, 2, 3, device=device), torch.randn(1, 4, 2, 5, device=device)
+    b4, table = torch.randn(1, 4, 2, 4, device=device), torch.ones(2, 2, device=device)  # 2 positions, 4 needed
+    for args, err in (((a, b), "even head width"), ((a, b4, table, table), "do not cover positions"),
+                      ((a[0], b[0]), "(B, T, R, h)")):
+        with expect_raises(ValueError, err):
+            kernels.tpa_factor_product(*args)
+    q = torch.randn(1, 3, 16, device=device)
+    cache = [torch.randn(1, 8, 2, n, device=device) for n in (3, 16, 3, 16)]
+    with expect_raises(ValueError, "outside the cache"):
+        kernels.tpa_decode(q, *cache, 9)
+
+
+def test_tpa_training_kernels_on_off_ref():
+    """Two steps of --arch tpa on TinyStories, kernels on vs off from the same seed: the losses agree
+    within 1e-5 (fp32, interpreter)."""
+    check_interpreter_kernels_on_off("test_tpa_training_kernels_on_off_gpu_bf16", 1e-5, "tpa", "--max-iters", "2",
+                                     "--tpa-head-dim", "8")
+
+
+def test_tpa_training_kernels_on_off_gpu_bf16():
+    """On the GPU: 100 steps of --arch tpa (bf16 autocast) with kernels on and off from the same seed;
+    the training losses agree within 2% at every logged step, the final one within 1%."""
+    needs_cuda()
+    check_gpu_kernels_on_off("tpa")
+
+
+def test_tpa_demo_names_c_the_model_width_and_d_the_head_width():
+    """`python tpa.py` follows tpa.py's notation legend: C is the model width (384 by default), d the
+    width of one head (64), never the model width."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tpa.py")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    out = expect_ok(r)
+    cfg = train.GPTConfig(arch="tpa")
+    assert cfg.n_embd // cfg.n_head == cfg.tpa_head_dim == 64 and f"C={cfg.n_embd}" in out, out
+    assert set(re.findall(r"\bd=(\d+)", out)) == {"64"}, out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,11 +1220,8 @@ def test_hyena_filters_and_bad_input():
     opt = train.make_optimizer(model, train.TrainConfig(), torch.device("cpu"))
     no_decay = {id(p) for p in opt.param_groups[1]["params"]}
     assert all(id(p) in no_decay for b in model.blocks for p in b.mixer.filter.parameters())
-    try:
+    with expect_raises(ValueError, "l_max"):
         small(torch.randn(1, 65, 16))
-        raise AssertionError("65 > l_max accepted")
-    except ValueError as e:
-        assert "l_max" in str(e)
     expect_fail(run_train(*TINY, "--arch", "hyena", "--hyena-order", "0", data=False), "--hyena-order")
     expect_fail(run_train(*TINY, "--arch", "hyena", "--hyena-emb-dim", "8", data=False), "--hyena-emb-dim")
 
@@ -828,11 +1429,8 @@ def test_recall1_examples():
                 maps.append(kv)
     assert len({tuple(sorted(m.items())) for m in maps}) > 1, "every example has the same map"
     for bad in ((64, 4), (3, 30)):
-        try:
+        with expect_raises(ValueError, "recall1"):
             hyena.recall_single_query_example(*bad, torch.Generator())
-            raise AssertionError(f"no error for seq_len, vocab = {bad}")
-        except ValueError as e:
-            assert "recall1" in str(e)
 
 
 def test_recall_evaluate_accuracy():
@@ -882,16 +1480,85 @@ def test_recall1_train():
     expect_fail(run_train("--device", "cpu", "--task", "recall1", "--recall-vocab", "4", data=False),
                 "recall1 needs --recall-vocab >= 5")
     for bad, phrase in (({"seq_len": 3}, "--seq-len >= 4"), ({"recall_pairs": 4}, "--recall-pairs goes with")):
-        try:
+        with expect_raises(train.UserError, phrase):
             train.validate(train.GPTConfig(), train.TrainConfig(task="recall1", recall_vocab=30, **bad), 1)
-            raise AssertionError(f"no error for {bad}")
-        except train.UserError as e:
-            assert phrase in str(e), e
+
+
+def check_kernel_hyena_short_conv(B, L, K, device, dtype, tol, streams=(1, 3)):
+    """hyena_short_conv == hyena.short_conv, then chunked: the outputs and the gradients of p, weight and
+    bias, for each stream count in `streams` (one output, and the mixer's N + 1 streams, whose gradients
+    reach the kernel apart)."""
+    p = torch.randn(B, L, K, device=device).to(dtype).requires_grad_()
+    w, bias = torch.randn(K, 3, device=device, requires_grad=True), torch.randn(K, device=device, requires_grad=True)
+    ref = hyena.short_conv(p, w, bias)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (p, w, bias), g)
+    for n in streams:
+        out = kernels.hyena_short_conv(p, w, bias, streams=n)
+        assert len(out) == n and rel_err(torch.cat(out, dim=1), ref) < tol
+        grads = torch.autograd.grad(out, (p, w, bias), g.chunk(n, 1))
+        for name, a, b in zip(["p", "w", "bias"], grads, ref_grads):
+            assert rel_err(a, b) < tol, (n, name, rel_err(a, b))
+
+
+def test_hyena_short_conv_ref():
+    """The short-conv kernel == hyena.short_conv then chunk, outputs and the gradients of p, weight and
+    bias, fp32: 1 to 4 streams; sequences shorter than the three taps (L = 1, 2); lengths and channel
+    counts not multiples of the tiles, with the tiles shrunk to 16 x 8 so that several time and channel
+    blocks run and the backward adds several programs' partial dw (check_kernel_hyena runs the default
+    tiles); a p that is a strided slice of a wider projection; and one stream's gradient alone (the
+    others arrive as zeros)."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    saved = dict(kernels.HYENA_SHORT_CONV)
+    kernels.HYENA_SHORT_CONV.update(block_t=16, block_k=8, bwd_block_t=16, bwd_block_k=8)
+    try:
+        for B, L, K, streams in ((1, 1, 3, (1, 3)), (2, 2, 6, (2, 3)), (2, 37, 24, (1, 4)), (1, 50, 36, (3,))):
+            check_kernel_hyena_short_conv(B, L, K, device, torch.float32, 1e-5, streams)
+        wide = torch.randn(2, 21, 18, device=device, requires_grad=True)
+        p = wide[..., :9]  # strided: the kernel takes a contiguous copy
+        w, bias = torch.randn(9, 3, device=device, requires_grad=True), torch.randn(9, device=device,
+                                                                                   requires_grad=True)
+        ref, out = hyena.short_conv(p, w, bias).chunk(3, dim=1), kernels.hyena_short_conv(p, w, bias, streams=3)
+        g = torch.randn_like(ref[1])
+        assert rel_err(out[1], ref[1]) < 1e-5
+        for name, a, b in zip(["p", "w", "bias"], torch.autograd.grad(out[1], (wide, w, bias), g),
+                              torch.autograd.grad(ref[1], (wide, w, bias), g)):
+            assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+    finally:
+        kernels.HYENA_SHORT_CONV.update(saved)
+
+
+def test_hyena_short_conv_inputs():
+    """hyena_short_conv refuses with a clear error: p not (B, L, K) or of a dtype the kernel does not
+    take, channels that do not split into the streams, weight or bias of the wrong shape or dtype, and a
+    CPU tensor without Triton's interpreter."""
+    needs_triton()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p, w, bias = torch.randn(2, 5, 6, device=dev), torch.randn(6, 3, device=dev), torch.randn(6, device=dev)
+    for args, streams, err in (((p.double(), w, bias), 1, "p: dtype torch.float64"),
+                               ((p[0], w, bias), 1, "p must be (B, L, K), got shape (5, 6)"),
+                               ((p, w, bias), 4, "6 channels do not split into 4 streams"),
+                               ((p, w, bias), 0, "6 channels do not split into 0 streams"),
+                               ((p, w[:, :2], bias), 1, "weight: shape (6, 2), expected (6, 3)"),
+                               ((p, w.bfloat16(), bias), 1, "weight: dtype torch.bfloat16"),
+                               ((p, w, bias[:5]), 1, "bias: shape (5,), expected (6,)"),
+                               ((p, w, bias.double()), 1, "bias: dtype torch.float64")):
+        with expect_raises((TypeError, ValueError), err):
+            kernels.hyena_short_conv(*args, streams=streams)
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # as on a machine without the interpreter
+    try:
+        with expect_raises(RuntimeError, "Triton kernels need a CUDA tensor"):
+            kernels.hyena_short_conv(p.cpu(), w.cpu(), bias.cpu())
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz"):
-    """hyena_long_conv on one path ("toeplitz", "monarch" or "fft") and hyena_short_conv vs the plain paths (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the
-    model."""
+    """hyena_long_conv on one path ("toeplitz", "monarch" or "fft") and hyena_short_conv vs the plain paths
+    (outputs and all gradients); the long conv's inputs are chunks of one tensor, as in the model."""
     saved = dict(kernels.HYENA_CONV)
     if block:
         kernels.HYENA_CONV.update(block=block, block_n=block)
@@ -907,23 +1574,12 @@ def check_kernel_hyena(B, C, L, device, dtype, tol, block=None, path="toeplitz")
         for name, a, b in zip(["u and x", "h", "skip"], torch.autograd.grad(out, (both, h, skip), g),
                               torch.autograd.grad(ref, (both, h, skip), g)):
             assert rel_err(a, b) < tol, (name, rel_err(a, b))
-        p = torch.randn(B, L, 3 * C, device=device).to(dtype).requires_grad_()
-        w, bias = torch.randn(3 * C, 3, device=device, requires_grad=True), torch.randn(3 * C, device=device,
-                                                                                           requires_grad=True)
-        ref = hyena.short_conv(p, w, bias)
-        g = torch.randn_like(ref)
-        ref_grads = torch.autograd.grad(ref, (p, w, bias), g)
-        for streams in (1, 3):  # one output, and the three streams the mixer takes (their gradients apart)
-            out = kernels.hyena_short_conv(p, w, bias, streams=streams)
-            assert len(out) == streams and rel_err(torch.cat(out, dim=1), ref) < tol
-            grads = torch.autograd.grad(out, (p, w, bias), g.chunk(streams, 1))
-            for name, a, b in zip(["p", "w", "bias"], grads, ref_grads):
-                assert rel_err(a, b) < tol, (streams, name, rel_err(a, b))
+        check_kernel_hyena_short_conv(B, L, 3 * C, device, dtype, tol)  # the three streams of order 2
     finally:
         kernels.HYENA_CONV.update(saved)
 
 
-def test_kernel_hyena_matches_reference():
+def test_hyena_long_conv_ref():
     """Toeplitz long conv + skip + gate and the short conv == the FFT / conv1d references, forward and
     backward, fp32, odd lengths; 16-step blocks so several blocks and lag tiles are exercised. The Monarch
     kernel (transform lengths 512 to 8192: one to four blocks of spectrum rows, the backward's blocks
@@ -942,6 +1598,98 @@ def test_kernel_hyena_matches_reference():
         kernels.MONARCH["fused_backward"] = True
     for B, C, L in ((2, 3, 63), (1, 2, 64), (3, 2, 1500)):
         check_kernel_hyena(B, C, L, device, torch.float32, 1e-5, path="fft")
+
+
+def test_hyena_long_conv_gpu_training_shapes():
+    """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
+    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the Monarch kernel at
+    B = 1, C = 768, L = 4096, B = 8, L = 2048, B = 4, L = 1000 and B = 1, L = 16384 in bf16 (bf16 products;
+    each a different launch setting) and at its longest length and an odd one in fp32; the FFT path at
+    the training shape and at 20,000 tokens (past both kernels' lengths, not a power of 2)."""
+    needs_cuda()
+    check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
+    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2)
+    check_kernel_hyena(1, 64, 4096, "cuda", torch.bfloat16, 2e-2)
+    check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4)
+    check_kernel_hyena(1, 768, 4096, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(8, 384, 2048, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(4, 64, 1000, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(1, 128, 16384, "cuda", torch.bfloat16, 2e-2, path="monarch")
+    check_kernel_hyena(2, 16, kernels.MONARCH["max_len"] - 5, "cuda", torch.float32, 1e-4, path="monarch")
+    check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4, path="monarch")
+    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, path="fft")
+    check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, path="fft")
+    check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, path="fft")
+
+
+def test_hyena_long_conv_exactly_causal_ref():
+    """With the Toeplitz kernel the gradient from future inputs is exactly zero, and the float32 kernel
+    agrees with the O(L^2) definition computed in float64."""
+    needs_triton()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    u = torch.randn(2, 3, 45, device=device, requires_grad=True)
+    x, h, skip = torch.randn(2, 3, 45, device=device), torch.randn(3, 45, device=device), torch.randn(3, device=device)
+    saved = dict(kernels.HYENA_CONV)
+    kernels.HYENA_CONV.update(block=16, block_n=16)
+    try:
+        out = kernels.hyena_long_conv(u, x, h, skip, path="toeplitz")
+        out[1, :, 20].sum().backward()
+    finally:
+        kernels.HYENA_CONV.update(saved)
+    assert u.grad[1, :, 21:].abs().max() == 0 and u.grad[0].abs().max() == 0
+    exact = x.double() * hyena.direct_causal_conv(u.double(), h.double(), skip.double())
+    assert rel_err(out, exact) < 1e-6
+    # the Monarch kernel's transforms mix all times, so the future reaches the past only by rounding
+    u.grad = None
+    out = kernels.hyena_long_conv(u, x, h, skip, path="monarch")
+    assert rel_err(out, exact) < 1e-6
+    out[1, :, 20].sum().backward()
+    assert u.grad[1, :, 21:].abs().max() < 1e-6 * u.grad[1].abs().max() and u.grad[0].abs().max() == 0
+
+
+def test_hyena_long_conv_inputs():
+    """Wrong dtypes, shapes, strides and path names are refused with clear errors; kernels on a
+    CPU without the interpreter are refused by train.py."""
+    needs_triton()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    u, h, skip = torch.randn(1, 2, 8, device=dev), torch.randn(2, 8, device=dev), torch.randn(2, device=dev)
+    too_long = torch.randn(1, 2, kernels.MONARCH["max_len"] + 1, device=dev)
+    for args, err in (((u.double(), u.double(), h, skip), "float64"),
+                      ((u, u, torch.randn(3, 8, device=dev), skip), "shape"),
+                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous"),
+                      ((u, u, h, skip, "cufft"), "path must be"),
+                      ((too_long, too_long, too_long[0], skip, "monarch"), "monarch path takes")):
+        with expect_raises((TypeError, ValueError), err):
+            kernels.hyena_long_conv(*args)
+    r = subprocess.run([sys.executable, TRAIN_PY, *TINY, "--arch", "hyena", "--kernels", "on", "--max-iters", "1"],
+                       cwd=tempfile.mkdtemp(dir=WORK), capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    if not torch.cuda.is_available():
+        expect_fail(r, "--kernels on needs a CUDA GPU")
+
+
+def test_hyena_long_conv_path_rule():
+    """hyena_long_conv picks the path the sweeps favour (kernels.HYENA_CONV's comment): the
+    Toeplitz kernel for L <= 512 with B C >= 32 L (sequence, channel) rows, otherwise the Monarch kernel
+    up to MONARCH's max_len, and the FFT path beyond."""
+    needs_triton()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = []
+    kernels.LongConvFunction.apply = staticmethod(lambda *a: chosen.append("toeplitz"))
+    kernels.LongConvFFTFunction.apply = staticmethod(lambda *a: chosen.append("fft"))
+    kernels.LongConvMonarchFunction.apply = staticmethod(lambda *a: chosen.append("monarch"))
+    longest = kernels.MONARCH["max_len"]
+    try:
+        for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "monarch"), (64, 384, 512, "toeplitz"),
+                              (32, 384, 256, "toeplitz"), (16, 384, 256, "monarch"), (64, 384, 513, "monarch"),
+                              (32, 256, 256, "toeplitz"), (32, 512, 512, "toeplitz"), (16, 512, 512, "monarch"),
+                              (1, 8, longest, "monarch"), (1, 8, longest + 1, "fft")):
+            u = torch.empty(B, C, L, device=dev)
+            kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
+            assert chosen[-1] == path, (B, C, L, chosen[-1])
+    finally:
+        del kernels.LongConvFunction.apply, kernels.LongConvFFTFunction.apply  # the inherited ones again
+        del kernels.LongConvMonarchFunction.apply
 
 
 def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, **launch):
@@ -973,7 +1721,7 @@ def check_kernel_hyena_filter(C, N, l_max, L, E, F, device, dot, tol, **launch):
     return errors
 
 
-def test_kernel_hyena_filter_matches_reference():
+def test_hyena_filter_ref():
     """The implicit-filter kernels (forward; dW4, and the MLP's gradients) == ImplicitFilter in fp32:
     odd lengths, a prefix of l_max, widths 16-64, 2-3 filters, 5 and 33 positional features, and the
     launch split so that programs loop over several channel / position blocks. Widths the kernels cannot
@@ -988,649 +1736,39 @@ def test_kernel_hyena_filter_matches_reference():
     check_kernel_hyena_filter(40, 2, 90, 65, 33, 32, device, "ieee", 1e-4)
     for width, L, err in ((24, 10, "power of 2"), (16, 33, "l_max")):
         filt = hyena.ImplicitFilter(4, 2, 32, width=width).to(device)
-        try:
+        with expect_raises(ValueError, err):
             kernels.hyena_filter(filt, L)
-            raise AssertionError(f"accepted: {err}")
-        except ValueError as e:
-            assert err in str(e), e
 
 
-def test_kernel_hyena_is_exactly_causal_and_equals_the_definition():
-    """With the Toeplitz kernel the gradient from future inputs is exactly zero, and the float32 kernel
-    agrees with the O(L^2) definition computed in float64."""
-    needs_triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    u = torch.randn(2, 3, 45, device=device, requires_grad=True)
-    x, h, skip = torch.randn(2, 3, 45, device=device), torch.randn(3, 45, device=device), torch.randn(3, device=device)
-    saved = dict(kernels.HYENA_CONV)
-    kernels.HYENA_CONV.update(block=16, block_n=16)
-    try:
-        out = kernels.hyena_long_conv(u, x, h, skip, path="toeplitz")
-        out[1, :, 20].sum().backward()
-    finally:
-        kernels.HYENA_CONV.update(saved)
-    assert u.grad[1, :, 21:].abs().max() == 0 and u.grad[0].abs().max() == 0
-    exact = x.double() * hyena.direct_causal_conv(u.double(), h.double(), skip.double())
-    assert rel_err(out, exact) < 1e-6
-    # the Monarch kernel's transforms mix all times, so the future reaches the past only by rounding
-    u.grad = None
-    out = kernels.hyena_long_conv(u, x, h, skip, path="monarch")
-    assert rel_err(out, exact) < 1e-6
-    out[1, :, 20].sum().backward()
-    assert u.grad[1, :, 21:].abs().max() < 1e-6 * u.grad[1].abs().max() and u.grad[0].abs().max() == 0
+def test_hyena_filter_gpu_model_shapes():
+    """On the GPU: the implicit-filter kernels with their default tf32 products at the benchmark's shape
+    (C = 768, 4096 positions) and the model's (C = 384, 512), and with fp32 products; the fp32 reference
+    without autocast."""
+    needs_cuda()
+    check_kernel_hyena_filter(768, 2, 4096, 4096, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
+    check_kernel_hyena_filter(384, 2, 512, 512, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
+    check_kernel_hyena_filter(384, 2, 1024, 1000, 33, 64, "cuda", "ieee", 1e-4)
 
 
-def test_kernel_hyena_input_checks():
-    """Wrong dtypes, shapes, strides and path names are refused with clear errors; kernels on a
-    CPU without the interpreter are refused by train.py."""
-    needs_triton()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    u, h, skip = torch.randn(1, 2, 8, device=dev), torch.randn(2, 8, device=dev), torch.randn(2, device=dev)
-    too_long = torch.randn(1, 2, kernels.MONARCH["max_len"] + 1, device=dev)
-    for args, err in (((u.double(), u.double(), h, skip), "float64"),
-                      ((u, u, torch.randn(3, 8, device=dev), skip), "shape"),
-                      ((u.transpose(1, 2).contiguous().transpose(1, 2), u, h, skip), "time contiguous"),
-                      ((u, u, h, skip, "cufft"), "path must be"),
-                      ((too_long, too_long, too_long[0], skip, "monarch"), "monarch path takes")):
-        try:
-            kernels.hyena_long_conv(*args)
-            raise AssertionError(f"accepted: {err}")
-        except (TypeError, ValueError) as e:
-            assert err in str(e), e
-    r = subprocess.run([sys.executable, TRAIN_PY, *TINY, "--arch", "hyena", "--kernels", "on", "--max-iters", "1"],
-                       cwd=tempfile.mkdtemp(dir=WORK), capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    if not torch.cuda.is_available():
-        expect_fail(r, "--kernels on needs a CUDA GPU")
-
-
-def test_kernel_hyena_path_rule():
-    """hyena_long_conv picks the path the sweeps favour (kernels.HYENA_CONV's comment): the
-    Toeplitz kernel for L <= 512 with B C >= 32 L (sequence, channel) rows, otherwise the Monarch kernel
-    up to MONARCH's max_len, and the FFT path beyond."""
-    needs_triton()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    chosen = []
-    kernels.LongConvFunction.apply = staticmethod(lambda *a: chosen.append("toeplitz"))
-    kernels.LongConvFFTFunction.apply = staticmethod(lambda *a: chosen.append("fft"))
-    kernels.LongConvMonarchFunction.apply = staticmethod(lambda *a: chosen.append("monarch"))
-    longest = kernels.MONARCH["max_len"]
-    try:
-        for B, C, L, path in ((1, 768, 512, "monarch"), (8, 384, 512, "monarch"), (64, 384, 512, "toeplitz"),
-                              (32, 384, 256, "toeplitz"), (16, 384, 256, "monarch"), (64, 384, 513, "monarch"),
-                              (32, 256, 256, "toeplitz"), (32, 512, 512, "toeplitz"), (16, 512, 512, "monarch"),
-                              (1, 8, longest, "monarch"), (1, 8, longest + 1, "fft")):
-            u = torch.empty(B, C, L, device=dev)
-            kernels.hyena_long_conv(u, u, torch.empty(C, L, device=dev), torch.empty(C, device=dev))
-            assert chosen[-1] == path, (B, C, L, chosen[-1])
-    finally:
-        del kernels.LongConvFunction.apply, kernels.LongConvFFTFunction.apply  # the inherited ones again
-        del kernels.LongConvMonarchFunction.apply
-
-
-def test_hyena_training_kernels_on_vs_off_agree():
+def test_hyena_training_kernels_on_off_ref():
     """Three steps of --arch hyena on TinyStories, kernels on vs off from the same seed: the losses agree
     within 1e-4 (fp32; interpreter, so the model is tiny)."""
-    check_interpreter_kernels_on_off("test_gpu_hyena_training_kernels_on_vs_off_agree", 1e-4, "hyena",
+    check_interpreter_kernels_on_off("test_hyena_training_kernels_on_off_gpu_bf16", 1e-4, "hyena",
                                      "--max-iters", "3")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tensor Product Attention (tpa.py), plain PyTorch
-
-
-def tpa_config(**kw):
-    return train.GPTConfig(**{"arch": "tpa", "n_embd": 48, "n_head": 4, "block_size": 32, "tpa_head_dim": 8, **kw})
-
-
-def test_tpa_rope_commutes_with_the_head_factor():
-    """Theorem 3.1: building Q from RoPE-rotated B factors equals rotating the built Q."""
-    torch.manual_seed(0)
-    mixer = tpa.TPAttention(tpa_config(), 0)
-    (a_q, _, _), (b_q, _, _) = mixer.factors(torch.randn(2, 11, 48))
-    built_then_rotated = mixer.rotary(tpa.factor_product(a_q, b_q), 3)
-    rotated_then_built = tpa.factor_product(a_q, mixer.rotary(b_q, 3))
-    torch.testing.assert_close(rotated_then_built, built_then_rotated, atol=1e-6, rtol=1e-6)
-
-
-def standard_attention(x, wq, wk, wv, wo, h, d, rotary):
-    """Multi-head attention with h query heads and wk, wv giving G = rows / d key/value heads
-    (G = h: MHA, G = 1: MQA, otherwise GQA), each shared by h / G consecutive query heads."""
-    B, T, _ = x.shape
-    q = rotary((x @ wq.T).view(B, T, h, d)).transpose(1, 2)  # (B, h, T, d)
-    g = wk.size(0) // d
-    k = rotary((x @ wk.T).view(B, T, g, d)).transpose(1, 2).repeat_interleave(h // g, dim=1)
-    v = (x @ wv.T).view(B, T, g, d).transpose(1, 2).repeat_interleave(h // g, dim=1)
-    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return y.transpose(1, 2).reshape(B, T, h * d) @ wo.T
-
-
-def test_tpa_special_cases_are_mha_mqa_gqa():
-    """With constant head factors, TPA computes exactly MHA (R = h, a_i = h e_i), MQA (R_K = R_V = 1,
-    a = 1) and GQA (R = G, a_g = G x the mask of group g's heads) from the same projection weights."""
-    torch.manual_seed(0)
-    h, d, C = 4, 8, 48
-    x = torch.randn(2, 9, C)
-    eye = h * torch.eye(h)
-    for name, g in (("MHA", 4), ("GQA", 2), ("MQA", 1)):
-        groups = g * torch.repeat_interleave(torch.eye(g), h // g, dim=1)  # (G, h): G x the group masks
-        cfg = tpa_config(tpa_heads=h, tpa_rank_q=h, tpa_rank_k=g, tpa_rank_v=g)
-        mixer = tpa.TPAttention(cfg, 0, fixed_a={"q": eye, "k": groups, "v": groups})
-        torch.nn.init.normal_(mixer.proj.weight, std=0.1)
-        wq, wk, wv = mixer.w_b.weight.split([h * d, g * d, g * d])  # b_r = the r-th head's projection
-        want = standard_attention(x, wq, wk, wv, mixer.proj.weight, h, d, mixer.rotary)
-        torch.testing.assert_close(mixer(x), want, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_tpa_heads_and_cache_sizes():
-    """Head matching and cache sizes: the paper's small config (C = 768, d = 64, ranks 6, 2, 2) caches
-    (2 + 2)(h + 64) values per token against MHA's 2 x 12 x 64; our default model's table is consistent."""
-    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=False) == 33
-    assert tpa.matched_heads(768, 64, (6, 2, 2), kv_only=True) == 21
-    assert tpa.kv_cache_values_per_token("tpa", 34, 64) == 392
-    assert tpa.kv_cache_values_per_token("mha", 12, 64) == 1536
-    table = dict(tpa.cache_table(train.GPTConfig(arch="tpa")))
-    assert table["MHA (h=6, d=64)"] == 768 and table["TPA (h=12, d=64, ranks (6, 2, 2))"] == 304
-    mixer = tpa.TPAttention(train.GPTConfig(arch="tpa"), 0)  # attention parameters close to MHA's 4 C^2
-    n = sum(p.numel() for p in mixer.parameters())
-    assert abs(n - 4 * 384 ** 2) < 0.05 * 4 * 384 ** 2, n
-
-
-def test_tpa_init_matches_the_official_xavier_per_projection():
-    """In the GPT (after its generic init), every factor block has the std of torch's xavier_uniform_ on
-    that projection's own 3-D view, (C, h, R) for A and (C, R, d) for B with its own rank: fan_in =
-    size(1) size(2), fan_out = size(0) size(2), std = sqrt(2 / (fan_in + fan_out)); KV-only W_q 2-D Xavier."""
-    def xavier_std(*shape):
-        rest = math.prod(shape[2:])
-        return math.sqrt(2 / (shape[1] * rest + shape[0] * rest))
-
-    C, d = 384, 64
-    for arch, h in (("tpa", 12), ("tpa-kvonly", 10)):
-        torch.manual_seed(0)
-        mixer = train.GPT(train.GPTConfig(arch=arch, n_layer=1)).blocks[0].mixer
-        assert mixer.h == h == tpa.tpa_heads(train.GPTConfig(arch=arch)), (arch, mixer.h)  # matched heads
-        ranks = {"q": 6, "k": 2, "v": 2} if arch == "tpa" else {"k": 2, "v": 2}
-        a_blocks = mixer.w_a.weight.split([r * h for r in ranks.values()])
-        b_blocks = mixer.w_b.weight.split([r * d for r in ranks.values()])
-        want = {}
-        for (name, r), a, b in zip(ranks.items(), a_blocks, b_blocks):
-            want[f"A_{name}"] = (a, xavier_std(C, h, r))  # e.g. A_q: sqrt(2 / 2376), A_k: sqrt(2 / 792)
-            want[f"B_{name}"] = (b, xavier_std(C, r, d))  # B_q: sqrt(2 / 24960), B_k: sqrt(2 / 24704)
-        if arch == "tpa-kvonly":
-            want["W_q"] = (mixer.w_q.weight, xavier_std(h * d, C))  # sqrt(2 / 1024)
-        for name, (w, std) in want.items():
-            assert abs(w.std().item() / std - 1) < 0.03, (arch, name, w.std().item(), std)
-        assert mixer.proj.weight.abs().max() == 0
-
-
-def test_tpa_trains_on_tinystories():
-    """--arch tpa and --arch tpa-kvonly train on the CPU and write checkpoints that sample."""
-    for arch in ("tpa", "tpa-kvonly"):
-        cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train(*TINY, "--arch", arch, "--tpa-head-dim", "16", "--max-iters", "3", cwd=cwd))
-        assert os.path.exists(os.path.join(cwd, "out", arch, "ckpt.pt"))
-
-
-def check_kernel_tpa_product(B, T, R, h, d, device, dtype, tol, start_pos=3):
-    """tpa_factor_product == factor_product(a, RoPE(b)) in (B, h, T, d), with and without RoPE, output and
-    the gradient of the one projection both factors are views of."""
-    rotary = train.Rotary(d, start_pos + T, 10000.0).to(device)
-    ab = torch.randn(B, T, R * (h + d), device=device).to(dtype).requires_grad_()
-    a, b = ab[..., :R * h].view(B, T, R, h), ab[..., R * h:].view(B, T, R, d)
-    for rotate in (True, False):
-        ref = tpa.factor_product(a.float(), rotary(b.float(), start_pos) if rotate else b.float()).transpose(1, 2)
-        out = kernels.tpa_factor_product(a, b, *((rotary.cos, rotary.sin) if rotate else (None, None)), start_pos)
-        assert out.dtype == dtype and out.shape == (B, h, T, d) and rel_err(out, ref) < tol, rel_err(out, ref)
-        g = torch.randn_like(ref).to(dtype)
-        (want,), (got,) = torch.autograd.grad(ref, ab, g.float()), torch.autograd.grad(out, ab, g)
-        assert rel_err(got, want) < tol, (rotate, rel_err(got, want))
-
-
-def check_kernel_tpa_decode(B, ranks, h, d, length, cache_len, device, dtype, tol):
-    """tpa_decode == SDPA over K, V materialised from the cache's factors, one query per sequence."""
-    rq, rk, rv = ranks
-    q = tpa.factor_product(torch.randn(B, 1, rq, h, device=device), torch.randn(B, 1, rq, d, device=device))[:, 0]
-    cache = [torch.randn(B, cache_len, r, n, device=device).to(dtype) for r, n in ((rk, h), (rk, d), (rv, h), (rv, d))]
-    k = tpa.factor_product(cache[0][:, :length].float(), cache[1][:, :length].float()).transpose(1, 2)
-    v = tpa.factor_product(cache[2][:, :length].float(), cache[3][:, :length].float()).transpose(1, 2)
-    q = q.to(dtype)
-    want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v)[:, :, 0]  # (B, h, d)
-    got = kernels.tpa_decode(q, *cache, length)
-    assert got.dtype == dtype and rel_err(got, want) < tol, (ranks, length, rel_err(got, want))
-
-
-def test_kernel_tpa_factor_product_matches_reference():
-    """The training kernel (Q/K/V from factors, RoPE in registers, SDPA layout) == the plain product,
-    forward and backward, fp32; 13 tokens, 5 heads, d = 12 (neither a power of 2), ranks 1 and 3."""
-    needs_triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    for R in (1, 3):
-        check_kernel_tpa_product(2, 13, R, 5, 12, device, torch.float32, 1e-5)
-
-
-def test_kernel_tpa_decode_matches_reference():
-    """FlashTPA decoding == attention over the materialised K, V for ranks (1,1,1), (6,2,2), (16,1,1);
-    cache lengths 1, 77 and 250 (shorter than a 16-token tile, not a multiple of it, and split over
-    several slices of the cache), in a cache longer than what is filled; fp32."""
-    needs_triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    saved = dict(kernels.TPA_DECODE)
-    kernels.TPA_DECODE.update(block_m=16, programs=8)
-    try:
-        torch.manual_seed(0)
-        for ranks in ((1, 1, 1), (6, 2, 2), (16, 1, 1)):
-            for length in (1, 77, 250):
-                check_kernel_tpa_decode(2, ranks, 5, 16, length, 260, device, torch.float32, 1e-5)
-    finally:
-        kernels.TPA_DECODE.update(saved)
-
-
-def test_tpa_kernels_in_the_model_decode_equals_forward():
-    """With kernels on, tpa and tpa-kvonly give the plain model's logits, and prefill + one-token steps
-    through the decoding kernel give the full forward's; a cache overflow is a clear error."""
-    needs_triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for arch in ("tpa", "tpa-kvonly"):
-        model = small_model(arch=arch).to(device)
-        idx = torch.randint(100, (2, 16), device=device)
-        plain, _ = model(idx)
-        assert train.set_kernels(model, "on", torch.device(device)) is True
-        full, _ = model(idx)
-        torch.testing.assert_close(full, plain, atol=1e-5, rtol=1e-5, msg=arch)
-        caches = model.init_caches(2, idx.device, torch.float32)
-        pieces = [model(idx[:, :6], caches=caches)[0]]
-        pieces += [model(idx[:, t:t + 1], start_pos=t, caches=caches)[0] for t in range(6, 16)]
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5, msg=arch)
-        try:
-            model(idx[:, :1], start_pos=16, caches=caches)
-            raise AssertionError("cache overflow accepted")
-        except ValueError as e:
-            assert "cache overflow" in str(e)
-
-
-def test_kernel_tpa_input_checks():
-    """Head widths the kernels do not take fall back to the plain path (said by set_kernels); odd head
-    widths, bad shapes and RoPE tables too short are refused with a clear error."""
-    needs_triton()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = small_model(arch="tpa", tpa_head_dim=258)
-    assert train.set_kernels(model, "on", device) is False
-    a, b = torch.randn(1, 4, 2, 3, device=device), torch.randn(1, 4, 2, 5, device=device)
-    b4, table = torch.randn(1, 4, 2, 4, device=device), torch.ones(2, 2, device=device)  # 2 positions, 4 needed
-    for args, err in (((a, b), "even head width"), ((a, b4, table, table), "do not cover positions"),
-                      ((a[0], b[0]), "(B, T, R, h)")):
-        try:
-            kernels.tpa_factor_product(*args)
-            raise AssertionError(f"accepted: {err}")
-        except ValueError as e:
-            assert err in str(e), e
-    q = torch.randn(1, 3, 16, device=device)
-    cache = [torch.randn(1, 8, 2, n, device=device) for n in (3, 16, 3, 16)]
-    try:
-        kernels.tpa_decode(q, *cache, 9)
-        raise AssertionError("length beyond the cache accepted")
-    except ValueError as e:
-        assert "outside the cache" in str(e)
-
-
-def test_tpa_training_kernels_on_vs_off_agree():
-    """Two steps of --arch tpa on TinyStories, kernels on vs off from the same seed: the losses agree
-    within 1e-5 (fp32, interpreter)."""
-    check_interpreter_kernels_on_off("test_gpu_tpa_training_kernels_on_vs_off_agree", 1e-5, "tpa", "--max-iters", "2",
-                                     "--tpa-head-dim", "8")
-
-
-def test_tpa_demo_names_c_the_model_width_and_d_the_head_width():
-    """`python tpa.py` follows tpa.py's notation legend: C is the model width (384 by default), d the
-    width of one head (64), never the model width."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "tpa.py")], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    out = expect_ok(r)
-    cfg = train.GPTConfig(arch="tpa")
-    assert cfg.n_embd // cfg.n_head == cfg.tpa_head_dim == 64 and f"C={cfg.n_embd}" in out, out
-    assert set(re.findall(r"\bd=(\d+)", out)) == {"64"}, out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Linearity (linearity.py), plain PyTorch
-
-
-def test_linearity_streaming_equals_exact_and_svd():
-    """On hidden-state-like data with a large mean offset (1e3), the streaming score (13 uneven batches,
-    float64 Chan merge) equals the exact least-squares score and the float64 SVD recipe to 1e-6, with
-    and without the residual, and 1 - LS_wo = (1 - LS) ||Yc||^2 / ||Yc - Xc||^2."""
-    torch.manual_seed(0)
-    N, d = 3000, 24
-    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
-    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
-    stats = linearity.PairStats(d)
-    for xb, yb in zip(x.split(237), y.split(237)):
-        stats.update(xb.float(), yb.float())
-    x64, y64 = x.double(), y.double()
-    svd = linearity.official_svd_score(x64, y64), linearity.official_svd_score(x64, y64 - x64)  # in float64
-    streaming, exact = stats.scores(), linearity.linearity_score_exact(x, y)
-    for a, b, c in zip(streaming, exact, svd):
-        assert abs(a - b) < 1e-6 and abs(a - c) < 1e-6, (streaming, exact, svd)
-    assert streaming[1] < streaming[0] < 1
-    xc, yc = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
-    ratio = (yc.norm() ** 2 / (yc - xc).norm() ** 2).item()
-    assert abs((1 - streaming[1]) - (1 - streaming[0]) * ratio) < 1e-9
-
-
-def test_linearity_of_a_linear_map_and_its_fit():
-    """y = x W + b scores 1 (to 1e-9), and PairStats.linear_map recovers W and b, so a linear block
-    replaced by its fitted map gives back the block's output."""
-    torch.manual_seed(1)
-    x = torch.randn(2000, 16).double() + 5
-    w, b = torch.randn(16, 16).double(), torch.randn(16).double()
-    stats = linearity.PairStats(16)
-    stats.update(x, x @ w + b)
-    assert stats.scores()[0] > 1 - 1e-9
-    w_fit, b_fit = stats.linear_map()
-    torch.testing.assert_close(x @ w_fit + b_fit, x @ w + b, atol=1e-8, rtol=1e-8)
-
-
-def test_linearity_refuses_fewer_tokens_than_hidden_size():
-    """With N <= d any X maps onto any Y: the score says so instead of returning 1."""
-    try:
-        linearity.linearity_score(torch.randn(10, 32), torch.randn(10, 32))
-        raise AssertionError("accepted N <= d")
-    except ValueError as e:
-        assert "meaningless" in str(e)
-
-
-def test_regularisers_match_their_formulas_and_gradcheck():
-    """cosine: sum over consecutive pairs of the token mean of 1 - cos; mse: of ||h_i - h_{i-1}||^2;
-    pairs="all" sums (h0, h1), (h1, h2), (h2, h3) (h0 the embedding), pairs="blocks" (the default) leaves
-    (h0, h1) out; both pass gradcheck in float64."""
-    torch.manual_seed(0)
-    h0, h1, h2, h3 = hidden = [torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(4)]
-    cos = lambda a, b: (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean()  # noqa: E731
-    sq = lambda a, b: ((b - a) ** 2).sum(-1).mean()  # noqa: E731
-    for fn, term in ((linearity.cosine_regulariser, cos), (linearity.mse_regulariser, sq)):
-        blocks = term(h1, h2) + term(h2, h3)
-        assert abs(fn(hidden, "all").item() - (term(h0, h1) + blocks).item()) < 1e-12
-        assert abs(fn(hidden, "blocks").item() - blocks.item()) < 1e-12
-        assert abs(fn(hidden).item() - blocks.item()) < 1e-12
-        for pairs in ("blocks", "all"):
-            assert torch.autograd.gradcheck(lambda *h: fn(list(h), pairs), tuple(hidden))
-    try:
-        linearity.cosine_regulariser(hidden, "embedding")
-        raise AssertionError("unknown pairs accepted")
-    except ValueError as e:
-        assert "blocks" in str(e)
-
-
-def test_pruning_by_linear_replacement():
-    """A block that is linear (here: block 1 left at its identity init) is ranked most linear, and
-    replacing it by its least-squares map reproduces the model's logits; prune_table runs all three
-    variants for k = 1..L and refuses k > L."""
-    model = small_model(vocab=100, block=16, layers=3)
-    with torch.no_grad():
-        model.blocks[1].mixer.proj.weight.zero_()
-        model.blocks[1].mlp.proj.weight.zero_()
-    torch.manual_seed(0)
-    batches = [(torch.randint(100, (4, 16)), torch.randint(100, (4, 16))) for _ in range(6)]
-    rows = linearity.prune_table(model, batches, batches[:2], 3, 5, "cpu")
-    assert [r["k"] for r in rows] == [0, 1, 2, 3] and rows[1]["blocks"] == [1]
-    assert abs(rows[1]["linear"] - rows[0]["linear"]) < 1e-4 * rows[0]["linear"]  # exact map: same model
-    assert all(math.isfinite(r[v]) for r in rows for v in ("removed", "linear", "distilled"))
-    assert all(0 <= r["distill_mse_after"] <= r["distill_mse_before"] for r in rows), rows
-    try:
-        linearity.prune_table(model, batches, batches, 4, 1, "cpu")
-        raise AssertionError("k > L accepted")
-    except ValueError as e:
-        assert "3 blocks" in str(e)
-
-
-def test_pruning_distillation_lowers_its_layerwise_objective():
-    """Blocks of a 4-block model (random blocks) replaced by their least-squares fits: distill_objective
-    is the mean over h_{first+1} .. h_4 of the MSE to the full model (checked by hand); distillation
-    lowers it strictly on the batches it trains on, with one map and with two, changes only the maps
-    (and not the teacher), and never raises it: not where the fit is already the minimum (the last
-    block alone), not with a preconditioner so weakly damped that its first steps overshoot."""
-    import copy
-    model = small_model(vocab=100, block=16, layers=4)
-    teacher = copy.deepcopy(model.state_dict())
-    torch.manual_seed(0)
-    batches = [(torch.randint(100, (4, 16)), None) for _ in range(4)]
-    stats = [linearity.PairStats(32) for _ in range(4)]
-    with torch.no_grad():
-        for x, _ in batches:
-            hidden = model(x, return_hidden=True)[2]
-            for l, s in enumerate(stats):
-                s.update(hidden[l], hidden[l + 1])
-
-    def pruned(replaced):
-        student = copy.deepcopy(model)
-        for l in replaced:
-            student.blocks[l] = linearity.LinearBlock(*stats[l].linear_map())
-        return student
-    student = pruned([1])
-    with torch.no_grad():
-        h, t = student(batches[0][0], return_hidden=True)[2], model(batches[0][0], return_hidden=True)[2]
-    want = sum(((a - b) ** 2).mean() for a, b in zip(h[2:], t[2:])) / 3
-    assert abs(linearity.distill_objective(h, t, 1).item() - want.item()) < 1e-6 * want.item()
-    assert linearity.distill_loss(model, model, 1, batches, "cpu") == 0
-    for replaced, factor in (([1], 0.95), ([1, 2], 0.98)):
-        student = pruned(replaced)
-        fit = copy.deepcopy(student.state_dict())
-        before, after = linearity.distill(student, model, replaced, batches, 10, "cpu")
-        assert before == linearity.distill_loss(pruned(replaced), model, min(replaced), batches, "cpu")
-        assert after < factor * before, (replaced, before, after)
-        assert linearity.distill_loss(student, model, min(replaced), batches, "cpu") == after
-        for name, p in student.state_dict().items():
-            changed = not torch.equal(p, fit[name])
-            assert changed == (name.split(".")[:2] in [["blocks", str(l)] for l in replaced]), name
-    for name, p in model.state_dict().items():
-        assert torch.equal(p, teacher[name]), name
-    for replaced, damping in (([3], 1e-4), ([1, 2], 1e-12)):
-        before, after = linearity.distill(pruned(replaced), model, replaced, batches, 5, "cpu", damping=damping)
-        assert after <= before, (replaced, damping, before, after)
-
-
-def test_cosine_regulariser_training_and_linearity_profile_cli():
-    """train.py --reg cosine logs the regulariser; linearity.py CHECKPOINT prints one row per layer
-    pair; blocks are numbered 1..L alike in the profile, the pruning table and the JSON; too few tokens
-    and a missing checkpoint are clear errors."""
-    cwd = tempfile.mkdtemp(dir=WORK)
-    expect_ok(run_train(*TINY, "--reg", "cosine", "--max-iters", "4", cwd=cwd))
-    records = read_metrics(os.path.join(cwd, "out", "gpt"))
-    assert all("reg" in r for r in records if "loss" in r)
-    cmd = [sys.executable, os.path.join(HERE, "linearity.py"), "out/gpt/ckpt.pt", "--data", DATA,
-           "--cache-dir", TOKENS, "--device", "cpu"]
-    run = lambda *extra: subprocess.run(cmd + list(extra), cwd=cwd, capture_output=True, text=True, timeout=300)
-    out = expect_ok(run("--tokens", "3000"))
-    rows = [line for line in out.splitlines() if re.match(r"\| +\d+ \| (embedding|block \d+) -> block \d+ ", line)]
-    assert len(rows) == 2, out
-    assert all(0 < float(v) <= 1 for row in rows for v in row.split("|")[3:5]), rows
-    # the kernel (on a GPU, or the interpreter on a CPU) prints the same profile
-    with_kernel = expect_ok(run("--tokens", "3000", "--kernels", "on", "--device",
-                                "cuda" if torch.cuda.is_available() else "cpu"))
-    assert [line for line in with_kernel.splitlines() if line in rows] == rows, with_kernel
-    # the benchmark against the official recipe is bench.py's; linearity.py --bench says so in one line
-    out = expect_ok(subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "linearity-score", *cmd[2:],
-                                    "--tokens", "3000"], cwd=cwd, capture_output=True, text=True, timeout=300))
-    assert "| official |" in out and "| float64 |" in out, out
-    r = run("--bench", "--tokens", "3000")
-    expect_fail(r, "python bench.py linearity-score out/gpt/ckpt.pt")
-    assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stdout + r.stderr
-    expect_fail(run("--tokens", "10"), "meaningless")
-    expect_fail(run("--tokens", "3000", "--prune", "5"), "choose 1..2")
-    out = expect_ok(run("--tokens", "3000", "--prune", "1", "--distill-steps", "2", "--json", "lin.json"))
-    assert "(c) fit + distilled" in out and "| 1 |" in out, out
-    # blocks are numbered 1..L everywhere: the profile's rows, the pruning table, the JSON compare.py reads.
-    # The block pruned first is the one of highest LS_wo on the training windows --prune ranks on.
-    assert rows[0].split("|")[1:3] == ["     1 ", " embedding -> block 1 "], rows
-    path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
-    model, _ = train.model_from_checkpoint(train.load_checkpoint(path), path)
-    fit_path, val_path = linearity.token_files(train, train.load_checkpoint(path), DATA, TOKENS, log=lambda msg: None)
-    n = len(linearity.window_starts(train.TokenData(val_path), 32, 3000)) * 32
-    fit = train.TokenData(fit_path)
-    starts = linearity.window_starts(fit, 32, n)
-    profile = linearity.layer_profile(model, [fit.windows(starts[i:i + 16], 32)[0] for i in range(0, len(starts), 16)],
-                                      "cpu")
-    first = 1 + max(range(2), key=lambda l: profile[l][1])
-    assert re.search(rf"^\| 1 \| \[{first}\] ", out, re.M), (first, out)
-    data = json.load(open(os.path.join(cwd, "lin.json")))
-    assert data["first_block"] == 1 and data["prune"][1]["blocks"] == [first], data["prune"]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "linearity.py"), "missing.pt"], cwd=cwd,
-                       capture_output=True, text=True, timeout=120)
-    expect_fail(r, "no checkpoint")
-
-
-def test_linearity_cli_bad_paths_help_defaults_progress_and_ctrl_c():
-    """linearity.py's command line: a missing checkpoint and a file of random bytes each get one line
-    naming what is wrong (no option it lacks, never torch's advice to load with weights_only=False);
-    --help shows every default; scoring prints flushed progress lines on stderr; Ctrl-C ends it with
-    "interrupted" and no traceback."""
-    import contextlib
-    import io
-    cwd = tempfile.mkdtemp(dir=WORK)
-
-    def cli(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = linearity.main(train, list(args))
-            except SystemExit as e:  # --help
-                code = e.code
-        return code, out.getvalue() + err.getvalue()
-    missing = os.path.join(cwd, "out", "nothing", "ckpt.pt")
-    code, text = cli(missing)
-    assert code == 1 and text == f"error: no checkpoint at {missing}: give the ckpt.pt of a train.py run " \
-                                 "(python train.py writes out/ARCH/ckpt.pt)\n", text
-    noise = os.path.join(cwd, "noise.pt")
-    with open(noise, "wb") as f:
-        f.write(bytes(range(256)) * 20)
-    code, text = cli(noise)
-    assert code == 1 and text.count("\n") == 1 and "not a checkpoint of this project" in text, text
-    assert "weights_only" not in text, text
-    code, text = cli("--help")
-    for default in ("200000", "16", "out/tokens", "0", "200", "off"):
-        assert f"(default: {default})" in " ".join(text.split()), (default, text)
-    # progress and Ctrl-C: a checkpoint of train.py's format on ~15K tokens of made-up stories, scored one
-    # 32-token window per batch (the first progress line comes after a tenth of the batches)
-    data = make_folder([f"a story about a cat called tom {i}." for i in range(50)],
-                       [f"story number {i} is about a dog called rex {i}." for i in range(3000)])
-    model = small_model(vocab=50257, block=32, layers=2)  # ~1400 batches: Ctrl-C lands mid-way
-    path = os.path.join(cwd, "ckpt.pt")
-    train.save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), model.cfg, train.TrainConfig(), 0, {})
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "linearity.py"), path, "--data", data, "--cache-dir",
-                             os.path.join(data, "tokens"), "--device", "cpu", "--batch-size", "1"], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "scoring: batch" in line:
-                break
-        assert seen and "scoring: batch" in seen[-1], "".join(seen)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
-    assert "Traceback" not in err and "| block" not in out, err + out
-
-
-def check_kernel_cross_gram(N, D, device, dtype, tol):
-    """kernels.centred_cross_gram == the float64 statistics of (X, Y - X) from the same (rounded) inputs,
-    offset by 100."""
-    torch.manual_seed(0)
-    x = (torch.randn(N, D, device=device) * torch.linspace(0.1, 3, D, device=device) + 100).to(dtype)
-    y = (x.float() + 0.3 * torch.tanh(x.float() - 100) + 5).to(dtype)
-    got = kernels.centred_cross_gram(x, y)
-    x64, y64 = x.double(), y.double()
-    xc, yc = x64 - x64.mean(0), y64 - y64.mean(0)
-    want = (x64.mean(0), y64.mean(0), xc.T @ xc, xc.T @ (yc - xc), ((yc - xc) ** 2).sum())
-    for name, a, b in zip(["mean_x", "mean_y", "C_xx", "C_xd", "t_dd"], got, want):
-        assert a.dtype == torch.float64
-        err = ((a - b).norm() / b.norm()).item()
-        assert err < tol, (name, err)
-
-
-def check_kernel_cosine(shape, device, dtype, tol):
-    """kernels.cosine_regulariser on linearity.regularised_states (what train.py passes it) ==
-    linearity.cosine_regulariser, value and gradients of every hidden state, for both pair settings
-    (with "blocks" the embedding gets no gradient from either)."""
-    torch.manual_seed(0)
-    hidden = [torch.randn(*shape, device=device).to(dtype).requires_grad_() for _ in range(4)]
-    for pairs in linearity.REG_PAIRS:
-        ref = linearity.cosine_regulariser(hidden, pairs)
-        out = kernels.cosine_regulariser(linearity.regularised_states(hidden, pairs))
-        assert abs(out.item() - ref.item()) < tol * abs(ref.item()), (pairs, out.item(), ref.item())
-        grads = [torch.autograd.grad(f, hidden, allow_unused=True) for f in (out, ref)]
-        assert [g is None for g in grads[0]] == [g is None for g in grads[1]] == [pairs == "blocks", False, False, False]
-        for a, b in zip(*grads):
-            assert a is None or (a.dtype == dtype and rel_err(a, b) < tol), (pairs, rel_err(a, b))
-
-
-def test_kernel_cross_gram_matches_float64():
-    """The fused centred cross-Gram (fp32 with fp32 products) == float64 means, C_xx, C_xy, t_yy on data
-    offset by 100 (sizes not multiples of the tile); PairStats fed by it over uneven batches of data
-    offset by 1e3 gives the exact scores to 1e-7."""
-    needs_triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for N, D in ((123, 40), (70, 33), (300, 16)):
-        check_kernel_cross_gram(N, D, device, torch.float32, 1e-6)
-    torch.manual_seed(0)
-    N, d = 1500, 24
-    x = torch.randn(N, d) * torch.linspace(0.1, 3, d) + 1e3
-    y = x + 0.2 * torch.tanh((x - 1e3) @ torch.randn(d, d) / 3) + 0.01 * torch.randn(N, d)
-    stats = linearity.PairStats(d, device, use_kernel=True)
-    for xb, yb in zip(x.split(237), y.split(237)):
-        stats.update(xb.to(device), yb.to(device))
-    for a, b in zip(stats.scores(), linearity.linearity_score_exact(x, y)):
-        assert abs(a - b) < 1e-7, (stats.scores(), linearity.linearity_score_exact(x, y))
-
-
-def test_kernel_cosine_regulariser_matches_reference():
-    """The fused cosine regulariser == linearity.cosine_regulariser, value and the gradient of every
-    hidden state, fp32, 2 x 37 tokens of width 50 (not a power of 2)."""
-    needs_triton()
-    check_kernel_cosine((2, 37, 50), "cuda" if torch.cuda.is_available() else "cpu", torch.float32, 1e-5)
-
-
-def test_cosine_regulariser_training_kernels_on_vs_off_agree():
-    """Three steps of --arch gpt --reg cosine, kernels on (the fused regulariser) vs off from the same
-    seed: the losses agree within 1e-5 (fp32, interpreter)."""
-    check_interpreter_kernels_on_off("test_gpu_linearity_kernels_bf16_and_training", 1e-5, "gpt", "--reg", "cosine",
-                                     "--max-iters", "3")
-
-
-def test_cosine_regulariser_reg_pairs_kernels_on_off_run_json_and_resume():
-    """--reg-pairs blocks, two steps with kernels on (the fused regulariser, given the chosen states) and
-    off: the logged regulariser agrees within 1e-5 (fp32, interpreter); kernels on with --reg-pairs all
-    logs more (one more pair; the blocks start as the identity, so step 0 logs 0 either way); run.json
-    records reg_pairs; a resumed run whose checkpoint predates the key keeps the old behaviour, all; one
-    block with --reg-pairs blocks is a clear error."""
-    needs_triton()
-    if torch.cuda.is_available():
-        skip("CPU (interpreter) variant; test_gpu_linearity_kernels_bf16_and_training runs instead")
-    reg, cwds = {}, {}
-    for pairs, setting in (("blocks", "off"), ("blocks", "on"), ("all", "on")):
-        cwds[pairs, setting] = cwd = tempfile.mkdtemp(dir=WORK)
-        expect_ok(run_train(*TINY, "--kernels", setting, "--reg", "cosine", "--reg-pairs", pairs, "--max-iters", "2",
-                            *INTERPRETER_RUN, cwd=cwd))
-        reg[pairs, setting] = [r["reg"] for r in read_metrics(os.path.join(cwd, "out", "gpt")) if "reg" in r]
-        with open(os.path.join(cwd, "out", "gpt", "run.json")) as f:
-            assert json.load(f)["train_config"]["reg_pairs"] == pairs
-    assert len(reg["blocks", "off"]) == 2, reg
-    assert all(abs(a - b) < 1e-5 for a, b in zip(reg["blocks", "off"], reg["blocks", "on"])), reg
-    assert reg["all", "on"][1] > 1.2 * reg["blocks", "on"][1] > 0, reg
-    cwd = cwds["blocks", "off"]  # its checkpoint, made to look like one written before --reg-pairs existed
-    path = os.path.join(cwd, "out", "gpt", "ckpt.pt")
-    ckpt = train.load_checkpoint(path)
-    del ckpt["train_config"]["reg_pairs"]
-    torch.save(ckpt, path)
-    expect_ok(run_train(*TINY, "--kernels", "off", "--reg", "cosine", "--max-iters", "3", *INTERPRETER_RUN,
-                        "--resume", cwd=cwd))
-    with open(os.path.join(cwd, "out", "gpt", "run.json")) as f:
-        assert json.load(f)["train_config"]["reg_pairs"] == "all"
-    expect_fail(run_train(*TINY, "--n-layer", "1", "--reg", "cosine", "--max-iters", "1", cwd=tempfile.mkdtemp(dir=WORK)),
-                "at least 2 blocks")
+def test_hyena_training_kernels_on_off_gpu_bf16():
+    """On the GPU: 100 steps of --arch hyena (bf16 autocast) with kernels on and off from the same seed;
+    the training losses agree within 2% at every logged step, the final one too. Batch 32 (8192 rows of
+    256 tokens) runs the Toeplitz kernel, batch 16 the Monarch kernel (kernels.HYENA_CONV).
+    Why not 1% at the end, as for the other archs: at step 100 this run is still falling fast, and rounding
+    alone moves it by ~1% (measured on an H100, batch 32: the kernels with the filter's sums in two orders,
+    FILTER 4 warps / 16-position MLP blocks vs 8 / 32, end at 4.2941 and 4.2472; kernels off 4.2509; seeds
+    1 and 2: off 4.3368 / 4.2741, on 4.2906 / 4.2630, the kernels ahead). Each kernel's own tests bound its
+    error far tighter."""
+    needs_cuda()
+    check_gpu_kernels_on_off("hyena", final_tol=0.02)
+    check_gpu_kernels_on_off("hyena", "--batch-size", "16", final_tol=0.02)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1669,7 +1807,7 @@ def test_compare_runs_every_stage_and_writes_the_report():
     assert len(re.findall(r"\| hyena \| \d+\.\d ± \d+\.\d%", results)) == 2, results  # MQAR and single query
     assert re.search(r"\| \d+\.\d{3} ± \d\.\d{3} \|", results), results  # final losses: mean ± std
     assert re.search(r"\(MQAR\) gated .* \(95% CI, 2 seeds\) \| L=32: (yes|no) \(", results), results  # paired
-    assert "not run (hc)" in results and "Not run yet" not in results  # hc was not asked for
+    assert "not run (hc)" in results and "Not run, or not finished" not in results  # hc: not asked for
     data = json.load(open(os.path.join(out, "results.json")))
     assert sorted(data["runs"]["gpt"]) == ["1337", "1338"] and len(data["claims"]) >= 10
     with open(readme) as f:
@@ -1698,6 +1836,36 @@ def test_compare_runs_every_stage_and_writes_the_report():
         f.write("no markers\n")
     expect_fail(subprocess.run(base + ["--stages", "report", "--readme", readme], capture_output=True, text=True),
                 "marker")
+
+
+def test_compare_ctrl_c_stops_its_runs_with_a_checkpoint():
+    """Ctrl-C in compare.py: the running train.py gets SIGINT and checkpoints ("stopped at step"), and
+    compare.py ends with one line and exit 130, no traceback."""
+    needs_data()
+    cwd = tempfile.mkdtemp(dir=WORK)
+    out = os.path.join(cwd, "cmp")
+    log = os.path.join(out, "gpt", "seed1337", "train.log")
+    cmd = [sys.executable, os.path.join(HERE, "compare.py"), "--out", out, "--runs", "gpt", "--seeds", "1",
+           "--stages", "train", "--max-iters", "100000", "--eval-interval", "100000", "--", *TINY, "--data", DATA,
+           "--cache-dir", TOKENS]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (os.path.isfile(log) and "| loss" in open(log).read()):
+            time.sleep(0.2)  # until the run is training
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGINT)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert text.strip().splitlines()[-1].startswith("compare.py: interrupted; rerun the same command"), text
+    assert "stopped at step" in open(log).read(), open(log).read()
+    assert os.path.isfile(os.path.join(out, "gpt", "seed1337", "ckpt.pt"))
+    # the same command continues the stopped run from its checkpoint; a folder without one starts afresh
+    assert compare.continue_or_start(os.path.dirname(log)) == ["--resume"]
+    assert compare.continue_or_start(cwd) == ["--overwrite"]
+    expect_fail(subprocess.run(cmd + ["--resume"], capture_output=True, text=True), "--resume after `--`")
 
 
 def test_compare_crossover_is_where_the_kernel_stays_faster():
@@ -1827,7 +1995,14 @@ def test_exercises_hint_on_a_wrong_answer_and_solution_only_with_reveal():
 
 
 def test_every_technique_self_demo_runs_in_under_30_seconds():
-    """`python mhc.py`, `hyena.py`, `tpa.py`, `linearity.py`: each CPU self-demo exits 0 within 30 s."""
+    """`python mhc.py`, `hyena.py`, `tpa.py`, `linearity.py`: each CPU self-demo exits 0 within 30 s (each
+    asserts what it prints, so a wrong result is a non-zero exit) and prints its key lines: mHC's composite
+    gain 1 where HC's has grown past 10, the FFT convolution equal to the definition, TPA's cache size, the
+    linear map's score 1 and the streaming score equal to the exact one."""
+    key_lines = {"mhc": [r"depth 48: HC +\d{2,}\.\d\d / +\d{2,}\.\d\d +mHC 1\.0000 / 1\.0000"],
+                 "hyena": [r"max \|fft - direct\| = \d\.\de-(1\d|[2-9]\d)"],
+                 "tpa": [r"TPA \(h=12, d=64, ranks \(6, 2, 2\)\) +304"],
+                 "linearity": [r"y = x W \+ b: +LS 1\.000000", r"streaming (\d\.\d{9}) (\d\.\d{9}) +exact \1 \2"]}
     for name in ("mhc", "hyena", "tpa", "linearity"):
         t0 = time.time()
         r = subprocess.run([sys.executable, os.path.join(HERE, f"{name}.py")], capture_output=True, text=True,
@@ -1835,6 +2010,8 @@ def test_every_technique_self_demo_runs_in_under_30_seconds():
         elapsed = time.time() - t0
         assert r.returncode == 0 and r.stdout.strip(), f"{name}.py: exit {r.returncode}\n{r.stdout}{r.stderr}"
         assert elapsed < 30, f"{name}.py took {elapsed:.1f} s"
+        for pattern in key_lines[name]:
+            assert re.search(pattern, r.stdout), (name, pattern, r.stdout)
         print(f"{name}.py self-demo: {elapsed:.1f} s")
 
 
@@ -1871,7 +2048,7 @@ def test_layering_one_way_imports_and_scripts_load_once():
     project = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
     uses = {"kernels": set(), "attention": set(), "mhc": {"kernels"}, "hyena": {"kernels"},
             "tpa": {"kernels", "attention"}, "linearity": {"kernels"},
-            "train": {"kernels", "attention", "mhc", "hyena", "tpa", "linearity"}}
+            "data": {"hyena"}, "train": {"kernels", "attention", "mhc", "hyena", "tpa", "linearity", "data"}}
     for name, allowed in uses.items():
         tree = ast.parse(open(os.path.join(HERE, f"{name}.py")).read())
         script = {id(n) for block in tree.body if isinstance(block, ast.If) and "__main__" in ast.unparse(block.test)
@@ -2374,6 +2551,27 @@ def test_ddp_two_processes_match_one():
     assert r.returncode != 0 and (r.stdout + r.stderr).count("no such file or folder") == 2, r.stderr[-2000:]
 
 
+def test_gpu_ddp_two_gpus_match_one():
+    """On 2 GPUs: torchrun with NCCL and the same global batch follows the 1-GPU loss curve (bf16)."""
+    needs_cuda()
+    if torch.cuda.device_count() < 2:
+        skip("fewer than 2 GPUs")
+    common = ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256", "--batch-size", "32",
+              "--max-iters", "60", "--eval-interval", "1000", "--log-interval", "10", "--compile", "off",
+              "--data", DATA, "--cache-dir", TOKENS]
+    one = tempfile.mkdtemp(dir=WORK)
+    expect_ok(run_train(*common, cwd=one, data=False))
+    two = tempfile.mkdtemp(dir=WORK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", TRAIN_PY, *common],
+                       cwd=two, capture_output=True, text=True, timeout=600)
+    expect_ok(r)
+    a, b = losses(read_metrics(os.path.join(one, "out", "gpt"))), losses(read_metrics(os.path.join(two, "out", "gpt")))
+    print("step | loss, 1 GPU | loss, 2 GPUs")
+    for step in a:
+        print(f"{step:4d} | {a[step]:.4f} | {b[step]:.4f}")
+        assert abs(a[step] - b[step]) < 0.02 * a[step], (step, a[step], b[step])
+
+
 def test_bench_gpt_prints_a_table_and_train_py_bench_points_there():
     """bench.py gpt runs both models and prints the throughput table (CPU, tiny, one timed step), takes
     train.py's model flags, and refuses --profile on a CPU; train.py --bench (and its old flags) says in one
@@ -2429,11 +2627,8 @@ def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
         assert kernels.MONARCH["launch"] == {512: (16, 16, 16, 2)} and kernels.MONARCH["half"] == "tf32"
     finally:
         kernels.MONARCH.update(saved)
-    try:
+    with expect_raises(SystemExit, "--set MONARCH.nope=1", "MHC_PRE"):
         bench_module.apply_settings(["MONARCH.nope=1"])
-        raise AssertionError("an unknown launch setting was accepted")
-    except SystemExit as e:
-        assert "--set MONARCH.nope=1" in str(e) and "MHC_PRE" in str(e), e
     if not torch.cuda.is_available():
         r = bench("hyena", "--set", "HYENA_CONV.block=32")
         expect_fail(r, "bench.py hyena needs a CUDA GPU")
@@ -2444,7 +2639,8 @@ def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU variants (skipped without CUDA)
+# GPU only (skipped without CUDA): bf16 autocast and torch.compile. The kernels' GPU tests sit next to
+# their CPU twins in each technique's section.
 
 
 def test_gpu_bf16_compiled_training():
@@ -2479,127 +2675,6 @@ def test_gpu_bf16_and_compile_agree_with_fp32_eager():
     decoded = torch.cat([first] + steps, dim=1).float()
     rel_dec = ((decoded - low.float()).norm() / low.float().norm()).item()
     assert rel_dec < 2e-2, rel_dec
-
-
-def test_gpu_mhc_kernels_bf16_at_training_shapes():
-    """On the GPU: the mHC kernels at the GPT's width (8 x 512 tokens, C = 384), in bf16 and
-    fp32 against the fp32 reference math on the same inputs."""
-    needs_cuda()
-    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):  # fp32: the projection runs in TF32
-        check_kernel_mhc_pre(8, 512, 384, "cuda", dtype, tol)
-        check_kernel_post_res(8, 512, 384, "cuda", dtype, 1e-5 if dtype == torch.float32 else tol)
-    kernels.MHC_PRE["dot"] = "ieee"  # with fp32 dot products the pre path matches to fp32 rounding
-    try:
-        check_kernel_mhc_pre(2, 300, 384, "cuda", torch.float32, 1e-4)
-    finally:
-        kernels.MHC_PRE["dot"] = "tf32"
-
-
-def test_gpu_mhc_training_kernels_on_vs_off_agree():
-    """On the GPU: 100 steps of --arch mhc (bf16 autocast) with kernels on and off from the same seed,
-    with fp32 streams and with bf16 streams (--residual-dtype bfloat16); the training losses agree
-    within 2% at every logged step, the final one within 1%."""
-    needs_cuda()
-    check_gpu_kernels_on_off("mhc")
-    check_gpu_kernels_on_off("mhc", "--residual-dtype", "bfloat16")
-
-
-def test_gpu_hyena_kernels_bf16_at_training_shapes():
-    """On the GPU: the Hyena kernels at training shape (B = 8, C = 384, L = 512, 64-step blocks) in fp32
-    and bf16, and at B = 1, L = 4096 (time blocks fill the matmul's N dimension); the Monarch kernel at
-    B = 1, C = 768, L = 4096, B = 8, L = 2048, B = 4, L = 1000 and B = 1, L = 16384 in bf16 (bf16 products;
-    each a different launch setting) and at its longest length and an odd one in fp32; the FFT path at
-    the training shape and at 20,000 tokens (past both kernels' lengths, not a power of 2)."""
-    needs_cuda()
-    check_kernel_hyena(8, 384, 512, "cuda", torch.float32, 1e-4)
-    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2)
-    check_kernel_hyena(1, 64, 4096, "cuda", torch.bfloat16, 2e-2)
-    check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4)
-    check_kernel_hyena(1, 768, 4096, "cuda", torch.bfloat16, 2e-2, path="monarch")
-    check_kernel_hyena(8, 384, 2048, "cuda", torch.bfloat16, 2e-2, path="monarch")
-    check_kernel_hyena(4, 64, 1000, "cuda", torch.bfloat16, 2e-2, path="monarch")
-    check_kernel_hyena(1, 128, 16384, "cuda", torch.bfloat16, 2e-2, path="monarch")
-    check_kernel_hyena(2, 16, kernels.MONARCH["max_len"] - 5, "cuda", torch.float32, 1e-4, path="monarch")
-    check_kernel_hyena(3, 16, 300, "cuda", torch.float32, 1e-4, path="monarch")
-    check_kernel_hyena(8, 384, 512, "cuda", torch.bfloat16, 2e-2, path="fft")
-    check_kernel_hyena(1, 64, 20000, "cuda", torch.bfloat16, 2e-2, path="fft")
-    check_kernel_hyena(2, 16, 20000, "cuda", torch.float32, 1e-4, path="fft")
-
-
-def test_gpu_hyena_filter_kernel_at_model_shapes():
-    """On the GPU: the implicit-filter kernels with their default tf32 products at the benchmark's shape
-    (C = 768, 4096 positions) and the model's (C = 384, 512), and with fp32 products; the fp32 reference
-    without autocast."""
-    needs_cuda()
-    check_kernel_hyena_filter(768, 2, 4096, 4096, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
-    check_kernel_hyena_filter(384, 2, 512, 512, 33, 64, "cuda", kernels.FILTER["dot"], 1e-2)
-    check_kernel_hyena_filter(384, 2, 1024, 1000, 33, 64, "cuda", "ieee", 1e-4)
-
-
-def test_gpu_hyena_training_kernels_on_vs_off_agree():
-    """On the GPU: 100 steps of --arch hyena (bf16 autocast) with kernels on and off from the same seed;
-    the training losses agree within 2% at every logged step, the final one too. Batch 32 (8192 rows of
-    256 tokens) runs the Toeplitz kernel, batch 16 the Monarch kernel (kernels.HYENA_CONV).
-    Why not 1% at the end, as for the other archs: at step 100 this run is still falling fast, and rounding
-    alone moves it by ~1% (measured on an H100, batch 32: the kernels with the filter's sums in two orders,
-    FILTER 4 warps / 16-position MLP blocks vs 8 / 32, end at 4.2941 and 4.2472; kernels off 4.2509; seeds
-    1 and 2: off 4.3368 / 4.2741, on 4.2906 / 4.2630, the kernels ahead). Each kernel's own tests bound its
-    error far tighter."""
-    needs_cuda()
-    check_gpu_kernels_on_off("hyena", final_tol=0.02)
-    check_gpu_kernels_on_off("hyena", "--batch-size", "16", final_tol=0.02)
-
-
-def test_gpu_linearity_kernels_bf16_and_training():
-    """On the GPU: the cross-Gram kernel at a profile batch (16 x 512 tokens, d = 384) in fp32 and bf16
-    against float64, the cosine regulariser in bf16 at training shape, and 100 steps of --reg cosine with
-    kernels on and off agree (2% per logged step, 1% at the end)."""
-    needs_cuda()
-    check_kernel_cross_gram(8192, 384, "cuda", torch.float32, 1e-6)
-    check_kernel_cross_gram(8192, 384, "cuda", torch.bfloat16, 3e-6)
-    check_kernel_cosine((8, 512, 384), "cuda", torch.bfloat16, 1e-2)
-    check_gpu_kernels_on_off("gpt", "--reg", "cosine")
-
-
-def test_gpu_tpa_kernels_bf16_at_training_shapes():
-    """On the GPU: the TPA training kernel at the default model's shape (8 x 512 tokens, h = 12, d = 64,
-    ranks 6 and 2) in fp32 and bf16, and decoding over 5000 and 16000 cached tokens in bf16 and fp32."""
-    needs_cuda()
-    torch.manual_seed(0)
-    for R in (6, 2):
-        check_kernel_tpa_product(8, 512, R, 12, 64, "cuda", torch.float32, 1e-5, start_pos=0)
-        check_kernel_tpa_product(8, 512, R, 12, 64, "cuda", torch.bfloat16, 2e-2, start_pos=0)
-    for ranks in ((1, 1, 1), (6, 2, 2), (16, 1, 1)):
-        check_kernel_tpa_decode(4, ranks, 12, 64, 5000, 5003, "cuda", torch.bfloat16, 2e-2)
-        check_kernel_tpa_decode(2, ranks, 12, 64, 16000, 16000, "cuda", torch.float32, 1e-5)
-
-
-def test_gpu_tpa_training_kernels_on_vs_off_agree():
-    """On the GPU: 100 steps of --arch tpa (bf16 autocast) with kernels on and off from the same seed;
-    the training losses agree within 2% at every logged step, the final one within 1%."""
-    needs_cuda()
-    check_gpu_kernels_on_off("tpa")
-
-
-def test_gpu_ddp_two_gpus_match_one():
-    """On 2 GPUs: torchrun with NCCL and the same global batch follows the 1-GPU loss curve (bf16)."""
-    needs_cuda()
-    if torch.cuda.device_count() < 2:
-        skip("fewer than 2 GPUs")
-    common = ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256", "--batch-size", "32",
-              "--max-iters", "60", "--eval-interval", "1000", "--log-interval", "10", "--compile", "off",
-              "--data", DATA, "--cache-dir", TOKENS]
-    one = tempfile.mkdtemp(dir=WORK)
-    expect_ok(run_train(*common, cwd=one, data=False))
-    two = tempfile.mkdtemp(dir=WORK)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", TRAIN_PY, *common],
-                       cwd=two, capture_output=True, text=True, timeout=600)
-    expect_ok(r)
-    a, b = losses(read_metrics(os.path.join(one, "out", "gpt"))), losses(read_metrics(os.path.join(two, "out", "gpt")))
-    print("step | loss, 1 GPU | loss, 2 GPUs")
-    for step in a:
-        print(f"{step:4d} | {a[step]:.4f} | {b[step]:.4f}")
-        assert abs(a[step] - b[step]) < 0.02 * a[step], (step, a[step], b[step])
 
 
 # ----------------------------------------------------------------------------------------------------

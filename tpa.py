@@ -111,7 +111,8 @@ class TPAttention(nn.Module):
         # kernels.py path (train.set_kernels switches it): Q/K/V built from the factors by one kernel each,
         # and decoding over the factor cache; not for the fixed-head-factor special cases
         self.use_kernels = False
-        self.kernel_replaces = ("tpa.factor_product", "tpa.TPAttention.forward's cached decoding")
+        self.kernel_replaces = ("tpa.factor_product", "attention.Rotary on TPA's factors",
+                                "tpa.TPAttention.forward's cached decoding")
         self.kernel_supported = fixed_a is None and kernels.tpa_supports(self.h, self.d)
 
     @torch.no_grad()
@@ -230,15 +231,19 @@ if __name__ == "__main__":
     rotate_b = factor_product(a_q, mixer.rotary(b_q))
     rotate_q = mixer.rotary(factor_product(a_q, b_q))
     print(f"   max difference {(rotate_b - rotate_q).abs().max():.1e}")
+    assert (rotate_b - rotate_q).abs().max() < 1e-6
 
     default = config()
     print(f"2. Values cached per token per layer at the project's default model (C={default.n_embd}, "
           f"{default.n_head} heads of d={default.n_embd // default.n_head}):")
     for name, n in cache_table(default):
         print(f"   {name:38s} {n:5d}")
+    h, d, ranks = default.n_head, default.n_embd // default.n_head, default.tpa_rank_k + default.tpa_rank_v
+    assert [n for _, n in cache_table(default)] == [2 * h * d, 2 * 2 * d, 2 * d, ranks * (tpa_heads(default) + d)]
 
     print("3. Prefill 8 tokens, then decode 12 one at a time from the factorised cache == the full forward:")
     full = mixer(x)
     cache = mixer.init_cache(2, 64, x.device, x.dtype)
     steps = [mixer(x[:, :8], 0, cache)] + [mixer(x[:, t:t + 1], t, cache) for t in range(8, 20)]
     print(f"   max difference {(torch.cat(steps, dim=1) - full).abs().max():.1e}")
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-6

@@ -7,8 +7,9 @@ train.py -- the tiny GPT and the trainer that every technique in this repository
     torchrun --nproc_per_node 2 train.py --arch gpt   # the same run on two GPUs (same global batch)
     python bench.py gpt                               # tokens/s vs a plain nanoGPT-style model
 
-Read it top to bottom: the arch registry, the model (with its two plug-in points), the TinyStories
-pipeline, the trainer, checkpoints, and the command line. RoPE and the attention call live in
+Read it top to bottom: the arch registry, the model (with its two plug-in points), the trainer's
+settings, checkpoints, the training run (_train: six named steps, then the loop), and the command line.
+The data (TinyStories tokens, the recall tasks) lives in data.py; RoPE and the attention call in
 attention.py, shared with tpa.py.
 
 Notation (shape comments use these letters)
@@ -30,24 +31,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
-import lzma
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hyena
 import kernels
@@ -55,6 +53,10 @@ import linearity
 import mhc
 import tpa
 from attention import Rotary, causal_attention
+# The data pipeline lives in data.py; train.X names its parts too (train.prepare_tokens, train.UserError, ...).
+from data import (EOT, HF_TRAIN_FILE, HF_VAL_FILE, RecallData, TokenData, UserError, download_tinystories,
+                  find_text_files, get_tokenizer, iter_stories, prepare_tokens, recall_chance, recall_pairs,
+                  resolve_text, tokenize_file)
 
 # ----------------------------------------------------------------------------------------------------
 # The arch registry: arch name -> (token mixer, residual-stream policy). Technique files add entries.
@@ -70,10 +72,6 @@ ARCHS = {
     "mhc+tpa": ("tpa", "mhc"),  # mHC streams around a TPA mixer
     "mhc+hyena": ("hyena", "mhc"),  # mHC streams around a Hyena mixer
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input or data: printed as one clear message, exit code 1."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -362,389 +360,6 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: TinyStories (Eldan & Li 2023) as GPT-2 tokens, one uint16 .bin per split, memmapped.
-#
-# Where the text comes from, in this order:
-#   1. --data PATH: a folder with a train and a validation file, or a single file (its last ~1% of
-#      stories is then held out for validation); .txt or .txt.xz;
-#   2. the folder in the environment variable TINYSTORIES_DIR;
-#   3. out/data, where earlier downloads were kept;
-#   4. a download from the Hugging Face dataset: the whole validation file and a story-aligned prefix
-#      of the 2.2 GB train file (--download-mb).
-# Text is tokenized once; the tokens are cached under --cache-dir, keyed by the text's content.
-
-HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-HF_TRAIN_FILE = "TinyStoriesV2-GPT4-train.txt"
-HF_VAL_FILE = "TinyStoriesV2-GPT4-valid.txt"
-EOT_TEXT = "<|endoftext|>"
-EOT = 50256  # GPT-2's <|endoftext|>; we put it before every story, so it also marks "a story starts"
-TOKEN_FORMAT = 1  # bump when the tokenization below changes, so old caches are not reused
-READ_CHUNK = 1 << 24  # characters of text read at a time while streaming stories
-DETECT_CHARS = 1 << 20  # characters read to tell how stories are separated
-
-
-def get_tokenizer():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline and no cached BPE files
-        raise UserError(
-            f"could not load tiktoken's GPT-2 encoding ({type(e).__name__}: {e}). Without internet, set "
-            "TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files (e.g. ../shared/tiktoken_cache)")
-
-
-def open_text(path: str):
-    if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
-def story_separator(sample: str) -> str | None:
-    """How stories are delimited in a file, judged from its first chunk of text.
-
-    'eot'   : a line <|endoftext|> between stories (the official files)
-    'line'  : one story per line, "\\n\\n" between paragraphs (the lowercased train sample in shared/)
-    None    : unknown (e.g. "\\n\\n" between both paragraphs and stories): the file is one text
-    A single newline separates stories only if there are many of them compared with paragraph breaks.
-    """
-    if EOT_TEXT in sample:
-        return "eot"
-    single = len(re.findall(r"(?<!\n)\n(?!\n)", sample.rstrip("\n")))
-    double = sample.count("\n\n")
-    if single > 0 and single >= 0.1 * double:
-        return "line"
-    return None
-
-
-def iter_stories(path: str, chunk_chars: int = READ_CHUNK):
-    """Yield (separator, story) for each story of a text file, streaming it chunk by chunk."""
-    with open_text(path) as f:
-        sep = story_separator(f.read(DETECT_CHARS))
-    with open_text(path) as f:
-        if sep is None:  # boundaries unknown: the whole file is one document (kept whole, not split)
-            text = f.read().strip()
-            if text:
-                yield sep, text
-            return
-        buf = f.read(chunk_chars)
-        pattern = re.escape(EOT_TEXT) if sep == "eot" else r"(?<!\n)\n(?!\n)"
-        while True:
-            more = f.read(chunk_chars)
-            # A story may continue in the next chunk, and trailing newlines may be half of a "\n\n":
-            # split only the part up to the last non-newline character, and carry the last piece.
-            cut = len(buf) if not more else len(buf.rstrip("\n"))
-            pieces = re.split(pattern, buf[:cut])
-            carry = pieces.pop() + buf[cut:]
-            for story in pieces:
-                story = story.strip()
-                if story:
-                    yield sep, story
-            if not more:
-                if carry.strip():
-                    yield sep, carry.strip()
-                return
-            buf = carry + more
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tokenize_file(path: str, out_path: str, lowercase: bool, enc, log=print) -> dict:
-    """Tokenize the stories of one text file into uint16 tokens: EOT story EOT story ..."""
-    n_tokens, n_stories, n_chars, has_upper, sep_seen = 0, 0, 0, False, None
-    t0, last_report = time.time(), time.time()
-    threads = max(1, min(8, os.cpu_count() or 1))
-
-    def flush(batch, f):
-        nonlocal n_tokens
-        for ids in enc.encode_ordinary_batch(batch, num_threads=threads):
-            arr = np.array([EOT] + ids, dtype=np.uint16)
-            arr.tofile(f)
-            n_tokens += arr.size
-
-    with open(out_path, "wb") as f:
-        batch = []
-        for sep, story in iter_stories(path):
-            sep_seen = sep
-            has_upper = has_upper or story != story.lower()
-            batch.append(story.lower() if lowercase else story)
-            n_stories += 1
-            n_chars += len(story)
-            if len(batch) >= 2048:
-                flush(batch, f)
-                batch = []
-                if time.time() - last_report > 5:
-                    last_report = time.time()
-                    log(f"  tokenizing {os.path.basename(path)}: {n_chars / 1e6:.0f}M characters, "
-                        f"{n_tokens / 1e6:.1f}M tokens, {time.time() - t0:.0f}s")
-        if batch:
-            flush(batch, f)
-    if n_stories == 0:
-        raise UserError(f"no text found in {path}: the file is empty")
-    return {"tokens": n_tokens, "stories": n_stories, "separator": sep_seen, "has_upper": has_upper}
-
-
-def find_text_files(folder: str) -> tuple[str, str]:
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".txt", ".txt.xz")))
-
-    def pick(kind, words):
-        found = [n for n in names if any(w in n.lower() for w in words)]
-        if len(found) != 1:
-            what = "no" if not found else f"{len(found)} ({', '.join(found)})"
-            raise UserError(
-                f"found {what} {kind} text files in {folder} (looked for .txt/.txt.xz names containing "
-                f"{' or '.join(repr(w) for w in words)}; the folder holds: {', '.join(names) or 'nothing'}). "
-                "Pass a single file with --data, or a folder with exactly one train and one validation file")
-        return os.path.join(folder, found[0])
-
-    return pick("train", ["train"]), pick("validation", ["valid", "val"])
-
-
-def download(url: str, dest: str, max_bytes: int | None = None, log=print):
-    """Download url (its first max_bytes bytes) to dest. Bytes arrive in dest + '.part'; an interrupted
-    download resumes from there on the next run (HTTP Range), or restarts if the server cannot resume.
-    Only a complete download is renamed to dest, so a partial file is never taken for a complete one."""
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    if max_bytes is not None and have > max_bytes:
-        have = 0
-    request = urllib.request.Request(url, headers={"User-Agent": "tinygpt-educational/1.0"})
-    if have or max_bytes is not None:
-        end = "" if max_bytes is None else str(max_bytes - 1)
-        request.add_header("Range", f"bytes={have}-{end}")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        resumed = response.status == 206 and have > 0
-        if not resumed:
-            have = 0  # the server sent the file from its start
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        if max_bytes is not None and total is not None:
-            total = min(total, max_bytes)
-        log(f"downloading {url} -> {dest}" + (f" ({total / 2**20:.0f} MiB" if total else " (")
-            + (f", resuming at {have / 2**20:.0f} MiB)" if resumed else ")"))
-        t0, last = time.time(), 0.0
-        with open(part, "ab" if resumed else "wb") as f:
-            while max_bytes is None or have < max_bytes:
-                want = 1 << 20 if max_bytes is None else min(1 << 20, max_bytes - have)
-                block = response.read(want)
-                if not block:
-                    break
-                f.write(block)
-                have += len(block)
-                if time.time() - last > 2:
-                    last = time.time()
-                    rate = have / 2**20 / max(time.time() - t0, 1e-9)
-                    log(f"  {have / 2**20:.0f}" + (f"/{total / 2**20:.0f}" if total else "")
-                        + f" MiB, {rate:.1f} MiB/s")
-    if total is not None and have < total:
-        raise UserError(f"download of {url} stopped at {have} of {total} bytes; rerun to resume")
-    os.replace(part, dest)
-
-
-def download_tinystories(data_dir: str, train_mb: int, base_url: str, log=print) -> tuple[str, str]:
-    """The validation file, and the first train_mb MiB of the train file cut at a story boundary."""
-    os.makedirs(data_dir, exist_ok=True)
-    val = os.path.join(data_dir, HF_VAL_FILE)
-    train = os.path.join(data_dir, f"TinyStoriesV2-GPT4-train-{train_mb}MB.txt")
-    try:
-        if not os.path.exists(val):
-            download(base_url + HF_VAL_FILE, val, log=log)
-        if not os.path.exists(train):
-            raw = train + ".raw"
-            if not os.path.exists(raw):
-                download(base_url + HF_TRAIN_FILE, raw, max_bytes=train_mb * 2**20, log=log)
-            with open(raw, "rb") as f:
-                data = f.read()
-            end = data.rfind(EOT_TEXT.encode())  # keep whole stories only
-            if end <= 0:
-                raise UserError(f"{raw} holds no complete story; delete it and rerun")
-            with open(train + ".tmp", "wb") as f:
-                f.write(data[:end] + EOT_TEXT.encode() + b"\n")
-            os.replace(train + ".tmp", train)
-            os.remove(raw)
-    except urllib.error.HTTPError as e:  # the server answered, but not with the file
-        raise UserError(f"downloading TinyStories failed: {e}") from e
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # no network, no server
-        raise UserError(
-            f"no TinyStories text found and the download failed ({e}). Either connect to the internet "
-            f"and rerun (it downloads to {data_dir}), or point --data or TINYSTORIES_DIR at a folder "
-            "holding TinyStories train and validation files (.txt or .txt.xz), e.g. ../shared/tinystories"
-        ) from e
-    return train, val
-
-
-def resolve_text(data: str | None, data_dir: str, download_mb: int, log=print) -> tuple[str, str | None]:
-    """(train file, validation file or None for 'hold out the tail of the train file')."""
-    if data:
-        if not os.path.exists(data):
-            raise UserError(f"--data {data}: no such file or folder")
-        if os.path.isdir(data):
-            return find_text_files(data)
-        return data, None
-    env = os.environ.get("TINYSTORIES_DIR")
-    if env:
-        if not os.path.isdir(env):
-            raise UserError(f"TINYSTORIES_DIR={env} is not a folder")
-        return find_text_files(env)
-    train = os.path.join(data_dir, f"TinyStoriesV2-GPT4-train-{download_mb}MB.txt")
-    val = os.path.join(data_dir, HF_VAL_FILE)
-    if os.path.exists(train) and os.path.exists(val):
-        return train, val
-    base_url = os.environ.get("TINYSTORIES_URL", HF_URL)  # a mirror, or a local server in the tests
-    return download_tinystories(data_dir, download_mb, base_url, log=log)
-
-
-def check_token_file(path: str, meta: dict):
-    if not os.path.exists(path):
-        raise UserError(f"token cache {os.path.dirname(path)} is missing {os.path.basename(path)}")
-    size, want = os.path.getsize(path), 2 * meta["tokens"]
-    if size != want:
-        raise UserError(f"token cache file {path} is truncated or corrupt ({size} bytes, expected {want}); "
-                        f"delete {os.path.dirname(path)} to rebuild it")
-    if file_digest(path) != meta["sha256"]:
-        raise UserError(f"token cache file {path} is corrupt (checksum mismatch); "
-                        f"delete {os.path.dirname(path)} to rebuild it")
-
-
-def prepare_tokens(train_text: str, val_text: str | None, cache_dir: str, lowercase: str = "auto",
-                   log=print) -> tuple[str, str]:
-    """Tokenize once and cache; returns the paths of train.bin and val.bin.
-
-    lowercase: 'on', 'off' or 'auto' (lowercase the validation text when the training text has no
-    uppercase letter, as for shared/'s lowercased train sample, so train and validation match)."""
-    key_src = [TOKEN_FORMAT, "gpt2", lowercase, file_digest(train_text),
-               file_digest(val_text) if val_text else "holdout"]
-    key = hashlib.sha256(json.dumps(key_src).encode()).hexdigest()[:16]
-    name = re.sub(r"\.txt(\.xz)?$", "", os.path.basename(train_text))
-    folder = os.path.join(cache_dir, f"{name}-{key}")
-    meta_path = os.path.join(folder, "meta.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            splits = meta["splits"]
-        except (ValueError, KeyError) as e:
-            raise UserError(f"token cache {folder} is corrupt ({meta_path}: {e}); delete it to rebuild it")
-        for split in ("train", "val"):
-            check_token_file(os.path.join(folder, f"{split}.bin"), splits[split])
-        log(f"tokens: cached in {folder} (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})")
-        return os.path.join(folder, "train.bin"), os.path.join(folder, "val.bin")
-    if os.path.exists(folder):
-        raise UserError(f"token cache {folder} has no meta.json (an interrupted build?); delete it to rebuild it")
-
-    enc = get_tokenizer()
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    try:
-        log(f"tokenizing {train_text} (once; cached in {folder})")
-        lower_train = lowercase == "on"
-        train_meta = tokenize_file(train_text, os.path.join(tmp, "train.bin"), lower_train, enc, log)
-        if val_text is None:
-            train_meta, val_meta = hold_out_tail(os.path.join(tmp, "train.bin"), os.path.join(tmp, "val.bin"))
-            log(f"  no validation file: held out the last {val_meta['tokens']:,} tokens of the train file")
-        else:
-            lower_val = lowercase == "on" or (lowercase == "auto" and not train_meta["has_upper"])
-            if lower_val and lowercase == "auto":
-                log("  the training text has no uppercase letters: lowercasing the validation text to match")
-            val_meta = tokenize_file(val_text, os.path.join(tmp, "val.bin"), lower_val, enc, log)
-            if val_meta["separator"] is None:
-                log(f"  {os.path.basename(val_text)}: story boundaries unknown, tokenized as one text")
-        for split, meta in (("train", train_meta), ("val", val_meta)):
-            meta["sha256"] = file_digest(os.path.join(tmp, f"{split}.bin"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"source": {"train": train_text, "val": val_text}, "key": key_src,
-                       "splits": {"train": train_meta, "val": val_meta}}, f, indent=1)
-        try:
-            os.rename(tmp, folder)  # the cache appears complete or not at all
-        except OSError:
-            if not os.path.exists(meta_path):
-                raise
-            log(f"tokens: another process built {folder} first; using it")  # runs started side by side
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"tokens: train {train_meta['tokens']:,}, val {val_meta['tokens']:,}")
-    return os.path.join(folder, "train.bin"), os.path.join(folder, "val.bin")
-
-
-def hold_out_tail(train_path: str, val_path: str, fraction: float = 0.01) -> tuple[dict, dict]:
-    """Split one token file at the first story start (EOT) after the last `fraction` of its tokens."""
-    tokens = np.fromfile(train_path, dtype=np.uint16)
-    at = int(len(tokens) * (1 - fraction))
-    eots = np.flatnonzero(tokens[at:] == EOT)
-    split = at + int(eots[0]) if len(eots) else at  # no later story start: cut mid-text
-    if split <= 0 or split >= len(tokens):
-        raise UserError(f"{train_path}: too little text to hold out a validation tail")
-    tokens[split:].tofile(val_path)
-    tokens[:split].tofile(train_path)
-    return {"tokens": split}, {"tokens": len(tokens) - split}
-
-
-class TokenData:
-    """A memmapped uint16 token file and the batches drawn from it."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def windows(self, starts, seq_len: int):
-        """Inputs x and next-token targets y, each (len(starts), seq_len) int64."""
-        xy = np.stack([self.tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (N, T+1)
-        xy = torch.from_numpy(xy)
-        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
-
-    def train_starts(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
-        # The global batch of a step is a function of (seed, step) alone: a resumed run draws the same
-        # data as an uninterrupted one, and any number of GPUs splits the same global batch.
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return torch.randint(len(self) - seq_len - 1, (batch_size,), generator=g)
-
-
-class RecallData:
-    """Synthetic associative recall behind TokenData's interface: task "recall" (MQAR,
-    hyena.recall_example, n_pairs pairs) or "recall1" (single query, hyena.recall_single_query_example;
-    n_pairs unused). Example number i of a split is always the same sequence, so runs and evaluations are
-    reproducible."""
-
-    def __init__(self, split_seed: int, vocab_size: int, n_pairs: int, task: str = "recall"):
-        self.split_seed, self.vocab_size, self.n_pairs, self.task = split_seed, vocab_size, n_pairs, task
-
-    def __len__(self):
-        return 1 << 40  # examples are generated on demand
-
-    def windows(self, starts, seq_len: int):
-        gens = (torch.Generator().manual_seed(self.split_seed + int(i)) for i in starts)
-        if self.task == "recall1":
-            pairs = [hyena.recall_single_query_example(seq_len, self.vocab_size, g) for g in gens]
-        else:
-            pairs = [hyena.recall_example(seq_len, self.vocab_size, self.n_pairs, g) for g in gens]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (N, T) each
-
-    def train_starts(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
-        return (seed * 1_000_003 + step) * batch_size + torch.arange(batch_size)
-
-
-def recall_pairs(cfg, seq_len: int) -> int:
-    """Key-value pairs per sequence: --recall-pairs (or seq_len / 8) for MQAR; recall1 fills the sequence
-    up to the marker and the query."""
-    if cfg.task == "recall1":
-        return (seq_len - 2) // 2
-    return cfg.recall_pairs or max(1, seq_len // 8)
-
-
-def recall_chance(vocab_size: int) -> float:
-    """Accuracy of guessing a value uniformly: both recall tasks have (vocab_size - 1) // 2 values."""
-    return 1 / max(1, (vocab_size - 1) // 2)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Trainer
 
 
@@ -816,6 +431,10 @@ class TrainConfig:
     max_new_tokens: int = field(default=200, metadata={"help": "tokens per sample"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0: greedy)"})
     top_k: int = field(default=200, metadata={"help": "sample among the k likeliest tokens (0: all)"})
+
+    @property
+    def recall(self) -> bool:  # a synthetic recall task, not language modelling
+        return self.task in ("recall", "recall1")
 
 
 # A tiny configuration for --device cpu (for reading and debugging): seconds per run, not minutes.
@@ -1096,7 +715,333 @@ def model_from_checkpoint(ckpt: dict, path: str) -> tuple[GPT, GPTConfig]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Training: train() starts the processes, _train() is the run in six named steps; the pieces it uses
+# follow it in the order it uses them.
+
+
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single-process run."""
+    if "RANK" not in os.environ:
+        if cfg.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
+        return torch.device(cfg.device), 0, 1
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device, rank, world
+
+
+@dataclass
+class Proc:
+    """This process of a run: its device, its rank among the `world` processes (torchrun starts one per
+    GPU; a plain run is rank 0 of 1), and a log that prints on rank 0 only."""
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:  # rank 0 logs, tokenizes, and writes the run's files
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def train(mcfg: GPTConfig, cfg: TrainConfig, explicit: set) -> int:
+    proc = Proc(*setup_distributed(cfg))
+    try:
+        return _train(mcfg, cfg, explicit, proc)
+    finally:
+        if proc.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(mcfg: GPTConfig, cfg: TrainConfig, explicit: set, proc: Proc) -> int:
+    """One run, in six steps: the run folder (and the checkpoint on --resume), precision and batch, data,
+    model and optimizer, the loop, the finish. explicit: the settings given on the command line."""
+    log, device = proc.log, proc.device
+    # 1. The run folder; on --resume the checkpoint, whose model config the run takes
+    mcfg, ckpt, folder = open_run(mcfg, cfg, explicit, proc)
+    if ckpt is not None and ckpt["step"] > cfg.max_iters:
+        raise UserError(f"{folder.ckpt_path} is at step {ckpt['step']}, past --max-iters {cfg.max_iters}: pass a "
+                        "larger --max-iters to continue it")
+    if ckpt is not None and ckpt["step"] == cfg.max_iters:
+        log(f"{folder.ckpt_path}: already finished at step {cfg.max_iters}; nothing to do (raise --max-iters to "
+            "continue)")
+        return 0
+
+    # 2. Precision, and the global batch split over processes and micro-steps
+    seq_len = cfg.seq_len or mcfg.block_size
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+                else contextlib.nullcontext())
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    micro_batch = cfg.batch_size // (cfg.grad_accum * proc.world)
+    check_memory(mcfg, micro_batch, seq_len, device, dtype)
+
+    # 3. The data
+    train_data, val_data = load_data(cfg, seq_len, proc)
+
+    # 4. The model and the optimizer (their state, and the RNG's, from the checkpoint on --resume)
+    torch.manual_seed(cfg.seed)
+    raw_model = GPT(mcfg).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    start_step, best_val = 0, float("inf")
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        folder.resume(start_step)
+        log(f"resuming from {folder.ckpt_path} at step {start_step}")
+        del ckpt
+    use_kernels = set_kernels(raw_model, cfg.kernels, device, other_users=cfg.reg == "cosine")
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if proc.ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(mcfg=mcfg, cfg=cfg, proc=proc, folder=folder, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
+              autocast=autocast, use_compile=use_compile, use_kernels=use_kernels, train_data=train_data,
+              val_data=val_data, model=model, raw_model=raw_model, optimizer=optimizer,
+              regulariser=make_regulariser(cfg, use_kernels), best_val=best_val)
+    folder.info = announce(run)  # run.json, written with the first checkpoint
+
+    # 5. The loop; Ctrl-C stops it with a checkpoint
+    if train_loop(run, start_step) == "stopped":
+        return 130
+
+    # 6. The finish: the best validation loss, and for TinyStories a sample story
+    if proc.master:
+        folder.close()
+        if cfg.recall:
+            log(f"best val loss {run.best_val:.4f}")
+        else:
+            story = sample_text(raw_model, get_tokenizer(), "", 1, cfg, device, autocast)[0]
+            log(f"best val loss {run.best_val:.4f}. A sample story:\n{story.strip()}")
+    return 0
+
+
+class RunFolder:
+    """The files of a run in --out-dir: ckpt.pt, metrics.jsonl, and run.json (what produced the run, for
+    whoever reads its metrics later: compare.py's results table). Only rank 0 writes, and nothing before
+    the first checkpoint: until then run.json and the metrics lines are held here, so a run that fails or
+    is stopped before it leaves out_dir, and any run already there, as they were."""
+
+    def __init__(self, out_dir: str, master: bool):
+        self.out_dir, self.master = out_dir, master
+        self.ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.info = None  # run.json's contents
+        self.pending, self.metrics = [], None  # metrics lines; the metrics file from the first checkpoint on
+        self.last_good = None  # the step of the newest checkpoint (None: none was written)
+
+    def held(self) -> list[str]:
+        """The files (non-empty) of a run already in the folder."""
+        return [p for p in (self.ckpt_path, self.metrics_path) if os.path.isfile(p) and os.path.getsize(p)]
+
+    def resume(self, step: int):
+        """Continue from the checkpoint at `step`: its metrics are kept, what was logged after it dropped."""
+        if self.master and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                self.pending = [line for line in f if json.loads(line)["step"] <= step]
+        self.last_good = step
+
+    def write_metrics(self, record: dict):
+        if self.master and self.metrics is None:
+            self.pending.append(json.dumps(record) + "\n")
+        elif self.master:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def checkpoint(self, step: int, model, optimizer, mcfg: GPTConfig, cfg: TrainConfig, best_val: float):
+        if self.master:
+            os.makedirs(self.out_dir, exist_ok=True)
+            save_checkpoint(self.ckpt_path, model, optimizer, mcfg, cfg, step, {"best_val_loss": best_val})
+            if self.metrics is None:  # the first checkpoint: from here on the folder holds this run
+                write_json_atomic(os.path.join(self.out_dir, "run.json"), self.info)
+                self.metrics = open(self.metrics_path, "w")
+                self.metrics.writelines(self.pending)
+                self.metrics.flush()
+        self.last_good = step
+
+    def close(self):
+        self.metrics.close()
+
+
+def open_run(mcfg: GPTConfig, cfg: TrainConfig, explicit: set, proc: Proc):
+    """(model config, checkpoint or None, RunFolder). The folder is --out-dir (default out/ARCH, or
+    out/ARCH-TASK for recall); a run already there is continued (--resume) or replaced (--overwrite), never
+    silently. A resumed run takes its checkpoint's model config; training settings may change (e.g.
+    --max-iters). Then the settings are validated."""
+    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + (f"-{cfg.task}" if cfg.recall else ""))
+    if cfg.recall and not cfg.resume:
+        mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
+    folder = RunFolder(cfg.out_dir, proc.master)
+    held = folder.held()
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UserError(f"{cfg.out_dir} holds a run ({', '.join(map(os.path.basename, held))}): continue it with "
+                        "--resume, replace it with --overwrite, or pick another --out-dir")
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(folder.ckpt_path)
+        saved = saved_model_config({k: v for k, v in ckpt["model_config"].items()
+                                    if k in {f.name for f in dataclasses.fields(GPTConfig)}})
+        clashes = [f"--{k.replace('_', '-')} {getattr(mcfg, k)} (checkpoint: {getattr(saved, k)})"
+                   for k in explicit if hasattr(saved, k) and getattr(mcfg, k) != getattr(saved, k)]
+        if clashes:
+            raise UserError(f"checkpoint {folder.ckpt_path} was trained with another config: " + "; ".join(clashes))
+        mcfg = saved  # the model is the checkpoint's; training settings may change (e.g. --max-iters)
+        if "reg_pairs" not in explicit:  # but the regulariser's pairs stay (checkpoints without the key: all)
+            cfg.reg_pairs = ckpt["train_config"].get("reg_pairs", "all")
+    validate(mcfg, cfg, proc.world)
+    return mcfg, ckpt, folder
+
+
+def load_data(cfg: TrainConfig, seq_len: int, proc: Proc):
+    """(train data, validation data): TinyStories tokens (data.py), or fresh synthetic recall sequences
+    whose validation examples come from a disjoint seed range. Rank 0 tokenizes (once); the others wait
+    for its cache, or its error."""
+    paths, error = None, None
+    if proc.master and not cfg.recall:
+        try:
+            train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, proc.log)
+            proc.log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
+            paths = prepare_tokens(train_text, val_text, cfg.cache_dir, cfg.lowercase, proc.log)
+        except UserError as e:
+            error = str(e)
+    if proc.ddp:
+        shared = [(paths, error)]
+        dist.broadcast_object_list(shared, src=0)
+        paths, error = shared[0]
+    if error:
+        raise UserError(error)
+    if cfg.recall:
+        train_data = RecallData(0, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
+        val_data = RecallData(1 << 62, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
+    else:
+        train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
+    for split, d in (("train", train_data), ("validation", val_data)):
+        if len(d) < seq_len + 1:
+            raise UserError(f"the {split} set has {len(d)} tokens, fewer than --seq-len {seq_len} + 1")
+    return train_data, val_data
+
+
+def make_regulariser(cfg: TrainConfig, use_kernels: bool) -> Callable | None:
+    """hidden states -> --reg's penalty (linearity.py), added to the LM loss with --reg-weight; None for none."""
+    if cfg.reg == "cosine" and use_kernels:  # fused: one read of each pair of hidden states
+        def regulariser(hidden):
+            return kernels.cosine_regulariser(linearity.regularised_states(hidden, cfg.reg_pairs))
+    elif cfg.reg != "none":
+        def regulariser(hidden):
+            return linearity.REGULARISERS[cfg.reg](hidden, cfg.reg_pairs)
+    else:
+        regulariser = None
+    return regulariser
+
+
+@dataclass
+class Run:
+    """What the loop works with, as _train's first steps assembled it."""
+    mcfg: GPTConfig
+    cfg: TrainConfig
+    proc: Proc
+    folder: RunFolder
+    seq_len: int
+    micro_batch: int  # sequences per micro-step of one process
+    dtype: str
+    autocast: contextlib.AbstractContextManager  # bf16 autocast, or a null context for fp32
+    use_compile: bool
+    use_kernels: bool
+    train_data: TokenData | RecallData
+    val_data: TokenData | RecallData
+    model: nn.Module  # what the loop calls: raw_model, compiled and/or wrapped for DDP
+    raw_model: GPT  # the model itself: checkpoints, evaluation and sampling use it
+    optimizer: torch.optim.Optimizer
+    regulariser: Callable | None
+    best_val: float  # the best validation loss so far (checkpoints keep it)
+    tokens_per_step: int = field(init=False)
+    flops_per_step: float = field(init=False)  # training FLOPs of one step, all processes together
+    peak: float | None = field(init=False)  # the GPU's peak TFLOP/s, for MFU (None: unknown)
+
+    def __post_init__(self):
+        self.tokens_per_step = self.cfg.batch_size * self.seq_len
+        self.flops_per_step = self.raw_model.flops_per_token(self.seq_len) * self.tokens_per_step
+        self.peak = peak_tflops(self.proc.device, self.cfg.peak_tflops)
+
+    def checkpoint(self, step: int):
+        self.folder.checkpoint(step, self.raw_model, self.optimizer, self.mcfg, self.cfg, self.best_val)
+
+
+def announce(run: Run) -> dict:
+    """Log the run's first two lines; return what run.json records about the run."""
+    mcfg, cfg, device, world = run.mcfg, run.cfg, run.proc.device, run.proc.world
+    log, raw_model, train_data, val_data = run.proc.log, run.raw_model, run.train_data, run.val_data
+    log(f"arch {mcfg.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
+        f"width {mcfg.n_embd}, context {mcfg.block_size}")
+    log(f"device {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''} x {world}, "
+        f"{run.dtype}, compile {'on' if run.use_compile else 'off'}, kernels {'on' if run.use_kernels else 'off'}; "
+        f"batch {cfg.batch_size} x {run.seq_len} = "
+        f"{run.tokens_per_step:,} tokens/step ({run.micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
+        f"{world} process(es)); {cfg.max_iters} steps; "
+        + (f"{cfg.task}: {train_data.n_pairs} pairs"
+           f"{' (keys repeat), then one query' if cfg.task == 'recall1' else ''}, vocab {cfg.recall_vocab}, "
+           f"chance {100 * recall_chance(cfg.recall_vocab):.1f}%" if cfg.recall
+           else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
+    return {
+        "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
+        "train_config": dataclasses.asdict(cfg), "tokens_per_step": run.tokens_per_step,
+        "train_tokens": None if cfg.recall else len(train_data), "val_tokens": None if cfg.recall else len(val_data),
+        "recall_chance": recall_chance(cfg.recall_vocab) if cfg.recall else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
+        "dtype": run.dtype, "compile": run.use_compile, "kernels": run.use_kernels, "torch": torch.__version__,
+        "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None}
+
+
+def train_loop(run: Run, step: int) -> str:
+    """Train from `step` to --max-iters: a log line every --log-interval steps, an evaluation and a
+    checkpoint every --eval-interval. Ctrl-C stops it at the next step with a checkpoint ("stopped")."""
+    cfg, proc, start_step = run.cfg, run.proc, step
+    run.model.train()
+    tally = Tally(proc.device)
+    with StopRequest() as stop:
+        while step < cfg.max_iters:
+            lr = train_step(run, step, tally)
+            step += 1
+            log_now = step % cfg.log_interval == 0 or step == cfg.max_iters
+            stop_now = stop.requested
+            if proc.ddp and log_now:
+                flag = torch.tensor(float(stop_now), device=proc.device)
+                dist.all_reduce(flag)  # every rank stops at the same step, or none does
+                stop_now = flag.item() > 0
+            if log_now or stop_now:
+                log_progress(run, step, lr, tally)
+            if stop_now:
+                run.checkpoint(step)
+                proc.log(f"stopped at step {step}; checkpoint {run.folder.ckpt_path}; continue with the same command "
+                         "and --resume" + (" in place of --overwrite" if cfg.overwrite else ""))
+                return "stopped"
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                tally.check_finite(run.folder)
+                t_eval = time.time()
+                evaluate_and_checkpoint(run, step)
+                tally.since += time.time() - t_eval  # evaluation time is not training time
+    if step == start_step:  # nothing to train (--max-iters 0): still evaluate and checkpoint the model
+        evaluate_and_checkpoint(run, step)
+    return "finished"
 
 
 class StopRequest:
@@ -1121,304 +1066,114 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def setup_distributed(cfg: TrainConfig):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single-process run."""
-    if "RANK" not in os.environ:
-        if cfg.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1
-        return torch.device(cfg.device), 0, 1
-    import torch.distributed as dist
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return device, rank, world
+class Tally:
+    """What the loop adds up between two log lines, on the device (no step waits for the GPU): the LM loss
+    alone and the regulariser, summed over the steps, and the first step whose loss was NaN or infinite
+    (-1: none), checked at every log line and before any checkpoint, so a checkpoint never holds a
+    diverged model."""
 
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.reg = torch.zeros((), device=device)
+        self.steps, self.since = 0, time.time()  # steps since the last log line, and its time
 
-def train(mcfg: GPTConfig, cfg: TrainConfig, explicit: set) -> int:
-    import torch.distributed as dist
-    device, rank, world = setup_distributed(cfg)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    ddp = world > 1
-    try:
-        return _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp)
-    finally:
-        if ddp and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(mcfg, cfg, explicit, device, rank, world, master, log, ddp) -> int:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    recall = cfg.task in ("recall", "recall1")
-    cfg.out_dir = cfg.out_dir or os.path.join("out", mcfg.arch + (f"-{cfg.task}" if recall else ""))
-    if recall and not cfg.resume:
-        mcfg.vocab_size = cfg.recall_vocab  # the task's tokens, not GPT-2's
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    held = [p for p in (ckpt_path, metrics_path) if os.path.isfile(p) and os.path.getsize(p)]
-    if held and not cfg.resume and not cfg.overwrite:
-        raise UserError(f"{cfg.out_dir} holds a run ({', '.join(map(os.path.basename, held))}): continue it with "
-                        "--resume, replace it with --overwrite, or pick another --out-dir")
-    start_step, best_val = 0, float("inf")
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = saved_model_config({k: v for k, v in ckpt["model_config"].items()
-                                    if k in {f.name for f in dataclasses.fields(GPTConfig)}})
-        clashes = [f"--{k.replace('_', '-')} {getattr(mcfg, k)} (checkpoint: {getattr(saved, k)})"
-                   for k in explicit if hasattr(saved, k) and getattr(mcfg, k) != getattr(saved, k)]
-        if clashes:
-            raise UserError(f"checkpoint {ckpt_path} was trained with another config: " + "; ".join(clashes))
-        mcfg = saved  # the model is the checkpoint's; training settings may change (e.g. --max-iters)
-        if "reg_pairs" not in explicit:  # but the regulariser's pairs stay (checkpoints without the key: all)
-            cfg.reg_pairs = ckpt["train_config"].get("reg_pairs", "all")
-    seq_len = cfg.seq_len or mcfg.block_size
-    validate(mcfg, cfg, world)
-    if ckpt is not None and ckpt["step"] > cfg.max_iters:
-        raise UserError(f"{ckpt_path} is at step {ckpt['step']}, past --max-iters {cfg.max_iters}: pass a larger "
-                        "--max-iters to continue it")
-    if ckpt is not None and ckpt["step"] == cfg.max_iters:
-        log(f"{ckpt_path}: already finished at step {cfg.max_iters}; nothing to do (raise --max-iters to continue)")
-        return 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else contextlib.nullcontext())
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    micro_batch = cfg.batch_size // (cfg.grad_accum * world)
-    check_memory(mcfg, micro_batch, seq_len, device, dtype)
-
-    # data: rank 0 tokenizes (once); the others wait for its cache, or its error
-    paths, error = None, None
-    if master and not recall:
-        try:
-            train_text, val_text = resolve_text(cfg.data, os.path.join("out", "data"), cfg.download_mb, log)
-            log(f"data: train {train_text}, validation {val_text or '(the held-out tail of the train file)'}")
-            paths = prepare_tokens(train_text, val_text, cfg.cache_dir, cfg.lowercase, log)
-        except UserError as e:
-            error = str(e)
-    if ddp:
-        shared = [(paths, error)]
-        dist.broadcast_object_list(shared, src=0)
-        paths, error = shared[0]
-    if error:
-        raise UserError(error)
-    if recall:  # fresh synthetic sequences; validation examples come from a disjoint seed range
-        train_data = RecallData(0, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
-        val_data = RecallData(1 << 62, cfg.recall_vocab, recall_pairs(cfg, seq_len), cfg.task)
-    else:
-        train_data, val_data = TokenData(paths[0]), TokenData(paths[1])
-    for split, d in (("train", train_data), ("validation", val_data)):
-        if len(d) < seq_len + 1:
-            raise UserError(f"the {split} set has {len(d)} tokens, fewer than --seq-len {seq_len} + 1")
-
-    torch.manual_seed(cfg.seed)
-    model = GPT(mcfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, best_val = ckpt["step"], ckpt.get("best_val_loss", float("inf"))
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        log(f"resuming from {ckpt_path} at step {start_step}")
-        del ckpt
-    use_kernels = set_kernels(model, cfg.kernels, device, other_users=cfg.reg == "cosine")
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    tokens_per_step = cfg.batch_size * seq_len
-    flops_per_step = raw_model.flops_per_token(seq_len) * tokens_per_step
-    peak = peak_tflops(device, cfg.peak_tflops)
-    log(f"arch {mcfg.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
-        f"width {mcfg.n_embd}, context {mcfg.block_size}")
-    log(f"device {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''} x {world}, "
-        f"{dtype}, compile {'on' if use_compile else 'off'}, kernels {'on' if use_kernels else 'off'}; "
-        f"batch {cfg.batch_size} x {seq_len} = "
-        f"{tokens_per_step:,} tokens/step ({micro_batch} per micro-step, {cfg.grad_accum} micro-steps, "
-        f"{world} process(es)); {cfg.max_iters} steps; "
-        + (f"{cfg.task}: {train_data.n_pairs} pairs"
-           f"{' (keys repeat), then one query' if cfg.task == 'recall1' else ''}, vocab {cfg.recall_vocab}, "
-           f"chance {100 * recall_chance(cfg.recall_vocab):.1f}%" if recall
-           else f"train {len(train_data):,} tokens, val {len(val_data):,}"))
-    # What produced this run, for whoever reads its metrics later (compare.py's results table). It and the
-    # metrics lines are held here until the first checkpoint: a run that fails or is stopped before it
-    # leaves out_dir, and any run already there, as they were.
-    run_info = {
-        "arch": mcfg.arch, "params": raw_model.num_params(), "model_config": dataclasses.asdict(mcfg),
-        "train_config": dataclasses.asdict(cfg), "tokens_per_step": tokens_per_step,
-        "train_tokens": None if recall else len(train_data), "val_tokens": None if recall else len(val_data),
-        "recall_chance": recall_chance(cfg.recall_vocab) if recall else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "world_size": world,
-        "dtype": dtype, "compile": use_compile, "kernels": use_kernels, "torch": torch.__version__,
-        "triton": getattr(kernels.triton, "__version__", None) if kernels.HAVE_TRITON else None}
-    pending, metrics = [], None  # metrics lines, and the metrics file once the first checkpoint is written
-    if master and cfg.resume and os.path.exists(metrics_path):  # drop what was logged after the checkpoint
-        with open(metrics_path) as f:
-            pending = [line for line in f if json.loads(line)["step"] <= start_step]
-    last_good = start_step if cfg.resume else None
-
-    def write_metrics(record):
-        if master and metrics is None:
-            pending.append(json.dumps(record) + "\n")
-        elif master:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def checkpoint(step):
-        nonlocal last_good, metrics
-        if master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            save_checkpoint(ckpt_path, raw_model, optimizer, mcfg, cfg, step, {"best_val_loss": best_val})
-            if metrics is None:  # the first checkpoint: from here on the folder holds this run
-                write_json_atomic(os.path.join(cfg.out_dir, "run.json"), run_info)
-                metrics = open(metrics_path, "w")
-                metrics.writelines(pending)
-                metrics.flush()
-        last_good = step
-
-    def eval_and_checkpoint(step):
-        nonlocal best_val
-        val_loss = evaluate(raw_model, val_data, seq_len, micro_batch, cfg.eval_batches, device, autocast,
-                            accuracy={"recall": "targets", "recall1": "last"}.get(cfg.task, ""))
-        if recall:
-            val_loss, accuracy = val_loss
-            log(f"step {step}: val loss {val_loss:.4f}, recall accuracy {100 * accuracy:.1f}%")
-            write_metrics({"step": step, "val_loss": val_loss, "recall_accuracy": accuracy})
-        else:
-            log(f"step {step}: val loss {val_loss:.4f}")
-            write_metrics({"step": step, "val_loss": val_loss})
-        best_val = min(best_val, val_loss)
-        if hasattr(raw_model.stream, "diagnostics"):  # hc/mhc: how much the residual mixing amplifies
-            x, _ = val_data.windows(range(0, 8 * seq_len, seq_len), seq_len)  # 8 validation sequences
-            with autocast:
-                d = raw_model.stream.diagnostics(raw_model, x.to(device))
-            log(f"step {step}: residual gain (Amax) of the composite of {len(d['layer_gain_fwd'])} sub-layers: "
-                f"forward {d['gain_fwd']:.3f}, backward {d['gain_bwd']:.3f}; largest single sub-layer: forward "
-                f"{max(d['layer_gain_fwd']):.3f}, backward {max(d['layer_gain_bwd']):.3f}; column sums in "
-                f"[{d['col_sum_min']:.3f}, {d['col_sum_max']:.3f}]")
-            write_metrics({"step": step, **d})
-        checkpoint(step)
-
-    # Non-finite losses are recorded on the device (no sync per step) and checked at every log line
-    # and before any checkpoint is written, so a checkpoint never holds a diverged model.
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), device=device)  # the LM loss alone, summed over the steps of a log interval
-    reg_sum = torch.zeros((), device=device)
-    regulariser = None
-    if cfg.reg == "cosine" and use_kernels:  # fused: one read of each pair of hidden states
-        def regulariser(hidden):
-            return kernels.cosine_regulariser(linearity.regularised_states(hidden, cfg.reg_pairs))
-    elif cfg.reg != "none":
-        def regulariser(hidden):
-            return linearity.REGULARISERS[cfg.reg](hidden, cfg.reg_pairs)
-
-    def check_finite():
-        bad = int(first_bad.item())
+    def check_finite(self, folder: RunFolder):
+        bad = int(self.first_bad.item())
         if bad >= 0:
-            where = f"step {last_good}" if last_good is not None else "none was written"
+            where = f"step {folder.last_good}" if folder.last_good is not None else "none was written"
             raise UserError(f"the loss became NaN or infinite at step {bad}: stopping. The last good checkpoint "
-                            f"is kept ({where}; {ckpt_path}). Try a lower --lr or stronger --grad-clip")
+                            f"is kept ({where}; {folder.ckpt_path}). Try a lower --lr or stronger --grad-clip")
 
-    model.train()
-    step, t_last, steps_since = start_step, time.time(), 0
-    with StopRequest() as stop:
-        while step < cfg.max_iters:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            starts = train_data.train_starts(cfg.seed, step, cfg.batch_size, seq_len)
-            for micro in range(cfg.grad_accum):
-                first = (rank * cfg.grad_accum + micro) * micro_batch
-                x, y = train_data.windows(starts[first:first + micro_batch].tolist(), seq_len)
-                if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
-                    x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-                sync = not ddp or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                    if regulariser is None:
-                        _, lm_loss = model(x, y)
-                        loss = lm_loss
-                    else:  # loss = LM loss + lambda * regulariser(hidden states)
-                        _, lm_loss, hidden = model(x, y, return_hidden=True)
-                        reg = regulariser(hidden)
-                        loss = lm_loss + cfg.reg_weight * reg
-                        reg_sum += reg.detach() / cfg.grad_accum
-                    loss = loss / cfg.grad_accum
-                loss.backward()
-                loss_sum += lm_loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step + 1, first_bad))
-            step += 1
-            steps_since += 1
 
-            stop_now = stop.requested
-            if ddp and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-                flag = torch.tensor(float(stop_now), device=device)
-                dist.all_reduce(flag)  # every rank stops at the same step, or none does
-                stop_now = flag.item() > 0
-            if step % cfg.log_interval == 0 or step == cfg.max_iters or stop_now:
-                if ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                    dist.all_reduce(reg_sum, op=dist.ReduceOp.AVG)
-                loss_value = loss_sum.item() / steps_since  # .item() waits for the GPU: timing is honest
-                check_finite()
-                dt = (time.time() - t_last) / steps_since
-                tflops = flops_per_step / dt / world / 1e12
-                record = {"step": step, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt,
-                          "tokens_per_s": tokens_per_step / dt, "tflops_per_gpu": tflops}
-                line = (f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms/step | "
-                        f"{tokens_per_step / dt:10,.0f} tok/s | {tflops:6.2f} TFLOP/s")
-                if peak:
-                    record["mfu"] = tflops / peak
-                    line += f" | MFU {100 * tflops / peak:4.1f}%"
-                if device.type == "cuda":
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    line += f" | mem {record['peak_mem_gib']:.1f} GiB"
-                if regulariser is not None:
-                    record["reg"] = reg_sum.item() / steps_since
-                    line += f" | {cfg.reg} reg {record['reg']:.4f}"
-                    reg_sum.zero_()
-                log(line)
-                write_metrics(record)
-                loss_sum.zero_()
-                t_last, steps_since = time.time(), 0
-            if stop_now:
-                checkpoint(step)
-                log(f"stopped at step {step}; checkpoint {ckpt_path}; continue with the same command and --resume"
-                    + (" in place of --overwrite" if cfg.overwrite else ""))
-                return 130
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                check_finite()
-                t_eval = time.time()
-                eval_and_checkpoint(step)
-                t_last += time.time() - t_eval  # evaluation time is not training time
-    if step == start_step:  # nothing to train (--max-iters 0): still evaluate and checkpoint the model
-        eval_and_checkpoint(step)
-    if master and recall:
-        metrics.close()
-        log(f"best val loss {best_val:.4f}")
-    elif master:
-        metrics.close()
-        enc = get_tokenizer()
-        story = sample_text(raw_model, enc, "", 1, cfg, device, autocast)[0]
-        log(f"best val loss {best_val:.4f}. A sample story:\n{story.strip()}")
-    return 0
+def train_step(run: Run, step: int, tally: Tally) -> float:
+    """One optimizer step on this process's share of the global batch of `step`, in --grad-accum
+    micro-steps; returns the step's learning rate."""
+    cfg, model, device = run.cfg, run.model, run.proc.device
+    lr = lr_at(step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    starts = run.train_data.train_starts(cfg.seed, step, cfg.batch_size, run.seq_len)
+    for micro in range(cfg.grad_accum):
+        first = (run.proc.rank * cfg.grad_accum + micro) * run.micro_batch
+        x, y = run.train_data.windows(starts[first:first + run.micro_batch].tolist(), run.seq_len)
+        if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        sync = not run.proc.ddp or micro == cfg.grad_accum - 1  # DDP all-reduces on the last micro-step
+        with (contextlib.nullcontext() if sync else model.no_sync()), run.autocast:
+            if run.regulariser is None:
+                _, lm_loss = model(x, y)
+                loss = lm_loss
+            else:  # loss = LM loss + lambda * regulariser(hidden states)
+                _, lm_loss, hidden = model(x, y, return_hidden=True)
+                reg = run.regulariser(hidden)
+                loss = lm_loss + cfg.reg_weight * reg
+                tally.reg += reg.detach() / cfg.grad_accum
+            loss = loss / cfg.grad_accum
+        loss.backward()
+        tally.loss += lm_loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    tally.first_bad.copy_(torch.where((tally.first_bad < 0) & ~torch.isfinite(tally.loss), step + 1, tally.first_bad))
+    tally.steps += 1
+    return lr
+
+
+def log_progress(run: Run, step: int, lr: float, tally: Tally):
+    """The log line and metrics record of the steps since the last one (losses averaged over processes)."""
+    cfg, proc = run.cfg, run.proc
+    if proc.ddp:
+        dist.all_reduce(tally.loss, op=dist.ReduceOp.AVG)
+        dist.all_reduce(tally.reg, op=dist.ReduceOp.AVG)
+    loss_value = tally.loss.item() / tally.steps  # .item() waits for the GPU: timing is honest
+    tally.check_finite(run.folder)
+    dt = (time.time() - tally.since) / tally.steps
+    tflops = run.flops_per_step / dt / proc.world / 1e12
+    record = {"step": step, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt,
+              "tokens_per_s": run.tokens_per_step / dt, "tflops_per_gpu": tflops}
+    line = (f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms/step | "
+            f"{run.tokens_per_step / dt:10,.0f} tok/s | {tflops:6.2f} TFLOP/s")
+    if run.peak:
+        record["mfu"] = tflops / run.peak
+        line += f" | MFU {100 * tflops / run.peak:4.1f}%"
+    if proc.device.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(proc.device) / 2**30
+        line += f" | mem {record['peak_mem_gib']:.1f} GiB"
+    if run.regulariser is not None:
+        record["reg"] = tally.reg.item() / tally.steps
+        line += f" | {cfg.reg} reg {record['reg']:.4f}"
+        tally.reg.zero_()
+    proc.log(line)
+    run.folder.write_metrics(record)
+    tally.loss.zero_()
+    tally.since, tally.steps = time.time(), 0
+
+
+def evaluate_and_checkpoint(run: Run, step: int):
+    """The validation loss (recall: and accuracy), hc/mhc's residual gains, then a checkpoint."""
+    cfg, raw_model, device, log = run.cfg, run.raw_model, run.proc.device, run.proc.log
+    val_loss = evaluate(raw_model, run.val_data, run.seq_len, run.micro_batch, cfg.eval_batches, device, run.autocast,
+                        accuracy={"recall": "targets", "recall1": "last"}.get(cfg.task, ""))
+    if cfg.recall:
+        val_loss, accuracy = val_loss
+        log(f"step {step}: val loss {val_loss:.4f}, recall accuracy {100 * accuracy:.1f}%")
+        run.folder.write_metrics({"step": step, "val_loss": val_loss, "recall_accuracy": accuracy})
+    else:
+        log(f"step {step}: val loss {val_loss:.4f}")
+        run.folder.write_metrics({"step": step, "val_loss": val_loss})
+    run.best_val = min(run.best_val, val_loss)
+    if hasattr(raw_model.stream, "diagnostics"):  # hc/mhc: how much the residual mixing amplifies
+        x, _ = run.val_data.windows(range(0, 8 * run.seq_len, run.seq_len), run.seq_len)  # 8 validation sequences
+        with run.autocast:
+            d = raw_model.stream.diagnostics(raw_model, x.to(device))
+        log(f"step {step}: residual gain (Amax) of the composite of {len(d['layer_gain_fwd'])} sub-layers: "
+            f"forward {d['gain_fwd']:.3f}, backward {d['gain_bwd']:.3f}; largest single sub-layer: forward "
+            f"{max(d['layer_gain_fwd']):.3f}, backward {max(d['layer_gain_bwd']):.3f}; column sums in "
+            f"[{d['col_sum_min']:.3f}, {d['col_sum_max']:.3f}]")
+        run.folder.write_metrics({"step": step, **d})
+    run.checkpoint(step)
 
 
 def sample_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
