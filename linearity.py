@@ -47,7 +47,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 
 import torch
 
@@ -426,21 +425,11 @@ def token_files(train, ckpt: dict, data: str | None = None, cache_dir: str = "ou
 
 
 def read_checkpoint(train, path: str) -> dict:
-    """train.load_checkpoint, with one line for each way a path can be wrong: no such file, or a file that
-    torch cannot read (not written by train.py, or cut short). torch's own message for the latter advises
-    loading with weights_only=False, which runs whatever code the file holds: it is not passed on."""
+    """train.load_checkpoint, with this command's hint for a missing file (train.py's names --out-dir)."""
     if not os.path.isfile(path):
         raise train.UserError(f"no checkpoint at {path}: give the ckpt.pt of a train.py run "
                               "(python train.py writes out/ARCH/ckpt.pt)")
-    try:
-        with warnings.catch_warnings():  # torch's remarks on a foreign pickle: the error below says it all
-            warnings.simplefilter("ignore")
-            return train.load_checkpoint(path)
-    except train.UserError as e:
-        if e.__context__ is None:  # read, but not in train.py's format: its message says so
-            raise
-        raise train.UserError(f"{path} is not a checkpoint of this project (train.py did not write it, or it "
-                              "is cut short)") from None
+    return train.load_checkpoint(path)
 
 
 def stderr_progress():

@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -682,9 +683,12 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} (train first, or pass --out-dir)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}")
+        with warnings.catch_warnings():  # torch's remarks on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not torch's message: it advises weights_only=False, which runs the file's code
+        raise UserError(f"{path} is unreadable: not a checkpoint of this project (train.py did not write "
+                        "it, or it is cut short)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this trainer (format {CKPT_FORMAT})")
     return ckpt
