@@ -2,10 +2,10 @@
 attention.py -- what every attention in this repository shares: RoPE and the causal attention call.
 
 train.py's CausalSelfAttention and tpa.py's TPAttention both rotate queries and keys with Rotary and
-attend with causal_attention. They live here, in a file that imports only torch, so that tpa.py never
+attend with causal_attention (training, prompts) and cached_attention (one generated token). They live here, in a file that imports only torch, so that tpa.py never
 needs train.py (train.py imports the technique files, never the other way round).
 
-Notation (shape comments): B batch, T time, H heads, D head width.
+Notation (shape comments): B batch, T time, H heads, D head width, L cache length.
 """
 import torch
 import torch.nn as nn
@@ -26,13 +26,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x, start_pos: int = 0):
+    def forward(self, x, start_pos: int | torch.Tensor = 0):
         # x: (B, T, H, D), positions start_pos .. start_pos+T-1. Rotating in this layout (before the
         # heads are transposed) keeps reads and writes contiguous, which makes the backward several
         # times faster than rotating (B, H, T, D) views.
         T = x.size(1)
-        cos = self.cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, D/2)
-        sin = self.sin[start_pos:start_pos + T, None, :].to(x.dtype)
+        if isinstance(start_pos, torch.Tensor):  # a decode step's position, kept on the device (CUDA graphs)
+            positions = start_pos + torch.arange(T, device=x.device)  # (T,)
+            cos, sin = self.cos[positions, None, :].to(x.dtype), self.sin[positions, None, :].to(x.dtype)
+        else:
+            cos = self.cos[start_pos:start_pos + T, None, :].to(x.dtype)  # (T, 1, D/2)
+            sin = self.sin[start_pos:start_pos + T, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
         # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -49,3 +53,12 @@ def causal_attention(q, k, v, start_pos: int = 0):
     # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
     mask = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cached_attention(q, k_cache, v_cache, pos: torch.Tensor):
+    """One decode step: the query of the token at position pos (a (1,) tensor) over a cache allocated at its
+    full length L, q (B, H, 1, D), k_cache and v_cache (B, H, L, D), entries after pos masked out.
+    Every step has the same shapes whatever pos is, so one captured CUDA graph serves them all (and SDPA
+    builds no new plan per cache length); the price is reading the whole cache, filled or not."""
+    visible = (torch.arange(k_cache.size(-2), device=q.device) <= pos)[None, :]  # (1, L): keys 0 .. pos
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)

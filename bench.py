@@ -12,6 +12,8 @@ command, the device and the commit), never into assertions.
     python bench.py tpa                    # decode us vs cache length (MHA, GQA, TPA); the training kernel
     python bench.py hyena                  # Hyena vs attention from 256 to 64K tokens (table + plot)
     python bench.py hyena --profile 4096   # both whole operators' GPU time per kernel at 4K tokens
+    python bench.py generate               # decoding, every arch: eager vs CUDA graphs, batch 1-64, context
+                                           # 512-16K, the largest batch within 40 GiB
     python bench.py mhc --set MHC_POST.block_n=32   # the same with a launch setting of kernels.py changed
     python bench.py linearity-score out/gpt/ckpt.pt  # streaming scores vs the official SVD recipe, 1M tokens
 
@@ -647,6 +649,114 @@ def bench_linearity_score(model, data, tokens: int, batch_size: int, device, pro
 
 
 # ----------------------------------------------------------------------------------------------------
+# Generation (python bench.py generate): decode steps of every arch, eager vs CUDA graphs
+
+
+def _decode_model(arch: str, context: int, device) -> train.GPT:
+    """The default model of `arch` with block_size = context, random weights, kernels where they apply."""
+    model = train.GPT(train.GPTConfig(arch=arch, block_size=context)).to(device).eval()
+    with contextlib.redirect_stdout(None):  # set_kernels' notes, once per model, would bury the table
+        train.set_kernels(model, "auto", torch.device(device))
+    return model
+
+
+@torch.no_grad()
+def time_decode(model: train.GPT, batch: int, graph: bool, steps: int) -> tuple[float, float, float]:
+    """(ms per step, ms of the first step, peak GiB) of greedy decode steps at the end of a full cache.
+
+    The cache holds zeros, not a prompt's keys: a step's cost does not depend on the values. Each step
+    runs as GPT.generate runs it: DecodeStep, then the greedy choice of the next token."""
+    context, device = model.cfg.block_size, model.wte.weight.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    caches = model.init_caches(batch, device, torch.bfloat16)
+    step = train.DecodeStep(model, caches, batch, graph)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    first_pos = context - steps - 3
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    token = step(token, first_pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    first_ms = (time.perf_counter() - start) * 1e3
+    for pos in range(first_pos + 1, first_pos + 3):  # warm
+        token = step(token, pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for pos in range(first_pos + 3, context):
+        token = step(token, pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    return ms, first_ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_generate(archs: list[str], batches: list[int], contexts: list[int], steps: int, memory_gib: float):
+    """Decode speed of every arch at the default width (C 384, 6 layers), bf16 autocast, kernels on:
+    (1) a fresh GPT.generate, as `train.py --sample` runs it; (2) ms per step, tokens/s and peak memory
+    at each batch and context, eager vs CUDA graph; (3) at the longest context, the largest batch that
+    fits in memory_gib GiB and its tokens/s (TPA's smaller cache buys batch)."""
+    device = "cuda"
+    print(f"# bench.py generate on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}; default model (C = 384, 6 layers), random weights, bf16 autocast, kernels on")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    print("\n## A fresh generate, as `python train.py --sample` (B = 1, block 512, a 16-token prompt, 200 tokens, "
+          "greedy): ms per token, prefill and graph capture included; then the same call again")
+    print("| arch | eager first call | eager again | graph first call | graph again | speedup (again) |")
+    print("|------|-----------------:|------------:|-----------------:|------------:|----------------:|")
+    for arch in archs:
+        model, row = _decode_model(arch, 512, device), []
+        prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
+        for graph in (False, True):
+            for _ in range(2):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                with autocast:
+                    model.generate(prompt, 200, temperature=0, cuda_graph=graph)
+                torch.cuda.synchronize()
+                row.append((time.perf_counter() - start) * 1e3 / 200)
+        print(f"| {arch} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {row[3]:.2f} | {row[1] / row[3]:.1f}x |")
+        del model
+
+    print(f"\n## Decode steps at the end of a full cache ({steps} steps timed after 3; the first step's ms includes "
+          "the graph's capture): ms per step, tokens/s = batch / step time, peak GiB allocated")
+    print("| arch | context | batch | eager ms | graph ms | speedup | graph tokens/s | first step ms (eager / graph) "
+          "| peak GiB |")
+    print("|------|--------:|------:|---------:|---------:|--------:|---------------:|------------------------------:"
+          "|---------:|")
+    for context in contexts:
+        for arch in archs:
+            model = _decode_model(arch, context, device)
+            for batch in batches:
+                with autocast:
+                    eager_ms, eager_first, _ = time_decode(model, batch, False, steps)
+                    graph_ms, graph_first, peak = time_decode(model, batch, True, steps)
+                print(f"| {arch} | {context} | {batch} | {eager_ms:.3f} | {graph_ms:.3f} | {eager_ms / graph_ms:.1f}x "
+                      f"| {batch * 1e3 / graph_ms:,.0f} | {eager_first:.1f} / {graph_first:.1f} | {peak:.2f} |")
+            del model
+
+    context = contexts[-1]
+    print(f"\n## The largest batch within {memory_gib:g} GiB at context {context} (graph): the peak grows "
+          "linearly with the batch; fitted from batches 1 and 8, then measured at the batch it predicts")
+    print("| arch | cache MiB per sequence | batch | peak GiB | ms per step | tokens/s |")
+    print("|------|-----------------------:|------:|---------:|------------:|---------:|")
+    for arch in archs:
+        model = _decode_model(arch, context, device)
+        cache_mib = sum(t.numel() * t.element_size() for c in model.init_caches(1, device, torch.bfloat16)
+                        for name, t in c.items() if not name.startswith("filters")) / 2**20
+        with autocast:
+            small, large = (time_decode(model, b, True, 4)[2] for b in (1, 8))
+            batch = max(1, int((memory_gib - small) / ((large - small) / 7)) + 1)
+            while True:
+                ms, _, peak = time_decode(model, batch, True, steps)
+                if peak <= memory_gib or batch == 1:
+                    break
+                batch = max(1, int(batch * 0.95))
+        print(f"| {arch} | {cache_mib:.0f} | {batch} | {peak:.1f} | {ms:.2f} | {batch * 1e3 / ms:,.0f} |")
+        del model
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: one subcommand per benchmark
 
 
@@ -711,6 +821,10 @@ BENCHMARKS = {
             lambda args: bench_tpa(args.max_len), ("max_len",), True),
     "hyena": ("order-2 Hyena vs causal attention, 256 to --max-len tokens; the whole token mixers",
               run_hyena, ("max_len", "plot", "json", "profile"), True),
+    "generate": ("decode steps of every arch: a fresh generate, ms per step, tokens/s and memory by batch and "
+                 "context, eager vs CUDA graphs; the largest batch within --memory-gib",
+                 lambda args: bench_generate(args.archs, args.batches, args.contexts, args.steps, args.memory_gib),
+                 ("generate",), True),
 }
 
 
@@ -750,6 +864,14 @@ def parse_args(argv=None):
         if "json" in options:
             p.add_argument("--json", default=None, metavar="PATH", help="also write the GPU times here "
                                                                         "(compare.py's speed stage reads them)")
+        if "generate" in options:
+            p.add_argument("--archs", default="gpt,hc,mhc,tpa,tpa-kvonly,hyena", help="comma-separated arch names")
+            p.add_argument("--batches", default="1,16,64", help="batch sizes (sequences decoded at once)")
+            p.add_argument("--contexts", default="512,4096,16384",
+                           help="cache lengths (the model's block_size); the last one for --memory-gib")
+            p.add_argument("--steps", type=int, default=30, help="timed decode steps per row")
+            p.add_argument("--memory-gib", type=float, default=40.0,
+                           help="memory budget of the largest-batch table")
         if "profile" in options:
             p.add_argument("--profile", type=int, default=None, metavar="L",
                            help="instead of the benchmark, the per-kernel GPU time of the whole attention and "
@@ -765,6 +887,21 @@ def parse_args(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.name == "hyena" and args.profile is not None and args.profile < 1:
         parser.error("--profile L takes a length L >= 1")
+    if args.name == "generate":
+        for name in args.archs.split(","):
+            if name not in train.ARCHS:
+                parser.error(f"--archs: unknown arch {name!r}; choose from {', '.join(train.ARCHS)}")
+        args.archs = args.archs.split(",")
+        try:
+            args.batches, args.contexts = ([int(x) for x in text.split(",")] for text in (args.batches, args.contexts))
+        except ValueError:
+            parser.error(f"--batches and --contexts take comma-separated integers (got {args.batches!r}, "
+                         f"{args.contexts!r})")
+        if min(args.batches) < 1 or args.steps < 1 or args.memory_gib <= 0:
+            parser.error("--batches and --steps must be at least 1, --memory-gib positive")
+        if min(args.contexts) < args.steps + 3:
+            parser.error(f"--contexts must be at least --steps + 3 = {args.steps + 3} (the steps run at the end of "
+                         "the cache)")
     return args
 
 

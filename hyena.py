@@ -290,28 +290,37 @@ class HyenaMixer(nn.Module):
     # every input z^n so far: y_t = sum_{s<=t} h_{t-s} z_s + D z_t costs O(t C) per new token, like a
     # KV cache. (Distilling the filters into a small recurrence -- Laughing Hyena -- is out of scope.)
 
+    @torch.no_grad()
     def init_cache(self, batch_size: int, max_len: int, device, dtype):
         N, C = self.order, self.n_embd
+        filters = self.filter(max_len).to(device)  # (N, C, L) fp32, computed once per generation
+        # The filters reversed and followed by L zeros: the window at offset L-1-t holds h_t, ..., h_0 at
+        # positions 0..t and zeros after, the weights a decode step at t puts on z_0, ..., z_{L-1}.
+        reversed_padded = torch.cat([filters.flip(-1), torch.zeros_like(filters)], dim=-1)  # (N, C, 2L)
         return {"conv_state": torch.zeros(batch_size, (N + 1) * C, 2, device=device, dtype=dtype),
                 "z": torch.zeros(batch_size, N, C, max_len, device=device, dtype=torch.float32),
-                "filters": None}  # computed once, on first use
+                "filters": filters, "filters_reversed": reversed_padded}
 
     def decode(self, u, start_pos, cache):
+        """A prompt chunk at start_pos (int), or one step (T = 1; start_pos may be a tensor: fixed shapes)."""
         B, T, C = u.shape
-        end = start_pos + T
-        if cache["filters"] is None:
-            cache["filters"] = self.filter(self.filter.l_max)  # (N, C, l_max)
-        h = cache["filters"]
+        L = cache["z"].size(-1)
         v, *gates = self.streams(u, cache["conv_state"])
         z = v
+        if T == 1:
+            pos = torch.as_tensor(start_pos, device=u.device).view(1)
+            window = torch.arange(L, device=u.device) + (L - 1 - pos)  # (L,): where h_{t-s} sits, s = 0..L-1
         for n, x in enumerate(gates):
-            cache["z"][:, n, :, start_pos:end] = z.float()
-            past = cache["z"][:, n, :, :end]  # (B, C, end): every input of this convolution so far
-            if T == 1:  # one new token: y_t = sum_s h_{t-s} z_s, a dot product over the past
-                y = (past * h[n, :, :end].flip(-1)).sum(-1, keepdim=True)  # (B, C, 1)
-                y = y + self.filter.skip[n].float()[:, None] * past[..., -1:]
-            else:  # a chunk (the prompt): the FFT convolution over everything, keep this chunk's outputs
-                y = fft_causal_conv(past, h[n, :, :end], self.filter.skip[n])[..., start_pos:end]
+            if T == 1:  # y_t = sum_s h_{t-s} z_s + D z_t: a dot product over the whole (masked) past
+                cache["z"][:, n].index_copy_(-1, pos, z.float())
+                h_rev = cache["filters_reversed"][n].index_select(-1, window)  # (C, L): h_{t-s}, 0 for s > t
+                y = torch.einsum("bcl,cl->bc", cache["z"][:, n], h_rev)[..., None]  # (B, C, 1), no (B, C, L) temporary
+                y = y + self.filter.skip[n].float()[:, None] * z.float()
+            else:  # a prompt chunk: the FFT convolution over everything so far, keep this chunk's outputs
+                end = start_pos + T
+                cache["z"][:, n, :, start_pos:end] = z.float()
+                past = cache["z"][:, n, :, :end]  # (B, C, end): every input of this convolution so far
+                y = fft_causal_conv(past, cache["filters"][n, :, :end], self.filter.skip[n])[..., start_pos:end]
             z = (x.float() * y).to(u.dtype)
         return self.proj(z.transpose(1, 2))
 

@@ -917,7 +917,7 @@ if HAVE_TRITON:
                      db2.to(db_ptr.dtype.element_ty), mask=td)
 
     @triton.jit
-    def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, M, H, D,
+    def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, len_ptr, H, D,
                            cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
                            RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_D: tl.constexpr, DOT: tl.constexpr):
@@ -925,6 +925,7 @@ if HAVE_TRITON:
         # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
         pid_b, split = tl.program_id(0), tl.program_id(1)
         n_splits = tl.num_programs(1)
+        M = tl.load(len_ptr)  # cached tokens: a slice past them loops zero times and leaves m = -inf, l = 0
         hh, dd = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
         h_ok, d_ok = hh < H, dd < D
         q = tl.load(q_ptr + pid_b * H * D + hh[:, None] * D + dd[None, :], mask=h_ok[:, None] & d_ok[None, :],
@@ -1075,13 +1076,15 @@ TPA_DECODE = {"block_m": 128, "num_warps": 8, "num_stages": 2, "programs": 264}
 
 
 def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
-               length: int) -> torch.Tensor:
+               length: int | torch.Tensor) -> torch.Tensor:
     """Attention of one new token per sequence over a factorised cache, never forming K or V:
     q (B, h, d) rotated; cache a_k (B, L, R_K, h), b_k (B, L, R_K, d) (pre-rotated), a_v (B, L, R_V, h),
     b_v (B, L, R_V, d) with the first `length` positions filled -> (B, h, d) in q's dtype. Reads
-    (R_K + R_V)(h + d) numbers per cached token instead of MHA's 2 h d. Reference: the cached path of
+    (R_K + R_V)(h + d) numbers per cached token instead of MHA's 2 h d. Reference: the decode step of
     tpa.TPAttention.forward: K = factor_product(a_k, b_k), V likewise, then softmax(q K^T / sqrt(d)) V per
-    head."""
+    head over the first `length` positions. length: an int, or a one-element integer tensor on q's device
+    (read by the kernel, so that one captured CUDA graph serves every length; the launch then covers all
+    L positions and the programs past `length` return at once; it must lie in 1..L, unchecked)."""
     _runnable(q, "tpa_decode")
     _check("q", q)
     if q.dim() != 3:
@@ -1093,20 +1096,27 @@ def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch
     _check("b_k", b_k, (B, L, rk, D), (q.dtype,))
     _check("a_v", a_v, (B, L, rv, H), (q.dtype,))
     _check("b_v", b_v, (B, L, rv, D), (q.dtype,))
-    if not 1 <= length <= L:
+    if isinstance(length, torch.Tensor):
+        if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64) or length.device != q.device:
+            raise ValueError(f"tpa_decode: a tensor length must be one integer on {q.device}, got "
+                             f"{length.dtype} of shape {tuple(length.shape)} on {length.device}")
+        length_t, launch_len = length.reshape(1), L
+    elif not 1 <= length <= L:
         raise ValueError(f"tpa_decode: length {length} outside the cache's 1..{L} positions")
+    else:
+        length_t, launch_len = torch.full((1,), length, device=q.device, dtype=torch.int64), length
     if H > 256 or D > 256:
         raise ValueError(f"tpa_decode: supports up to 256 heads of width <= 256 (got h={H}, d={D})")
     q, a_k, b_k, a_v, b_v = (t.contiguous() for t in (q, a_k, b_k, a_v, b_v))
     cfg = TPA_DECODE
     block_h, block_d = max(16, triton.next_power_of_2(H)), max(16, triton.next_power_of_2(D))  # tl.dot needs 16
-    n_blocks = triton.cdiv(length, cfg["block_m"])
+    n_blocks = triton.cdiv(launch_len, cfg["block_m"])
     per_split = triton.cdiv(n_blocks, max(1, min(n_blocks, triton.cdiv(cfg["programs"], B))))
     splits = triton.cdiv(n_blocks, per_split)  # every slice holds at least one token
     o = torch.empty(B, splits, block_h, block_d, device=q.device, dtype=torch.float32)
     m = torch.empty(B, splits, block_h, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
-    _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length, H, D, a_k.stride(0), b_k.stride(0),
+    _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length_t, H, D, a_k.stride(0), b_k.stride(0),
                                     a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
                                     BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
                                     DOT="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],

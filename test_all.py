@@ -254,6 +254,25 @@ def test_generate_cache_matches_recompute():
     assert model.training is False
 
 
+def test_decode_step_with_fixed_shapes_equals_forward():
+    """Every arch: the decode step generate() uses (DecodeStep run eagerly: the code a CUDA graph captures),
+    its position a tensor and every cache read whole under a mask, gives the full forward's logits at each
+    position, fp32; a batch it was not made for and a cache overflow are refused."""
+    for arch in train.ARCHS:
+        model = small_model(arch=arch).eval()
+        idx = torch.randint(100, (3, 16))
+        full, _ = model(idx)
+        caches = model.init_caches(3, idx.device, torch.float32)
+        model(idx[:, :5], caches=caches)
+        step = train.DecodeStep(model, caches, 3, cuda_graph=False)
+        steps = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(5, 16)], dim=1)  # (B, 11, V)
+        torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=1e-5, msg=arch)
+    with expect_raises(ValueError, "made for tokens of shape (3, 1)"):
+        step(idx[:2, :1], 5)
+    with expect_raises(ValueError, "cache overflow"):
+        model(idx[:, :2], start_pos=15, caches=caches)
+
+
 def test_generate_stops_at_stop_token():
     """stop_token ends generation once every row has produced it."""
     model = small_model()
@@ -1061,6 +1080,9 @@ def check_kernel_tpa_decode(B, ranks, h, d, length, cache_len, device, dtype, to
     want = torch.nn.functional.scaled_dot_product_attention(q.float()[:, :, None], k, v)[:, :, 0]  # (B, h, d)
     got = kernels.tpa_decode(q, *cache, length)
     assert got.dtype == dtype and rel_err(got, want) < tol, (ranks, length, rel_err(got, want))
+    # the length as a device tensor (CUDA graphs): the launch covers the whole cache, the result is the same
+    got_t = kernels.tpa_decode(q, *cache, torch.tensor([length], device=device))
+    assert rel_err(got_t, want) < tol, (ranks, length, "tensor length", rel_err(got_t, want))
 
 
 def test_tpa_factor_product_ref():
@@ -1140,6 +1162,8 @@ def test_tpa_kernels_inputs():
     cache = [torch.randn(1, 8, 2, n, device=device) for n in (3, 16, 3, 16)]
     with expect_raises(ValueError, "outside the cache"):
         kernels.tpa_decode(q, *cache, 9)
+    with expect_raises(ValueError, "a tensor length must be one integer"):
+        kernels.tpa_decode(q, *cache, torch.tensor([4.0], device=device))
 
 
 def test_tpa_training_kernels_on_off_ref():
@@ -2652,6 +2676,38 @@ def test_gpu_bf16_compiled_training():
     steps = losses(read_metrics(os.path.join(cwd, "out", "gpt")))
     assert steps[150] < 6.0, steps
     assert "MFU" in out and "GiB" in out and "bfloat16" in out
+
+
+def test_generate_gpu_cuda_graph_equals_eager_and_forward():
+    """On the GPU, every arch with its kernels: the decode step replayed from its CUDA graph == the same step
+    run eagerly == the full forward, fp32 (TF32 off; 1e-4: the kernels and SDPA's backends sum in other
+    orders than the forward); greedy generation with graphs == without, in bf16 too, past block_size, and
+    at a second batch size (a new capture)."""
+    needs_cuda()
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        for arch in train.ARCHS:
+            model = small_model(arch=arch, block=64, width=64).cuda().eval()
+            train.set_kernels(model, "auto", torch.device("cuda"))
+            idx = torch.randint(100, (3, 40), device="cuda")
+            full, _ = model(idx)
+            runs = {}
+            for graph in (False, True):
+                caches = model.init_caches(3, "cuda", torch.float32)
+                model(idx[:, :8], caches=caches)
+                step = train.DecodeStep(model, caches, 3, cuda_graph=graph)
+                runs[graph] = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(8, 40)], dim=1)
+                assert (step.graph is not None) == graph
+            torch.testing.assert_close(runs[True], runs[False], atol=1e-6, rtol=1e-6, msg=arch)
+            torch.testing.assert_close(runs[True], full[:, 8:], atol=1e-4, rtol=1e-4, msg=arch)
+            for autocast in (False, True):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    for batch in (3, 1):
+                        with_graph = model.generate(idx[:batch, :8], 70, temperature=0, cuda_graph=True)
+                        eager = model.generate(idx[:batch, :8], 70, temperature=0, cuda_graph=False)
+                        assert torch.equal(with_graph, eager), (arch, autocast, batch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_gpu_bf16_and_compile_agree_with_fp32_eager():

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from attention import Rotary, causal_attention
+from attention import Rotary, cached_attention, causal_attention
 
 
 def matched_heads(n_embd: int, head_dim: int, ranks: tuple[int, int, int], kv_only: bool) -> int:
@@ -108,11 +108,11 @@ class TPAttention(nn.Module):
             self.w_q = nn.Linear(C, self.h * self.d, bias=False)
         self.proj = nn.Linear(self.h * self.d, C, bias=False)
         self.rotary = Rotary(self.d, cfg.block_size, cfg.rope_base)
-        # kernels.py path (train.set_kernels switches it): Q/K/V built from the factors by one kernel each,
-        # and decoding over the factor cache; not for the fixed-head-factor special cases
+        # kernels.py path (train.set_kernels switches it): Q/K/V built from the factors by one kernel each
+        # (training), and decoding over the factor cache; not for the fixed-head-factor special cases
         self.use_kernels = False
         self.kernel_replaces = ("tpa.factor_product", "attention.Rotary on TPA's factors",
-                                "tpa.TPAttention.forward's cached decoding")
+                                "tpa.TPAttention.forward's decode step")
         self.kernel_supported = fixed_a is None and kernels.tpa_supports(self.h, self.d)
 
     @torch.no_grad()
@@ -157,47 +157,47 @@ class TPAttention(nn.Module):
             return (None, a[0], a[1]), (None, b[0], b[1])
         return tuple(a), tuple(b)
 
-    def forward(self, x, start_pos: int = 0, cache=None):
+    def forward(self, x, start_pos: int | torch.Tensor = 0, cache=None):
+        """Training (no cache), a prompt chunk at start_pos (cache), or one decode step (cache, T = 1;
+        start_pos may be a tensor, and then every shape is fixed, as CUDA graphs need)."""
         B, T, _ = x.shape
-        if cache is not None and start_pos + T > cache["a_k"].size(1):
+        if cache is not None and isinstance(start_pos, int) and start_pos + T > cache["a_k"].size(1):
             raise ValueError(f"TPA cache overflow: positions up to {start_pos + T} for a cache of "
                              f"{cache['a_k'].size(1)} (the configured maximum length)")
-        if self.use_kernels and (cache is None or T == 1):
-            return self.forward_kernels(x, start_pos, cache)
+        kernel = self.use_kernels  # kernels.py in place of the factor products and the decoding attention
         (a_q, a_k, a_v), (b_q, b_k, b_v) = self.factors(x)
-        b_k = self.rotary(b_k, start_pos)  # RoPE on the feature factors (Theorem 3.1)
-        if self.kv_only:
-            q = self.rotary(self.w_q(x).view(B, T, self.h, self.d), start_pos)  # (B, T, h, d)
-        else:
-            q = factor_product(a_q, self.rotary(b_q, start_pos))  # (B, T, h, d): (1/R_Q) sum_r a_r (outer) RoPE(b_r)
-        if cache is not None:  # keep the factors; rebuild K and V from all cached ones
-            end = start_pos + T
-            for name, value in (("a_k", a_k), ("b_k", b_k), ("a_v", a_v), ("b_v", b_v)):
-                cache[name][:, start_pos:end] = value
-            a_k, b_k, a_v, b_v = (cache[n][:, :end] for n in ("a_k", "b_k", "a_v", "b_v"))
-        k, v = factor_product(a_k, b_k), factor_product(a_v, b_v)  # (B, T_k, h, d) each
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, h, T, d)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
-
-    def forward_kernels(self, x, start_pos: int = 0, cache=None):
-        """forward() through kernels.py: training (no cache) builds Q, K, V from the factors in SDPA's
-        layout, RoPE applied on the way; one-token decoding attends over the factor cache directly."""
-        B, T, _ = x.shape
-        (a_q, a_k, a_v), (b_q, b_k, b_v) = self.factors(x)
-        cos, sin = self.rotary.cos, self.rotary.sin
         if self.kv_only:
             q = self.rotary(self.w_q(x).view(B, T, self.h, self.d), start_pos).transpose(1, 2)  # (B, h, T, d)
-        else:
-            q = kernels.tpa_factor_product(a_q, b_q, cos, sin, start_pos)  # (B, h, T, d)
+        elif kernel and cache is None:
+            q = kernels.tpa_factor_product(a_q, b_q, self.rotary.cos, self.rotary.sin)  # (B, h, T, d), rotated
+        else:  # (1/R_Q) sum_r a_r (outer) RoPE(b_r): RoPE on the feature factors (Theorem 3.1)
+            q = factor_product(a_q, self.rotary(b_q, start_pos)).transpose(1, 2)  # (B, h, T, d)
         if cache is None:
-            k = kernels.tpa_factor_product(a_k, b_k, cos, sin, start_pos)  # (B, h, T, d), rotated
-            v = kernels.tpa_factor_product(a_v, b_v)
+            if kernel:
+                k = kernels.tpa_factor_product(a_k, b_k, self.rotary.cos, self.rotary.sin)  # (B, h, T, d)
+                v = kernels.tpa_factor_product(a_v, b_v)
+            else:
+                k = factor_product(a_k, self.rotary(b_k)).transpose(1, 2)  # (B, h, T, d)
+                v = factor_product(a_v, b_v).transpose(1, 2)
             y = causal_attention(q, k, v)  # (B, h, T, d)
-        else:  # T == 1: store this token's factors (B_K rotated), attend over all cached ones
-            cache["a_k"][:, start_pos], cache["b_k"][:, start_pos] = a_k[:, 0], self.rotary(b_k, start_pos)[:, 0]
-            cache["a_v"][:, start_pos], cache["b_v"][:, start_pos] = a_v[:, 0], b_v[:, 0]
-            y = kernels.tpa_decode(q[:, :, 0], cache["a_k"], cache["b_k"], cache["a_v"], cache["b_v"],
-                                   start_pos + 1)[:, :, None]  # (B, h, 1, d)
+        elif T == 1:  # a decode step: keep this token's factors (B_K rotated), attend over the whole cache
+            pos = torch.as_tensor(start_pos, device=x.device).view(1)
+            for name, value in (("a_k", a_k), ("b_k", self.rotary(b_k, start_pos)), ("a_v", a_v), ("b_v", b_v)):
+                cache[name].index_copy_(1, pos, value)
+            if kernel:  # attention straight from the factors, never forming K or V
+                y = kernels.tpa_decode(q[:, :, 0], cache["a_k"], cache["b_k"], cache["a_v"], cache["b_v"],
+                                       pos + 1)[:, :, None]  # (B, h, 1, d)
+            else:
+                k = factor_product(cache["a_k"], cache["b_k"]).transpose(1, 2)  # (B, h, L, d)
+                v = factor_product(cache["a_v"], cache["b_v"]).transpose(1, 2)
+                y = cached_attention(q, k, v, pos)  # (B, h, 1, d)
+        else:  # a prompt chunk: keep its factors, rebuild K and V from all cached ones
+            end = start_pos + T
+            for name, value in (("a_k", a_k), ("b_k", self.rotary(b_k, start_pos)), ("a_v", a_v), ("b_v", b_v)):
+                cache[name][:, start_pos:end] = value
+            k = factor_product(cache["a_k"][:, :end], cache["b_k"][:, :end]).transpose(1, 2)  # (B, h, end, d)
+            v = factor_product(cache["a_v"][:, :end], cache["b_v"][:, :end]).transpose(1, 2)
+            y = causal_attention(q, k, v, start_pos)  # (B, h, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 

@@ -53,7 +53,7 @@ import kernels
 import linearity
 import mhc
 import tpa
-from attention import Rotary, causal_attention
+from attention import Rotary, cached_attention, causal_attention
 # The data pipeline lives in data.py; train.X names its parts too (train.prepare_tokens, train.UserError, ...).
 from data import (EOT, HF_TRAIN_FILE, HF_VAL_FILE, RecallData, TokenData, UserError, download_tinystories,
                   find_text_files, get_tokenizer, iter_stories, prepare_tokens, recall_chance, recall_pairs,
@@ -151,6 +151,8 @@ class CausalSelfAttention(nn.Module):
     A token mixer maps (B, T, C) -> (B, T, C) causally. For generation it also has an incremental
     form: init_cache() makes its state, and forward(x, start_pos, cache) processes the tokens at
     positions start_pos.. and appends what later tokens need (here: the rotated keys and the values).
+    A one-token step (T = 1) may get start_pos as a (1,) or 0-dim tensor and keeps every shape fixed
+    (GPT.generate's CUDA graphs need that).
     """
 
     def __init__(self, cfg: GPTConfig, layer: int):
@@ -181,12 +183,18 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, H, D)
         q, k = self.rotary(q, start_pos), self.rotary(k, start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 x (B, H, T, D)
-        if cache is not None:  # append this chunk's keys and values, attend over everything cached
-            end = start_pos + T
-            cache["k"][:, :, start_pos:end] = k
-            cache["v"][:, :, start_pos:end] = v
-            k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]  # (B, H, end, D)
-        y = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
+        if cache is not None and T == 1:  # a decode step: write at pos, attend over the whole cache
+            pos = torch.as_tensor(start_pos, device=x.device).view(1)
+            cache["k"].index_copy_(2, pos, k)
+            cache["v"].index_copy_(2, pos, v)
+            y = cached_attention(q, cache["k"], cache["v"], pos)  # (B, H, 1, D)
+        else:
+            if cache is not None:  # a prompt chunk: append its keys and values, attend over everything cached
+                end = start_pos + T
+                cache["k"][:, :, start_pos:end] = k
+                cache["v"][:, :, start_pos:end] = v
+                k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]  # (B, H, end, D)
+            y = causal_attention(q, k, v, start_pos)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -298,6 +306,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, start_pos: int = 0, caches=None, return_hidden: bool = False):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None), plus, with return_hidden,
         the list of L+1 hidden states (B, T, C): the embedding and the output of every block."""
+        if caches is not None and not isinstance(start_pos, torch.Tensor) and start_pos + idx.size(1) > self.cfg.block_size:
+            raise ValueError(f"cache overflow: positions up to {start_pos + idx.size(1)} for caches of "
+                             f"block_size {self.cfg.block_size}")
         x = self.wte(idx).to(getattr(torch, self.cfg.residual_dtype))  # (B, T, C)
         h = self.stream.expand(x)  # (B, T, C), or wider for multi-stream policies
         hidden = [self.stream.collapse(h)] if return_hidden else None
@@ -321,30 +332,32 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, stop_token: int | None = None):
+                 use_cache: bool = True, stop_token: int | None = None, cuda_graph: bool = True):
         """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 means greedy.
 
-        With the cache, the prompt is processed once (prefill) and each new token costs one position.
+        With the cache, the prompt is processed once (prefill) and each new token costs one step of
+        DecodeStep: fixed shapes and, on a GPU (cuda_graph), one replay of a captured CUDA graph.
         Once the context reaches block_size, each step re-reads the last block_size tokens, exactly
         what cropping the context would do without a cache. stop_token ends generation early
         once every row has produced it."""
         was_training = self.training
         self.eval()
-        caches, cached_len = None, 0
+        step, cached_len = None, 0
         dtype = self.wte.weight.dtype
         if torch.is_autocast_enabled(idx.device.type):
             dtype = torch.get_autocast_dtype(idx.device.type)
         for _ in range(max_new_tokens):
-            if use_cache and caches is not None and cached_len < self.cfg.block_size:
-                logits, _ = self(idx[:, -1:], start_pos=cached_len, caches=caches)  # one new position
+            if step is not None and cached_len < self.cfg.block_size:
+                logits = step(idx[:, -1:], cached_len)  # (B, V): one new position
                 cached_len += 1
             else:
                 context = idx[:, -self.cfg.block_size:]  # (B, <= block_size)
-                if use_cache:
-                    caches = self.init_caches(idx.size(0), idx.device, dtype)
-                logits, _ = self(context, caches=caches)
+                caches = self.init_caches(idx.size(0), idx.device, dtype) if use_cache else None
+                logits = self(context, caches=caches)[0][:, -1]  # (B, V)
+                if use_cache and context.size(1) < self.cfg.block_size:
+                    step = DecodeStep(self, caches, idx.size(0), cuda_graph and idx.is_cuda)
                 cached_len = context.size(1)
-            logits = logits[:, -1, :self.cfg.vocab_size].float()  # (B, vocab): padding never sampled
+            logits = logits[:, :self.cfg.vocab_size].float()  # (B, vocab): padding never sampled
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
@@ -358,6 +371,55 @@ class GPT(nn.Module):
                 break
         self.train(was_training)
         return idx
+
+
+class DecodeStep:
+    """One token per sequence through the model and its caches, at a position that only lives in a tensor:
+    step(token (B, 1), pos) -> logits (B, V) of the next token.
+
+    Every mixer writes its cache at pos and reads the whole cache under a mask, so every call runs the same
+    kernels on the same memory. That lets a CUDA graph capture the step once and replay it for every
+    position: one launch instead of several hundred small ones, which is what paces a small model's
+    decoding (Python and launches, not the GPU). torch.cuda.graphs directly rather than torch.compile
+    (mode="reduce-overhead"): the first token comes without a compile, and the mechanism stays visible.
+    The returned logits live in the graph's own memory: the next call overwrites them."""
+
+    def __init__(self, model: GPT, caches: list, batch_size: int, cuda_graph: bool):
+        self.model, self.caches, self.cuda_graph = model, caches, cuda_graph
+        device = model.wte.weight.device
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1), the graph's input
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+
+    def run(self):
+        return self.model(self.token, start_pos=self.pos, caches=self.caches)[0][:, -1]  # (B, V)
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        if token.shape != self.token.shape or token.device != self.token.device:
+            raise ValueError(f"DecodeStep was made for tokens of shape {tuple(self.token.shape)} on "
+                             f"{self.token.device}, got {tuple(token.shape)} on {token.device}")
+        self.token.copy_(token)
+        self.pos.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.cuda_graph:
+            return self.run()
+        # The first call is a real step, run eagerly on a side stream (it also compiles Triton kernels and
+        # lets cuBLAS pick its algorithms, which capture must not do); then the same step is recorded, which
+        # executes nothing. autocast keeps no cache of cast weights inside a graph (their memory would be
+        # freed under it).
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            logits = self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:
+            self.logits = self.run()
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1188,6 +1250,7 @@ def sample_main(mcfg: GPTConfig, cfg: TrainConfig) -> int:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     model.to(device)
+    set_kernels(model, cfg.kernels, device)  # TPA decodes from its factor cache with kernels.tpa_decode
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
     enc = get_tokenizer()
