@@ -200,8 +200,8 @@ def mhc_write_back_bytes(answer=None):
     the sub-layer output f and writes the n streams h' (the coefficients are small: ignore them). At
     the benchmark's shape (B = 64, T = 512, n = 4, C = 384) and with f stored like the streams, how
     many MB (10^6 bytes) is that with fp32 streams, and with bf16 streams (--residual-dtype bfloat16)?
-    At the ~3.0 TB/s an H100 copy reaches, how long must the bf16 one take at least? Compare with the
-    write-back's forward in `python bench.py mhc` (RESULTS.md: 0.082 ms). --answer FP32_MB,BF16_MB"""
+    Assuming memory moves at 3.0 TB/s (a fast GPU's copy rate), how long must the bf16 one take at least?
+    Compare with the write-back's forward in `python bench.py mhc` (RESULTS.md). --answer FP32_MB,BF16_MB"""
     given = need_numbers(answer, "FP32_MB,BF16_MB", 2)
     n, C, tokens = 4, 384, 64 * 512
     truth = [(2 * n + 1) * C * tokens * size / 1e6 for size in (4, 2)]  # read n + 1 rows of C, write n
@@ -222,10 +222,10 @@ def mhc_wide_floor(answer=None):
 
     RESULTS.md's width table runs d = 4096, 6 layers (12 sub-layers), 16,384 tokens a step, n = 4
     streams stored in bf16. Counting only passes over the streams (one pass = every stream value of
-    every token read or written once) at the ~3.0 TB/s an H100 copy reaches: how many ms a step do
-    this repository's kernels (~13.5 passes per sub-layer) need at least, and how many would a design
-    that keeps only the ~5 passes no fusion removes? Set them against the measured 39 ms of extra time
-    and the plain step's 241 ms (RESULTS.md, "HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
+    every token read or written once) at an assumed 3.0 TB/s: how many ms a step do this repository's
+    kernels (~13.5 passes per sub-layer) need at least, and how many would a design that keeps only the
+    ~5 passes no fusion removes? Set them against mHC's measured extra time and the plain step's time in
+    RESULTS.md's width table ("HC and mHC"). --answer MS_13.5_PASSES,MS_5_PASSES"""
     given = need_numbers(answer, "MS_13.5_PASSES,MS_5_PASSES", 2)
     n, C, tokens, sublayers = 4, 4096, 32 * 512, 12
     one_pass_ms = n * C * tokens * 2 / 3.0e12 * 1e3  # bf16: 2 bytes a value

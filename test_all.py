@@ -38,6 +38,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken_cache")
 DATA = os.environ.get("TINYSTORIES_DIR") or os.path.join(SHARED, "tinystories")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # the Triton kernels run under the interpreter (fp32) on a CPU
@@ -2148,7 +2149,7 @@ def test_tokens_are_eot_then_story():
     src = os.path.join(d, "stories.txt.xz")
     write_text(src, "".join(s + "\n<|endoftext|>\n" for s in STORIES))
     meta = train.tokenize_file(src, os.path.join(d, "out.bin"), False, enc, log=lambda *a: None)
-    got = train.np.fromfile(os.path.join(d, "out.bin"), dtype=train.np.uint16).tolist()
+    got = np.fromfile(os.path.join(d, "out.bin"), dtype=np.uint16).tolist()
     want = [t for s in STORIES for t in [train.EOT] + enc.encode_ordinary(s)]
     assert got == want and meta["tokens"] == len(want) and meta["stories"] == 3
 
@@ -2174,14 +2175,14 @@ def test_token_cache_reuse_and_separate_validation():
     logs2 = []
     assert train.prepare_tokens(*train.find_text_files(folder), cache, "auto", log=logs2.append) == paths
     assert any("tokens: cached" in line for line in logs2) and os.path.getmtime(paths[0]) == mtime
-    tr = train.np.fromfile(paths[0], dtype=train.np.uint16).tolist()
-    va = train.np.fromfile(paths[1], dtype=train.np.uint16).tolist()
+    tr = np.fromfile(paths[0], dtype=np.uint16).tolist()
+    va = np.fromfile(paths[1], dtype=np.uint16).tolist()
     assert tr == [t for s in train_stories for t in [train.EOT] + enc.encode_ordinary(s)]
     assert va == [train.EOT] + enc.encode_ordinary(STORIES[2].lower())
     # with lowercasing off the cache key differs and the validation text keeps its case
     paths_off = train.prepare_tokens(*train.find_text_files(folder), cache, "off", log=lambda *a: None)
     assert paths_off[1] != paths[1]
-    assert train.np.fromfile(paths_off[1], dtype=train.np.uint16).tolist() == \
+    assert np.fromfile(paths_off[1], dtype=np.uint16).tolist() == \
         [train.EOT] + enc.encode_ordinary(STORIES[2])
     # no leftovers of the build
     assert not [n for n in os.listdir(cache) if ".tmp" in n]
@@ -2194,8 +2195,8 @@ def test_single_file_holds_out_a_tail():
     src = os.path.join(d, "all.txt")
     write_text(src, "".join(s + "\n<|endoftext|>\n" for s in stories))
     tr_path, va_path = train.prepare_tokens(src, None, os.path.join(d, "cache"), log=lambda *a: None)
-    tr = train.np.fromfile(tr_path, dtype=train.np.uint16)
-    va = train.np.fromfile(va_path, dtype=train.np.uint16)
+    tr = np.fromfile(tr_path, dtype=np.uint16)
+    va = np.fromfile(va_path, dtype=np.uint16)
     enc = train.get_tokenizer()
     whole = [t for s in stories for t in [train.EOT] + enc.encode_ordinary(s)]
     assert tr.tolist() + va.tolist() == whole
