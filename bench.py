@@ -736,7 +736,8 @@ def bench_generate(archs: list[str], batches: list[int], contexts: list[int], st
 
     context = contexts[-1]
     print(f"\n## The largest batch within {memory_gib:g} GiB at context {context} (graph): the peak grows "
-          "linearly with the batch; fitted from batches 1 and 8, then measured at the batch it predicts")
+          "linearly with the batch; a line through the last two measured peaks predicts the next batch, three "
+          "times from batches 1 and 8; the largest measured batch within the budget is shown")
     print("| arch | cache MiB per sequence | batch | peak GiB | ms per step | tokens/s |")
     print("|------|-----------------------:|------:|---------:|------------:|---------:|")
     for arch in archs:
@@ -744,13 +745,18 @@ def bench_generate(archs: list[str], batches: list[int], contexts: list[int], st
         cache_mib = sum(t.numel() * t.element_size() for c in model.init_caches(1, device, torch.bfloat16)
                         for name, t in c.items() if not name.startswith("filters")) / 2**20
         with autocast:
-            small, large = (time_decode(model, b, True, 4)[2] for b in (1, 8))
-            batch = max(1, int((memory_gib - small) / ((large - small) / 7)) + 1)
-            while True:
-                ms, _, peak = time_decode(model, batch, True, steps)
-                if peak <= memory_gib or batch == 1:
+            measured = [(b, time_decode(model, b, True, 4)) for b in (1, 8)]  # (batch, (ms, first ms, peak))
+            for _ in range(3):
+                (b0, (_, _, p0)), (b1, (_, _, p1)) = measured[-2:]
+                batch = max(1, b1 + int((memory_gib - p1) * (b1 - b0) / max(p1 - p0, 1e-6)))
+                if batch in (b for b, _ in measured):
                     break
-                batch = max(1, int(batch * 0.95))
+                try:
+                    measured.append((batch, time_decode(model, batch, True, steps)))
+                except torch.cuda.OutOfMemoryError:  # past the card itself: over any budget
+                    measured.append((batch, (float("nan"), float("nan"), float("inf"))))
+            fits = [(b, r) for b, r in measured if r[2] <= memory_gib and b > 8] or [(1, measured[0][1])]
+            batch, (ms, _, peak) = max(fits)
         print(f"| {arch} | {cache_mib:.0f} | {batch} | {peak:.1f} | {ms:.2f} | {batch * 1e3 / ms:,.0f} |")
         del model
     return 0
