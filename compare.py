@@ -376,16 +376,19 @@ def load_seeds(folder: str, name: str, seeds: list[int], max_iters: int) -> dict
 
 def cache_values_per_token(model_config: dict) -> int:
     """Numbers a token mixer caches per generated token and layer, counted from its own init_cache
-    (on the meta device, so nothing is allocated): attention 2 C, TPA (R_K + R_V)(h + d), Hyena N C."""
+    (allocated on the meta device): attention 2 C, TPA (R_K + R_V)(h + d), Hyena N C. What a sequence's
+    cache grows by per token: what every sequence shares (Hyena's filters) is not counted."""
     import torch
     cfg = train.GPTConfig(**model_config)
-    with torch.device("meta"):
-        mixer = train.MIXERS[train.ARCHS[cfg.arch][0]](cfg, 0)
+    mixer = train.MIXERS[train.ARCHS[cfg.arch][0]](cfg, 0)
 
-    def numel(max_len):
-        return sum(t.numel() for t in mixer.init_cache(1, max_len, "meta", torch.float32).values()
+    def numel(batch, max_len):
+        return sum(t.numel() for t in mixer.init_cache(batch, max_len, "meta", torch.float32).values()
                    if isinstance(t, torch.Tensor))
-    return numel(2) - numel(1)
+
+    def per_sequence(max_len):
+        return numel(2, max_len) - numel(1, max_len)
+    return per_sequence(2) - per_sequence(1)
 
 
 # ----------------------------------------------------------------------------------------------------
