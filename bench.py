@@ -918,14 +918,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: bench.py {args.name} needs a CUDA GPU and Triton")
     for line in changed:
         print(f"# --set {line}")
-    try:
-        return BENCHMARKS[args.name][1](args) or 0
-    except train.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return train.run_command(lambda: BENCHMARKS[args.name][1](args))
 
 
 if __name__ == "__main__":

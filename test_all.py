@@ -2637,7 +2637,8 @@ def test_bench_gpt_on_a_cpu_uses_the_tiny_configuration():
 
 def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
     """bench.py --help lists the kernel benchmarks; --set changes a launch setting and refuses unknown ones;
-    on a CPU each benchmark refuses in one line; `kernels.py --bench X ...` names the bench.py command."""
+    on a CPU each benchmark refuses in one line; generate's bad lists are refused; `kernels.py --bench X ...`
+    names the bench.py command."""
     def bench(*args):
         return subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True,
                               text=True, timeout=120)
@@ -2656,6 +2657,10 @@ def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
         r = bench("hyena", "--set", "HYENA_CONV.block=32")
         expect_fail(r, "bench.py hyena needs a CUDA GPU")
         assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stderr
+        expect_fail(bench("generate", "--batches", "1,4"), "bench.py generate needs a CUDA GPU")
+    for args, err in ((["--archs", "gpt,nope"], "unknown arch 'nope'"), (["--batches", "1,x"], "comma-separated integers"),
+                      (["--contexts", "20"], "at least --steps + 3 = 33")):
+        expect_fail(bench("generate", *args), err)
     r = subprocess.run([sys.executable, os.path.join(HERE, "kernels.py"), "--bench", "hyena", "--json", "x.json"],
                        capture_output=True, text=True, timeout=120)
     expect_fail(r, "python bench.py hyena --json x.json")

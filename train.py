@@ -1331,11 +1331,17 @@ def main(argv=None) -> int:
         print(f"error: train.py --bench moved to bench.py: python bench.py gpt {' '.join(new)}", file=sys.stderr)
         return 2
     mcfg, cfg, explicit = parse_args(argv)
-    try:
+
+    def run():
         check_device(cfg.device)
-        if cfg.sample is not None:
-            return sample_main(mcfg, cfg)
-        return train(mcfg, cfg, explicit)
+        return sample_main(mcfg, cfg) if cfg.sample is not None else train(mcfg, cfg, explicit)
+    return run_command(run)
+
+
+def run_command(run: Callable[[], int | None]) -> int:
+    """The tail of a command line (train.py's, bench.py's): a UserError or Ctrl-C ends in one line."""
+    try:
+        return run() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
