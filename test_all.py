@@ -2688,7 +2688,7 @@ def test_generate_gpu_cuda_graph_equals_eager_and_forward():
     """On the GPU, every arch with its kernels: the decode step replayed from its CUDA graph == the same step
     run eagerly == the full forward, fp32 (TF32 off; 1e-4: the kernels and SDPA's backends sum in other
     orders than the forward); greedy generation with graphs == without, in bf16 too, past block_size, and
-    at a second batch size (a new capture)."""
+    at a second batch size (a new capture); a graph captured in fp32 refuses to replay under autocast."""
     needs_cuda()
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     try:
@@ -2705,6 +2705,8 @@ def test_generate_gpu_cuda_graph_equals_eager_and_forward():
                 runs[graph] = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(8, 40)], dim=1)
                 assert (step.graph is not None) == graph
             torch.testing.assert_close(runs[True], runs[False], atol=1e-6, rtol=1e-6, msg=arch)
+            with torch.autocast("cuda", dtype=torch.bfloat16), expect_raises(ValueError, "captured with autocast"):
+                step(idx[:, :1], 39)  # captured in fp32: replaying it under bf16 autocast would not cast
             torch.testing.assert_close(runs[True], full[:, 8:], atol=1e-4, rtol=1e-4, msg=arch)
             for autocast in (False, True):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

@@ -400,6 +400,9 @@ class DecodeStep:
         self.token.copy_(token)
         self.pos.fill_(pos)
         if self.graph is not None:
+            if self.autocast_state() != self.captured_under:  # the graph holds the casts it was captured with
+                raise ValueError(f"DecodeStep's CUDA graph was captured with autocast (enabled, dtype) = "
+                                 f"{self.captured_under}, now {self.autocast_state()}: make a new DecodeStep")
             self.graph.replay()
             return self.logits
         if not self.cuda_graph:
@@ -415,10 +418,14 @@ class DecodeStep:
         with torch.cuda.stream(side), autocast:
             logits = self.run()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph, self.captured_under = torch.cuda.CUDAGraph(), self.autocast_state()
         with torch.cuda.graph(self.graph), autocast:
             self.logits = self.run()
         return logits
+
+    @staticmethod
+    def autocast_state():
+        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
