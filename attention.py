@@ -2,8 +2,9 @@
 attention.py -- what every attention in this repository shares: RoPE and the causal attention call.
 
 train.py's CausalSelfAttention and tpa.py's TPAttention both rotate queries and keys with Rotary and
-attend with causal_attention (training, prompts) and cached_attention (one generated token). They live here, in a file that imports only torch, so that tpa.py never
-needs train.py (train.py imports the technique files, never the other way round).
+attend with causal_attention (training, prompts) and cached_attention (one generated token). They
+live here, in a file that imports only torch, so that tpa.py never needs train.py (train.py imports
+the technique files, never the other way round).
 
 Notation (shape comments): B batch, T time, H heads, D head width, L cache length.
 """

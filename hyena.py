@@ -314,7 +314,9 @@ class HyenaMixer(nn.Module):
             if T == 1:  # y_t = sum_s h_{t-s} z_s + D z_t: a dot product over the whole (masked) past
                 cache["z"][:, n].index_copy_(-1, pos, z.float())
                 h_rev = cache["filters_reversed"][n].index_select(-1, window)  # (C, L): h_{t-s}, 0 for s > t
-                y = torch.einsum("bcl,cl->bc", cache["z"][:, n], h_rev)[..., None]  # (B, C, 1), no (B, C, L) temporary
+                # one matmul per channel, no (B, C, L) temporary; fp32 like the cache (autocast would run bf16)
+                with torch.autocast(u.device.type, enabled=False):
+                    y = torch.einsum("bcl,cl->bc", cache["z"][:, n], h_rev)[..., None]  # (B, C, 1)
                 y = y + self.filter.skip[n].float()[:, None] * z.float()
             else:  # a prompt chunk: the FFT convolution over everything so far, keep this chunk's outputs
                 end = start_pos + T

@@ -270,6 +270,8 @@ def test_decode_step_with_fixed_shapes_equals_forward():
         torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=1e-5, msg=arch)
     with expect_raises(ValueError, "made for tokens of shape (3, 1)"):
         step(idx[:2, :1], 5)
+    with expect_raises(ValueError, "cache overflow: position 16"):
+        step(idx[:, :1], 16)
     with expect_raises(ValueError, "cache overflow"):
         model(idx[:, :2], start_pos=15, caches=caches)
 
@@ -2658,8 +2660,8 @@ def test_bench_py_lists_the_kernel_benchmarks_and_kernels_py_points_there():
         expect_fail(r, "bench.py hyena needs a CUDA GPU")
         assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r.stderr
         expect_fail(bench("generate", "--batches", "1,4"), "bench.py generate needs a CUDA GPU")
-    for args, err in ((["--archs", "gpt,nope"], "unknown arch 'nope'"), (["--batches", "1,x"], "comma-separated integers"),
-                      (["--contexts", "20"], "at least --steps + 3 = 33")):
+    for args, err in ((["--archs", "gpt,nope"], "unknown arch 'nope'"),
+                      (["--batches", "1,x"], "comma-separated integers"), (["--contexts", "20"], "at least --steps + 3 = 33")):
         expect_fail(bench("generate", *args), err)
     r = subprocess.run([sys.executable, os.path.join(HERE, "kernels.py"), "--bench", "hyena", "--json", "x.json"],
                        capture_output=True, text=True, timeout=120)

@@ -169,15 +169,15 @@ class TPAttention(nn.Module):
         if self.kv_only:
             q = self.rotary(self.w_q(x).view(B, T, self.h, self.d), start_pos).transpose(1, 2)  # (B, h, T, d)
         elif kernel and cache is None:
-            q = kernels.tpa_factor_product(a_q, b_q, self.rotary.cos, self.rotary.sin)  # (B, h, T, d), rotated
+            q = kernels.tpa_factor_product(a_q, b_q, self.rotary.cos, self.rotary.sin, start_pos)  # (B, h, T, d)
         else:  # (1/R_Q) sum_r a_r (outer) RoPE(b_r): RoPE on the feature factors (Theorem 3.1)
             q = factor_product(a_q, self.rotary(b_q, start_pos)).transpose(1, 2)  # (B, h, T, d)
         if cache is None:
             if kernel:
-                k = kernels.tpa_factor_product(a_k, b_k, self.rotary.cos, self.rotary.sin)  # (B, h, T, d)
+                k = kernels.tpa_factor_product(a_k, b_k, self.rotary.cos, self.rotary.sin, start_pos)  # (B, h, T, d)
                 v = kernels.tpa_factor_product(a_v, b_v)
             else:
-                k = factor_product(a_k, self.rotary(b_k)).transpose(1, 2)  # (B, h, T, d)
+                k = factor_product(a_k, self.rotary(b_k, start_pos)).transpose(1, 2)  # (B, h, T, d)
                 v = factor_product(a_v, b_v).transpose(1, 2)
             y = causal_attention(q, k, v)  # (B, h, T, d)
         elif T == 1:  # a decode step: keep this token's factors (B_K rotated), attend over the whole cache

@@ -305,7 +305,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, start_pos: int = 0, caches=None, return_hidden: bool = False):
         """idx: (B, T) token ids. Returns (logits (B, T, V), loss or None), plus, with return_hidden,
         the list of L+1 hidden states (B, T, C): the embedding and the output of every block."""
-        if caches is not None and not isinstance(start_pos, torch.Tensor) and start_pos + idx.size(1) > self.cfg.block_size:
+        end = None if isinstance(start_pos, torch.Tensor) else start_pos + idx.size(1)  # a tensor: DecodeStep checks
+        if caches is not None and end is not None and end > self.cfg.block_size:
             raise ValueError(f"cache overflow: positions up to {start_pos + idx.size(1)} for caches of "
                              f"block_size {self.cfg.block_size}")
         x = self.wte(idx).to(getattr(torch, self.cfg.residual_dtype))  # (B, T, C)
@@ -351,6 +352,7 @@ class GPT(nn.Module):
                 cached_len += 1
             else:
                 context = idx[:, -self.cfg.block_size:]  # (B, <= block_size)
+                step = None  # its caches and graph go: past block_size every token re-reads the context
                 caches = self.init_caches(idx.size(0), idx.device, dtype) if use_cache else None
                 logits = self(context, caches=caches)[0][:, -1]  # (B, V)
                 if use_cache and context.size(1) < self.cfg.block_size:
@@ -393,10 +395,13 @@ class DecodeStep:
     def run(self):
         return self.model(self.token, start_pos=self.pos, caches=self.caches)[0][:, -1]  # (B, V)
 
+    @torch.no_grad()
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         if token.shape != self.token.shape or token.device != self.token.device:
             raise ValueError(f"DecodeStep was made for tokens of shape {tuple(self.token.shape)} on "
                              f"{self.token.device}, got {tuple(token.shape)} on {token.device}")
+        if not 0 <= pos < self.model.cfg.block_size:  # checked here: inside the step it is a tensor
+            raise ValueError(f"cache overflow: position {pos} for caches of block_size {self.model.cfg.block_size}")
         self.token.copy_(token)
         self.pos.fill_(pos)
         if self.graph is not None:
