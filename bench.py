@@ -661,7 +661,7 @@ def _decode_model(arch: str, context: int, device) -> train.GPT:
 
 
 @torch.no_grad()
-def time_decode(model: train.GPT, batch: int, graph: bool, steps: int) -> tuple[float, float, float]:
+def time_decode(model: train.GPT, batch: int, graph: bool, steps: int, compile: bool = False) -> tuple[float, float, float]:
     """(ms per step, ms of the first step, peak GiB) of greedy decode steps at the end of a full cache.
 
     The cache holds zeros, not a prompt's keys: a step's cost does not depend on the values. Each step
@@ -670,7 +670,7 @@ def time_decode(model: train.GPT, batch: int, graph: bool, steps: int) -> tuple[
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     caches = model.init_caches(batch, device, torch.bfloat16)
-    step = train.DecodeStep(model, caches, batch, graph)
+    step = train.DecodeStep(model, caches, batch, graph, compile)
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     first_pos = context - steps - 3
     torch.cuda.synchronize()
@@ -689,11 +689,13 @@ def time_decode(model: train.GPT, batch: int, graph: bool, steps: int) -> tuple[
     return ms, first_ms, torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_generate(archs: list[str], batches: list[int], contexts: list[int], steps: int, memory_gib: float):
+def bench_generate(archs: list[str], batches: list[int], contexts: list[int], steps: int, memory_gib: float,
+                   compile: bool = False):
     """Decode speed of every arch at the default width (C 384, 6 layers), bf16 autocast, kernels on:
     (1) a fresh GPT.generate, as `train.py --sample` runs it; (2) ms per step, tokens/s and peak memory
     at each batch and context, eager vs CUDA graph; (3) at the longest context, the largest batch that
-    fits in memory_gib GiB and its tokens/s (TPA's smaller cache buys batch)."""
+    fits in memory_gib GiB and its tokens/s (TPA's smaller cache buys batch); (4) with compile, the
+    compiled step in its graph at batch 1 and the first context."""
     device = "cuda"
     print(f"# bench.py generate on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; default model (C = 384, 6 layers), random weights, bf16 autocast, kernels on")
@@ -760,6 +762,19 @@ def bench_generate(archs: list[str], batches: list[int], contexts: list[int], st
             batch, (ms, _, peak) = max(fits)  # batches 1 and 8 timed over 4 steps, the others over --steps
         print(f"| {arch} | {cache_mib:.0f} | {batch} | {peak:.1f} | {ms:.2f} | {batch * 1e3 / ms:,.0f} |")
         del model
+
+    if compile:
+        print(f"\n## torch.compile inside the graph (DecodeStep(compile=True)), batch 1, context {contexts[0]}: ms "
+              "per step; the first step compiles and captures")
+        print("| arch | graph ms | compiled graph ms | speedup | first step s |")
+        print("|------|---------:|------------------:|--------:|-------------:|")
+        for arch in archs:
+            model = _decode_model(arch, contexts[0], device)
+            with autocast:
+                graph_ms = time_decode(model, 1, True, steps)[0]
+                compiled_ms, first_ms, _ = time_decode(model, 1, True, steps, compile=True)
+            print(f"| {arch} | {graph_ms:.3f} | {compiled_ms:.3f} | {graph_ms / compiled_ms:.1f}x | {first_ms / 1e3:.1f} |")
+            del model
     return 0
 
 
@@ -830,7 +845,8 @@ BENCHMARKS = {
               run_hyena, ("max_len", "plot", "json", "profile"), True),
     "generate": ("decode steps of every arch: a fresh generate, ms per step, tokens/s and memory by batch and "
                  "context, eager vs CUDA graphs; the largest batch within --memory-gib",
-                 lambda args: bench_generate(args.archs, args.batches, args.contexts, args.steps, args.memory_gib),
+                 lambda args: bench_generate(args.archs, args.batches, args.contexts, args.steps, args.memory_gib,
+                                             args.compile),
                  ("generate",), True),
 }
 
@@ -879,6 +895,8 @@ def parse_args(argv=None):
             p.add_argument("--steps", type=int, default=30, help="timed decode steps per row")
             p.add_argument("--memory-gib", type=float, default=40.0,
                            help="memory budget of the largest-batch table")
+            p.add_argument("--compile", action="store_true",
+                           help="also the compiled step in its graph at batch 1 (a compile of tens of seconds per arch)")
         if "profile" in options:
             p.add_argument("--profile", type=int, default=None, metavar="L",
                            help="instead of the benchmark, the per-kernel GPU time of the whole attention and "

@@ -258,14 +258,16 @@ def test_generate_cache_matches_recompute():
 def test_decode_step_with_fixed_shapes_equals_forward():
     """Every arch: the decode step generate() uses (DecodeStep run eagerly: the code a CUDA graph captures),
     its position a tensor and every cache read whole under a mask, gives the full forward's logits at each
-    position, fp32; a batch it was not made for and a cache overflow are refused."""
+    position, fp32 (hyena's step compiled where a C++ compiler is present); a batch it was not made
+    for and a cache overflow are refused."""
     for arch in train.ARCHS:
         model = small_model(arch=arch).eval()
         idx = torch.randint(100, (3, 16))
         full, _ = model(idx)
         caches = model.init_caches(3, idx.device, torch.float32)
         model(idx[:, :5], caches=caches)
-        step = train.DecodeStep(model, caches, 3, cuda_graph=False)
+        compile = arch == "hyena" and shutil.which("g++") is not None  # inductor on a CPU needs a compiler; ~10 s
+        step = train.DecodeStep(model, caches, 3, cuda_graph=False, compile=compile)
         steps = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(5, 16)], dim=1)  # (B, 11, V)
         torch.testing.assert_close(steps, full[:, 5:], atol=1e-5, rtol=1e-5, msg=arch)
     with expect_raises(ValueError, "made for tokens of shape (3, 1)"):
@@ -2689,7 +2691,8 @@ def test_gpu_bf16_compiled_training():
 def test_generate_gpu_cuda_graph_equals_eager_and_forward():
     """On the GPU, every arch with its kernels: the decode step replayed from its CUDA graph == the same step
     run eagerly == the full forward, fp32 (TF32 off; 1e-4: the kernels and SDPA's backends sum in other
-    orders than the forward); greedy generation with graphs == without, in bf16 too, past block_size, and
+    orders than the forward; tpa and mhc also compiled in the graph, with their Triton kernels inside);
+    greedy generation with graphs == without, in bf16 too, past block_size, and
     at a second batch size (a new capture); a graph captured in fp32 refuses to replay under autocast."""
     needs_cuda()
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
@@ -2700,16 +2703,18 @@ def test_generate_gpu_cuda_graph_equals_eager_and_forward():
             idx = torch.randint(100, (3, 40), device="cuda")
             full, _ = model(idx)
             runs = {}
-            for graph in (False, True):
+            for graph, compile in [(False, False), (True, False)] + [(True, True)] * (arch in ("tpa", "mhc")):
                 caches = model.init_caches(3, "cuda", torch.float32)
                 model(idx[:, :8], caches=caches)
-                step = train.DecodeStep(model, caches, 3, cuda_graph=graph)
-                runs[graph] = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(8, 40)], dim=1)
+                step = train.DecodeStep(model, caches, 3, cuda_graph=graph, compile=compile)
+                runs[graph, compile] = torch.stack([step(idx[:, t:t + 1], t).clone() for t in range(8, 40)], dim=1)
                 assert (step.graph is not None) == graph
-            torch.testing.assert_close(runs[True], runs[False], atol=1e-6, rtol=1e-6, msg=arch)
+            torch.testing.assert_close(runs[True, False], runs[False, False], atol=1e-6, rtol=1e-6, msg=arch)
+            if (True, True) in runs:
+                torch.testing.assert_close(runs[True, True], runs[False, False], atol=1e-4, rtol=1e-4, msg=arch)
             with torch.autocast("cuda", dtype=torch.bfloat16), expect_raises(ValueError, "captured with autocast"):
                 step(idx[:, :1], 39)  # captured in fp32: replaying it under bf16 autocast would not cast
-            torch.testing.assert_close(runs[True], full[:, 8:], atol=1e-4, rtol=1e-4, msg=arch)
+            torch.testing.assert_close(runs[True, False], full[:, 8:], atol=1e-4, rtol=1e-4, msg=arch)
             for autocast in (False, True):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     for batch in (3, 1):
