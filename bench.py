@@ -661,7 +661,8 @@ def _decode_model(arch: str, context: int, device) -> train.GPT:
 
 
 @torch.no_grad()
-def time_decode(model: train.GPT, batch: int, graph: bool, steps: int, compile: bool = False) -> tuple[float, float, float]:
+def time_decode(model: train.GPT, batch: int, graph: bool, steps: int,
+                compile: bool = False) -> tuple[float, float, float]:
     """(ms per step, ms of the first step, peak GiB) of greedy decode steps at the end of a full cache.
 
     The cache holds zeros, not a prompt's keys: a step's cost does not depend on the values. Each step

@@ -376,6 +376,11 @@ class GPT(nn.Module):
         return idx
 
 
+def next_logits(model: GPT, token, pos, caches):
+    """The logits (B, V) after token (B, 1) at position pos (a tensor), through the caches."""
+    return model(token, start_pos=pos, caches=caches)[0][:, -1]
+
+
 class DecodeStep:
     """One token per sequence through the model and its caches, at a position that only lives in a tensor:
     step(token (B, 1), pos) -> logits (B, V) of the next token.
@@ -392,14 +397,16 @@ class DecodeStep:
 
     def __init__(self, model: GPT, caches: list, batch_size: int, cuda_graph: bool, compile: bool = False):
         self.model, self.caches, self.cuda_graph = model, caches, cuda_graph
-        self.step = torch.compile(self.run, dynamic=False) if compile else self.run
+        # compiled as a plain function of its inputs, so that later DecodeSteps of the same model and shapes
+        # reuse the compiled code instead of compiling again for each new instance
+        self.logits_fn = torch.compile(next_logits, dynamic=False) if compile else next_logits
         device = model.wte.weight.device
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1), the graph's input
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.graph, self.logits = None, None
 
-    def run(self):
-        return self.model(self.token, start_pos=self.pos, caches=self.caches)[0][:, -1]  # (B, V)
+    def step(self):
+        return self.logits_fn(self.model, self.token, self.pos, self.caches)
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
