@@ -673,21 +673,28 @@ def time_decode(model: train.GPT, batch: int, graph: bool, steps: int,
     caches = model.init_caches(batch, device, torch.bfloat16)
     step = train.DecodeStep(model, caches, batch, graph, compile)
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+
+    def decode(positions) -> float:  # ms they took, each step followed by the greedy choice
+        nonlocal token
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for pos in positions:
+            token = step(token, pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
     first_pos = context - steps - 3
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    token = step(token, first_pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
-    first_ms = (time.perf_counter() - start) * 1e3
-    for pos in range(first_pos + 1, first_pos + 3):  # warm
-        token = step(token, pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for pos in range(first_pos + 3, context):
-        token = step(token, pos)[:, :model.cfg.vocab_size].float().argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - start) * 1e3 / steps
+    first_ms = decode([first_pos])
+    decode(range(first_pos + 1, first_pos + 3))  # warm
+    ms = decode(range(first_pos + 3, context)) / steps
     return ms, first_ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def cache_bytes(model: train.GPT, batch: int) -> int:
+    """Bytes of the caches for `batch` sequences (on the meta device: nothing allocated), bf16; the batch
+    difference leaves out what every sequence shares (Hyena's filters), as compare.py counts caches."""
+    return sum(t.numel() * t.element_size() for c in model.init_caches(batch, "meta", torch.bfloat16)
+               for t in c.values())
 
 
 def bench_generate(archs: list[str], batches: list[int], contexts: list[int], steps: int, memory_gib: float,
@@ -746,8 +753,7 @@ def bench_generate(archs: list[str], batches: list[int], contexts: list[int], st
     print("|------|-----------------------:|------:|---------:|------------:|---------:|")
     for arch in archs:
         model = _decode_model(arch, context, device)
-        cache_mib = sum(t.numel() * t.element_size() for c in model.init_caches(1, device, torch.bfloat16)
-                        for name, t in c.items() if not name.startswith("filters")) / 2**20
+        cache_mib = (cache_bytes(model, 2) - cache_bytes(model, 1)) / 2**20  # what a sequence adds
         with autocast:
             measured = [(b, time_decode(model, b, True, 4)) for b in (1, 8)]  # (batch, (ms, first ms, peak))
             for _ in range(3):
@@ -874,13 +880,7 @@ def parse_args(argv=None):
             p.add_argument("--profile", action="store_true",
                            help="on a GPU: also each model's GPU time per kernel over one training step")
         if "checkpoint" in options:
-            p.add_argument("checkpoint", help="a ckpt.pt written by train.py")
-            p.add_argument("--tokens", type=int, default=1_000_000, help="training tokens to score")
-            p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-            p.add_argument("--data", default=None, help="TinyStories folder or file; None: the one train.py finds")
-            p.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
-            p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                           help="where the model runs")
+            linearity.add_checkpoint_arguments(p, 1_000_000, "training tokens to score")
         if "max_len" in options:
             p.add_argument("--max-len", type=int, default=65536, help="longest sequence / cache timed")
         if "plot" in options:

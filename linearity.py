@@ -456,18 +456,23 @@ def main(train, argv=None) -> int:
         return 130
 
 
-def run(train, argv) -> int:
-    parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
-                                                 "the validation text it was trained with (or --data). Blocks "
-                                                 "are numbered 1..L: block l maps h_{l-1} to h_l.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, tokens: int, tokens_help: str):
+    """The options of every command that reads a checkpoint and its text (this file's, bench.py linearity-score)."""
     parser.add_argument("checkpoint", help="a ckpt.pt written by train.py")
-    parser.add_argument("--tokens", type=int, default=200_000, help="validation tokens to pool (>> hidden size)")
+    parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--data", default=None, help="TinyStories folder or file; None: the one train.py finds")
     parser.add_argument("--cache-dir", default="out/tokens", help="token caches, as in train.py")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (cuda where a GPU is present)")
+
+
+def run(train, argv) -> int:
+    parser = argparse.ArgumentParser(description="Per-layer linearity profile of a checkpoint of train.py, on "
+                                                 "the validation text it was trained with (or --data). Blocks "
+                                                 "are numbered 1..L: block l maps h_{l-1} to h_l.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    add_checkpoint_arguments(parser, 200_000, "validation tokens to pool (>> hidden size)")
     parser.add_argument("--plot", default=None, help="write the profile as a PNG here (needs matplotlib)")
     parser.add_argument("--prune", type=int, default=0, metavar="K",
                         help="also print the perplexity table for removing / replacing the 1..K most linear blocks; "

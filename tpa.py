@@ -172,6 +172,8 @@ class TPAttention(nn.Module):
             q = kernels.tpa_factor_product(a_q, b_q, self.rotary.cos, self.rotary.sin, start_pos)  # (B, h, T, d)
         else:  # (1/R_Q) sum_r a_r (outer) RoPE(b_r): RoPE on the feature factors (Theorem 3.1)
             q = factor_product(a_q, self.rotary(b_q, start_pos)).transpose(1, 2)  # (B, h, T, d)
+        if cache is not None:  # what the cache keeps of these tokens: their factors, B_K rotated
+            new = {"a_k": a_k, "b_k": self.rotary(b_k, start_pos), "a_v": a_v, "b_v": b_v}
         if cache is None:
             if kernel:
                 k = kernels.tpa_factor_product(a_k, b_k, self.rotary.cos, self.rotary.sin, start_pos)  # (B, h, T, d)
@@ -180,9 +182,9 @@ class TPAttention(nn.Module):
                 k = factor_product(a_k, self.rotary(b_k, start_pos)).transpose(1, 2)  # (B, h, T, d)
                 v = factor_product(a_v, b_v).transpose(1, 2)
             y = causal_attention(q, k, v)  # (B, h, T, d)
-        elif T == 1:  # a decode step: keep this token's factors (B_K rotated), attend over the whole cache
+        elif T == 1:  # a decode step: keep this token's factors, attend over the whole cache
             pos = torch.as_tensor(start_pos, device=x.device).view(1)
-            for name, value in (("a_k", a_k), ("b_k", self.rotary(b_k, start_pos)), ("a_v", a_v), ("b_v", b_v)):
+            for name, value in new.items():
                 cache[name].index_copy_(1, pos, value)
             if kernel:  # attention straight from the factors, never forming K or V
                 y = kernels.tpa_decode(q[:, :, 0], cache["a_k"], cache["b_k"], cache["a_v"], cache["b_v"],
@@ -193,7 +195,7 @@ class TPAttention(nn.Module):
                 y = cached_attention(q, k, v, pos)  # (B, h, 1, d)
         else:  # a prompt chunk: keep its factors, rebuild K and V from all cached ones
             end = start_pos + T
-            for name, value in (("a_k", a_k), ("b_k", self.rotary(b_k, start_pos)), ("a_v", a_v), ("b_v", b_v)):
+            for name, value in new.items():
                 cache[name][:, start_pos:end] = value
             k = factor_product(cache["a_k"][:, :end], cache["b_k"][:, :end]).transpose(1, 2)  # (B, h, end, d)
             v = factor_product(cache["a_v"][:, :end], cache["b_v"][:, :end]).transpose(1, 2)
