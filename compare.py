@@ -377,8 +377,8 @@ def load_seeds(folder: str, name: str, seeds: list[int], max_iters: int) -> dict
 def cache_values_per_token(model_config: dict) -> int:
     """Numbers a token mixer caches per generated token and layer, counted from its own init_cache
     (its tensors on the meta device; the mixer itself is real, for Hyena's filters): attention 2 C,
-    TPA (R_K + R_V)(h + d), Hyena N C. What a sequence's
-    cache grows by per token: what every sequence shares (Hyena's filters) is not counted."""
+    TPA (R_K + R_V)(h + d), Hyena N C. It is what one sequence's cache grows by per token, so what
+    every sequence shares (Hyena's filters) is not counted."""
     import torch
     cfg = train.GPTConfig(**model_config)
     mixer = train.MIXERS[train.ARCHS[cfg.arch][0]](cfg, 0)
