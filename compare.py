@@ -9,6 +9,7 @@ four papers' claims next to what our runs show.
     python compare.py --readme README.md --results RESULTS.md
                                                # ... the summary into the README, all of it into RESULTS.md
     python compare.py --stages sweep           # the Hyena filter sweep behind hyena.py's defaults
+    python compare.py --stages recall1-sweep   # the single-query task's optimiser settings
     python compare.py -- --device cpu          # anything after `--` goes to every train.py run
 
 What it runs, each a plain command you could type yourself (its log is out/compare/RUN/seedS/train.log):
@@ -20,7 +21,8 @@ What it runs, each a plain command you could type yourself (its log is out/compa
                 task) for gpt and hyena at several sequence lengths;
     speed       bench.py hyena (GPU only, alone on the GPU): Hyena vs attention, 256 to 64K tokens;
     report      results.md, results.json (every seed's numbers) and loss_curves.png from what the others wrote;
-    sweep       (not in the default stages) Hyena's filter settings on TinyStories and both recall tasks.
+    sweep       (not in the default stages) Hyena's filter settings on TinyStories and both recall tasks;
+    recall1-sweep  (not in the default stages) optimiser settings of the single-query task, gpt and hyena.
 A run that already finished is skipped (delete its folder to redo it), so a stopped comparison continues,
 one seed at a time. The report reads only small files (metrics.jsonl, run.json, linearity.json,
 hyena_speed.json), never a checkpoint, and says which runs are missing.
@@ -67,6 +69,15 @@ RECALL_ARGS = ["--task", "recall", "--recall-vocab", "33", "--recall-pairs", "8"
 RECALL1_ARGS = ["--task", "recall1", "--recall-vocab", "30", "--n-layer", "2", "--n-embd", "64", "--n-head", "1",
                 "--batch-size", "64", "--lr", "1e-3", "--min-lr", "1e-4"]
 RECALL_TASKS = {"recall": RECALL_ARGS, "recall1": RECALL1_ARGS}
+# The single-query sweep (--stages recall1-sweep): a 2-layer model sits on a plateau (it predicts the values
+# it has seen, ~21%) until the lookup circuit forms, and when that happens is set by the optimiser. So the
+# verdict "Hyena >= 90% wherever attention gets there" needs settings under which attention gets there:
+# each setting for gpt and hyena at the shortest single-query length. Name -> flags after RECALL1_ARGS.
+RECALL1_SWEEP = {
+    "lr3e-3": ["--lr", "3e-3", "--min-lr", "3e-4"],
+    "lr3e-3-wd0": ["--lr", "3e-3", "--min-lr", "3e-4", "--weight-decay", "0"],
+    "warmup1000": ["--warmup-iters", "1000"],  # safari's recall runs warm up for 10% of training
+}
 
 # The Hyena filter sweep (--stages sweep): each setting on TinyStories and on both recall tasks, at the
 # comparison's budget. Name -> train.py flags; everything else at train.py's defaults.
@@ -257,17 +268,17 @@ def recall_steps(args, task: str) -> int:
     return args.recall1_steps if task == "recall1" else args.recall_steps
 
 
-def recall_lengths(args, shortest: bool = False) -> list[tuple[str, list[int]]]:
-    """(task, lengths) of both recall tasks; shortest: only each task's shortest length (the sweep)."""
+def recall_lengths(args, shortest: bool = False, tasks=("recall", "recall1")) -> list[tuple[str, list[int]]]:
+    """(task, lengths) of the recall tasks; shortest: only each task's shortest length (the sweeps)."""
     lengths = (("recall", args.recall_lengths), ("recall1", args.recall1_lengths))
-    return [(task, ls[:1] if shortest else ls) for task, ls in lengths]
+    return [(task, ls[:1] if shortest else ls) for task, ls in lengths if task in tasks]
 
 
 def recall_jobs(args, extra: list[str], out: str | None = None, archs=None, settings=None, seeds=None,
-                shortest: bool = False) -> list[Job]:
-    """Both recall tasks for each arch, length and seed; settings: {name: extra train.py flags} (the sweep)."""
+                shortest: bool = False, tasks=("recall", "recall1")) -> list[Job]:
+    """The recall tasks for each arch, length and seed; settings: {name: extra train.py flags} (the sweeps)."""
     jobs = []
-    for task, lengths in recall_lengths(args, shortest):
+    for task, lengths in recall_lengths(args, shortest, tasks):
         steps = recall_steps(args, task)
         for length in lengths:
             for arch in archs or args.recall_archs:
@@ -307,6 +318,12 @@ def sweep_jobs(args, extra: list[str]) -> list[Job]:
             jobs.append(Job(f"sweep {setting} seed {seed}", cmd, os.path.join(run_dir, "train.log")))
     return jobs + recall_jobs(args, extra, os.path.join(args.out, "sweep"), archs=("hyena",), settings=HYENA_SWEEP,
                               seeds=seeds, shortest=True)
+
+
+def recall1_sweep_jobs(args, extra: list[str]) -> list[Job]:
+    """The single-query sweep: every RECALL1_SWEEP setting for each recall arch at the shortest length."""
+    return recall_jobs(args, extra, os.path.join(args.out, "sweep-recall1"), settings=RECALL1_SWEEP, shortest=True,
+                       tasks=("recall1",))
 
 
 def speed_run(args) -> list[str]:
@@ -903,6 +920,34 @@ def sweep_report(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall1_sweep_report(args) -> str:
+    """The single-query sweep as a markdown table: per setting and arch, the final accuracy over the seeds,
+    how many seeds reached 90%, and the evaluation at which each of those first did. The default row is
+    the comparison's own recall1 runs."""
+    (L,), steps, seeds = args.recall1_lengths[:1], args.recall1_steps, seeds_of(args)
+    lines = [f"Single-query recall at L = {L} (`python compare.py --stages recall1-sweep`): {steps} steps, flags "
+             f"after `{' '.join(RECALL1_ARGS)}`; accuracy on the query, mean ± std over the seeds that finished "
+             f"(of {', '.join(map(str, seeds))}); >= 90%: in how many seeds, and the step of each one's first "
+             f"evaluation there (every {steps // 4} steps).", "",
+             "| setting | flags | " + " | ".join(f"{a} accuracy | {a} >= 90%" for a in args.recall_archs) + " |",
+             "|---|---|" + "---:|---:|" * len(args.recall_archs)]
+    for setting, flags in {"default": [], **RECALL1_SWEEP}.items():
+        cells = []
+        for arch in args.recall_archs:
+            runs = [summarise(arch, recall_dir(args.out, "recall1", arch, L, seed) if setting == "default" else
+                              recall_dir(os.path.join(args.out, "sweep-recall1"), "recall1", arch, L, seed,
+                                         f"-{setting}")) for seed in seeds]
+            runs = [r for r in runs if r and r["accuracy"] is not None and r["final_step"] == steps]
+            first = [min(e["step"] for e in r["evals"] if e.get("recall_accuracy", 0) >= 0.9) for r in runs
+                     if any(e.get("recall_accuracy", 0) >= 0.9 for e in r["evals"])]
+            cells += ["—", "—"] if not runs else [
+                pm([100 * r["accuracy"] for r in runs], ".1f") + "%" + (f" ({len(runs)})" if len(runs) < len(seeds)
+                                                                        else ""),
+                f"{len(first)}/{len(runs)}" + (f" (step {', '.join(map(str, sorted(first)))})" if first else "")]
+        lines.append(f"| {setting} | `{' '.join(flags) or '(none)'}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(run_names: list[str], args) -> bool:
     plt = train.pyplot()
     if plt is None:
@@ -995,7 +1040,7 @@ def parse_args(argv=None):
                    help="TinyStories runs: arch names of train.py, or gpt-cosine / gpt-cosine-all (gpt + the "
                         "cosine regulariser over block pairs / all pairs)")
     p.add_argument("--stages", default="train,linearity,recall,speed,report",
-                   help="which of train, linearity, recall, speed, report, sweep to do")
+                   help="which of train, linearity, recall, speed, report, sweep, recall1-sweep to do")
     p.add_argument("--seeds", type=int, default=3, help=f"seeds per run: {SEED0}, {SEED0 + 1}, ...")
     p.add_argument("--parallel", type=int, default=1,
                    help="training runs side by side (their step times are then not reported); a d=384 run "
@@ -1028,7 +1073,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown run(s) {', '.join(bad)}; choose from {', '.join([*train.ARCHS, *EXTRA_RUNS])}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    stages = {"train", "linearity", "recall", "speed", "report", "sweep"}
+    stages = {"train", "linearity", "recall", "speed", "report", "sweep", "recall1-sweep"}
     if not args.stages or set(args.stages) - stages:
         p.error(f"--stages takes a comma list of {', '.join(sorted(stages))}")
     args.recall_lengths = int_list(p, "--recall-lengths", args.recall_lengths, 32)  # 8 pairs + 8 queries
@@ -1072,6 +1117,8 @@ def main(argv=None) -> int:
             jobs += sweep_jobs(args, extra)
         if "recall" in args.stages:
             jobs += recall_jobs(args, extra)
+        if "recall1-sweep" in args.stages:
+            jobs += recall1_sweep_jobs(args, extra)
         failed += run_jobs(jobs, args.parallel)
         if "linearity" in args.stages:
             failed += run_jobs(linearity_jobs(args.runs, args), args.parallel)
@@ -1085,6 +1132,11 @@ def main(argv=None) -> int:
         write_atomic(os.path.join(args.out, "sweep.md"), text)
         print("\n" + text)
         log(f"sweep table: {os.path.join(args.out, 'sweep.md')}")
+    if "recall1-sweep" in args.stages:
+        text = recall1_sweep_report(args)
+        write_atomic(os.path.join(args.out, "sweep-recall1.md"), text)
+        print("\n" + text)
+        log(f"single-query sweep table: {os.path.join(args.out, 'sweep-recall1.md')}")
     if "report" in args.stages:
         has_plot = plot_curves(args.runs, args)
         if not has_plot:
