@@ -1856,6 +1856,19 @@ def test_compare_runs_every_stage_and_writes_the_report():
     r = subprocess.run(base + ["--stages", "train,recall"] + passthrough, cwd=cwd, capture_output=True, text=True,
                        timeout=300)
     assert expect_ok(r).count("finished earlier") == 12, r.stdout
+    # the single-query sweep: each setting's runs in their own folders, and its table (default: the runs above)
+    r = subprocess.run(base + ["--stages", "recall1-sweep", "--recall-archs", "gpt"] + passthrough, cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    expect_ok(r)
+    with open(os.path.join(out, "sweep-recall1.md")) as f:
+        table = f.read()
+    for setting, flags in {"default": [], **compare.RECALL1_SWEEP}.items():
+        shown = re.escape(" ".join(flags) or "(none)")
+        assert re.search(rf"\| {setting} \| `{shown}` \| \d+\.\d ± \d+\.\d% \| [0-2]/2", table), table
+        if flags:
+            info = json.load(open(os.path.join(out, "sweep-recall1", f"recall1-gpt-{setting}-16", "seed1338",
+                                               "run.json")))
+            assert info["train_config"]["lr"] == float(dict(zip(flags[::2], flags[1::2])).get("--lr", "1e-3"))
     # bad input
     expect_fail(subprocess.run(base + ["--runs", "gpt,nope"], capture_output=True, text=True), "unknown run", "nope")
     expect_fail(subprocess.run(base + ["--stages", "train,fly"], capture_output=True, text=True), "--stages")
