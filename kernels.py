@@ -918,8 +918,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _tpa_decode_kernel(q_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, o_ptr, m_ptr, l_ptr, len_ptr, H, D,
-                           cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split, scale,
-                           RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                           cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split,
+                           # a constant, not an argument: torch.compile passes a Python float as fp64, and
+                           # logits * fp64 would leave the fp32 softmax
+                           scale: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         # One sequence, one slice of its cache: logits of every head against the cached tokens straight
         # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
@@ -1117,7 +1119,7 @@ def tpa_decode(q: torch.Tensor, a_k: torch.Tensor, b_k: torch.Tensor, a_v: torch
     m = torch.empty(B, splits, block_h, device=q.device, dtype=torch.float32)
     l_sum = torch.empty_like(m)
     _tpa_decode_kernel[(B, splits)](q, a_k, b_k, a_v, b_v, o, m, l_sum, length_t, H, D, a_k.stride(0), b_k.stride(0),
-                                    a_v.stride(0), b_v.stride(0), per_split, 1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
+                                    a_v.stride(0), b_v.stride(0), per_split, scale=1.0 / (rk * D ** 0.5), RK=rk, RV=rv,
                                     BLOCK_M=cfg["block_m"], BLOCK_H=block_h, BLOCK_D=block_d,
                                     DOT="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                                     num_stages=cfg["num_stages"])
