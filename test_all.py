@@ -1872,6 +1872,8 @@ def test_compare_runs_every_stage_and_writes_the_report():
     # bad input
     expect_fail(subprocess.run(base + ["--runs", "gpt,nope"], capture_output=True, text=True), "unknown run", "nope")
     expect_fail(subprocess.run(base + ["--stages", "train,fly"], capture_output=True, text=True), "--stages")
+    expect_fail(subprocess.run(base + ["--stages", "recall1-sweep", "--recall1-lengths", ""], capture_output=True,
+                               text=True), "at least one length")
     with open(readme, "w") as f:
         f.write("no markers\n")
     expect_fail(subprocess.run(base + ["--stages", "report", "--readme", readme], capture_output=True, text=True),
