@@ -921,8 +921,8 @@ if HAVE_TRITON:
                            cache_ak, cache_bk, cache_av, cache_bv, blocks_per_split,
                            # a constant, not an argument: torch.compile passes a Python float as fp64, and
                            # logits * fp64 would leave the fp32 softmax
-                           scale: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                           scale: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
         # One sequence, one slice of its cache: logits of every head against the cached tokens straight
         # from the factors, an online softmax in fp32, and the unnormalised output of the slice.
         pid_b, split = tl.program_id(0), tl.program_id(1)

@@ -1865,10 +1865,13 @@ def test_compare_runs_every_stage_and_writes_the_report():
     for setting, flags in {"default": [], **compare.RECALL1_SWEEP}.items():
         shown = re.escape(" ".join(flags) or "(none)")
         assert re.search(rf"\| {setting} \| `{shown}` \| \d+\.\d ± \d+\.\d% \| [0-2]/2", table), table
-        if flags:
+        if flags:  # each flag reached the run: its value in the run's train or model config
             info = json.load(open(os.path.join(out, "sweep-recall1", f"recall1-gpt-{setting}-16", "seed1338",
                                                "run.json")))
-            assert info["train_config"]["lr"] == float(dict(zip(flags[::2], flags[1::2])).get("--lr", "1e-3"))
+            for flag, value in zip(flags[::2], flags[1::2]):
+                key = flag[2:].replace("-", "_")
+                got = info["train_config"].get(key, info["model_config"].get(key))
+                assert got == type(got)(value), (setting, flag, got)
     # bad input
     expect_fail(subprocess.run(base + ["--runs", "gpt,nope"], capture_output=True, text=True), "unknown run", "nope")
     expect_fail(subprocess.run(base + ["--stages", "train,fly"], capture_output=True, text=True), "--stages")
