@@ -709,6 +709,12 @@ def tokens_str(s: dict) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
+def finished_recall(arch: str, run_dir: str, steps: int) -> dict | None:
+    """summarise() of a recall run that reached its last step with an accuracy, else None."""
+    s = summarise(arch, run_dir)
+    return s if s and s["accuracy"] is not None and s["final_step"] == steps else None
+
+
 def load_recall(args, out: str | None = None, setting: str = "", archs=RECALL_ARCHS,
                 seeds=None) -> tuple[dict, dict]:
     """{task: {length: {arch: {seed: final accuracy}}}} of the finished recall runs, and {task: one run's
@@ -718,8 +724,9 @@ def load_recall(args, out: str | None = None, setting: str = "", archs=RECALL_AR
         for length in lengths:
             for arch in archs:
                 for seed in seeds or seeds_of(args):
-                    s = summarise(arch, recall_dir(out or args.out, task, arch, length, seed, setting))
-                    if s and s["accuracy"] is not None and s["final_step"] == recall_steps(args, task):
+                    s = finished_recall(arch, recall_dir(out or args.out, task, arch, length, seed, setting),
+                                        recall_steps(args, task))
+                    if s:
                         table.setdefault(task, {}).setdefault(length, {}).setdefault(arch, {})[seed] = s["accuracy"]
                         info[task] = s["info"]
     return table, info
@@ -936,10 +943,10 @@ def recall1_sweep_report(args) -> str:
     for setting, flags in {"default": [], **RECALL1_SWEEP}.items():
         cells = []
         for arch in args.recall_archs:
-            runs = [summarise(arch, recall_dir(args.out, "recall1", arch, L, seed) if setting == "default" else
-                              recall_dir(os.path.join(args.out, "sweep-recall1"), "recall1", arch, L, seed,
-                                         f"-{setting}")) for seed in seeds]
-            runs = [r for r in runs if r and r["accuracy"] is not None and r["final_step"] == steps]
+            runs = [finished_recall(arch, recall_dir(args.out, "recall1", arch, L, seed) if setting == "default" else
+                                    recall_dir(os.path.join(args.out, "sweep-recall1"), "recall1", arch, L, seed,
+                                               f"-{setting}"), steps) for seed in seeds]
+            runs = [r for r in runs if r]
             first = [min(e["step"] for e in r["evals"] if e.get("recall_accuracy", 0) >= 0.9) for r in runs
                      if any(e.get("recall_accuracy", 0) >= 0.9 for e in r["evals"])]
             cells += ["—", "—"] if not runs else [

@@ -307,7 +307,7 @@ class GPT(nn.Module):
         the list of L+1 hidden states (B, T, C): the embedding and the output of every block."""
         end = None if isinstance(start_pos, torch.Tensor) else start_pos + idx.size(1)  # a tensor: DecodeStep checks
         if caches is not None and end is not None and end > self.cfg.block_size:
-            raise ValueError(f"cache overflow: positions up to {start_pos + idx.size(1)} for caches of "
+            raise ValueError(f"cache overflow: positions up to {end} for caches of "
                              f"block_size {self.cfg.block_size}")
         x = self.wte(idx).to(getattr(torch, self.cfg.residual_dtype))  # (B, T, C)
         h = self.stream.expand(x)  # (B, T, C), or wider for multi-stream policies
